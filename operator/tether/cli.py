@@ -1,0 +1,94 @@
+"""Command line: ``tether run`` (the operator) and ``tether dev ...`` (the local stack).
+
+The CLI only parses arguments and hands over: the operator lives in
+:mod:`tether.running`, the dev stack in :mod:`tether.devstack`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)"
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch all namespaces (default)"
+    )
+    run.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port")
+    run.add_argument("--health-port", type=int, default=0, help="serve /healthz on this port")
+    run.add_argument("--log-format", choices=["text", "json"], default="text")
+    run.add_argument(
+        "--leader-elect", action="store_true", help="run only while holding the leader Lease"
+    )
+    run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    dev = sub.add_parser("dev", help="local control plane: kube-apiserver, etcd, Consul")
+    dev.add_argument(
+        "--dir", type=Path, default=None, help="state directory (default: ./.tether/dev)"
+    )
+    dsub = dev.add_subparsers(dest="dev_command", required=True)
+    dsub.add_parser("up", help="start (or restart) every component that is down")
+    status = dsub.add_parser("status", help="show the components")
+    status.add_argument("--json", action="store_true")
+    dsub.add_parser("env", help="print the environment file (source it)")
+    dsub.add_parser("down", help="stop everything and remove the state")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        from tether import running
+
+        return running.run(
+            namespaces=args.namespace,
+            metrics_port=args.metrics_port,
+            health_port=args.health_port,
+            log_format=args.log_format,
+            leader_elect=args.leader_elect,
+            verbose=args.verbose,
+        )
+
+    from tether.devstack import stack
+
+    state_dir = (args.dir or Path.cwd() / ".tether" / "dev").resolve()
+    dev_stack = stack.DevStack(state_dir)
+    if args.dev_command == "up":
+        dev_stack.up()
+        print(f"dev stack is up; environment in {dev_stack.env_file}")
+        print(f"  source {dev_stack.env_file}")
+        return 0
+    if args.dev_command == "status":
+        report = dev_stack.status()
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            for name, comp in report["components"].items():
+                state = "running" if comp["running"] else "down"
+                print(f"{name:16} {state:8} pid={comp['pid']} {comp['url']}")
+        return 0
+    if args.dev_command == "env":
+        if not dev_stack.env_file.exists():
+            print("dev stack is not up: run `tether dev up`", file=sys.stderr)
+            return 1
+        print(dev_stack.env_file.read_text(), end="")
+        return 0
+    if args.dev_command == "down":
+        dev_stack.down()
+        print("dev stack is down")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
