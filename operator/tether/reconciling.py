@@ -1,0 +1,284 @@
+"""The reconcile skeleton both kinds share: cache, queue, finalizer, status, retries.
+
+A kind supplies a :class:`Reconciler` (``apply`` and ``release``: compute the
+desired external state with a pure planner, read the actual one, write only
+the difference) and this module does the rest, the same way for both:
+
+* every watch event stores the newest object in a cache and enqueues its key;
+  drift detectors and ConfigMap/Secret watchers enqueue keys too;
+* a worker takes the key, reads the newest object, ensures the finalizer,
+  calls ``apply`` (or ``release`` when the object is being deleted), and
+  patches ``status`` only if the computed status differs from the stored one;
+* ``Conflict`` and ``BackendUnavailable`` outcomes are retried with capped
+  exponential backoff and jitter; ``InvalidSpec`` waits for the spec to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from tether import conditions, metrics
+from tether.api import FINALIZER, ObjectRef
+from tether.conditions import Condition, Status
+from tether.kube import Involved, KubeClient, KubeError
+from tether.queueing import Backoff, WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """The parts of a custom resource a reconcile reads."""
+
+    ref: ObjectRef
+    uid: str
+    generation: int
+    resource_version: str
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    finalizers: tuple[str, ...]
+    deleting: bool
+
+    @classmethod
+    def from_body(cls, plural: str, body: Mapping[str, Any]) -> Resource:
+        meta = body.get("metadata") or {}
+        return cls(
+            ref=ObjectRef(plural, meta.get("namespace", ""), meta.get("name", "")),
+            uid=str(meta.get("uid", "")),
+            generation=int(meta.get("generation") or 0),
+            resource_version=str(meta.get("resourceVersion", "")),
+            spec=body.get("spec") or {},
+            status=body.get("status") or {},
+            finalizers=tuple(meta.get("finalizers") or ()),
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+    def reconciled(self) -> bool:
+        """True when the stored status says this generation is already in place."""
+        ready = conditions.find(self.status.get("conditions"), conditions.READY)
+        return (
+            ready is not None
+            and ready.get("status") == "True"
+            and self.status.get("observedGeneration") == self.generation
+        )
+
+
+@dataclass(frozen=True)
+class Note:
+    """A Kubernetes event to record on the resource."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile decided: the Ready condition, status fields, events."""
+
+    ready: Status
+    reason: str
+    message: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    conditions: tuple[Condition, ...] = ()
+    notes: tuple[Note, ...] = ()
+    retry: bool = False
+    released: bool = False
+
+    @classmethod
+    def failed(
+        cls, reason: str, message: str, *, fields: Mapping[str, Any] | None = None,
+        notes: tuple[Note, ...] = (), retry: bool | None = None,
+    ) -> Outcome:
+        """Ready=False with ``reason``; retried unless the reason says it is pointless."""
+        if retry is None:
+            retry = reason in (conditions.CONFLICT, conditions.BACKEND_UNAVAILABLE)
+        return cls("False", reason, message, fields or {}, notes=notes, retry=retry)
+
+
+class Reconciler(Protocol):
+    """What a kind supplies to the shared skeleton."""
+
+    kind: str
+    plural: str
+
+    async def apply(self, res: Resource) -> Outcome: ...
+
+    async def release(self, res: Resource) -> Outcome: ...
+
+    def forget(self, ref: ObjectRef) -> None: ...
+
+
+def build_status(
+    old: Mapping[str, Any], outcome: Outcome, *, generation: int, timestamp: str
+) -> dict[str, Any]:
+    """The status an outcome implies; equal to ``old`` when nothing changed."""
+    status = {k: v for k, v in old.items() if k not in ("conditions", "observedGeneration")}
+    status.update(outcome.fields)
+    ready = Condition(conditions.READY, outcome.ready, outcome.reason, outcome.message)
+    status["conditions"] = conditions.merge(
+        old.get("conditions"),
+        (ready, *outcome.conditions),
+        generation=generation,
+        timestamp=timestamp,
+    )
+    status["observedGeneration"] = generation
+    return status
+
+
+def _rv(body: Mapping[str, Any]) -> int:
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion", "0"))
+    except ValueError:
+        return 0
+
+
+class Controller:
+    """Runs one kind's reconciles: a cache, a work queue and a pool of workers."""
+
+    def __init__(
+        self, reconciler: Reconciler, kube: KubeClient, *, workers: int = 8,
+        backoff: Backoff[ObjectRef] | None = None,
+    ) -> None:
+        self.reconciler = reconciler
+        self.kube = kube
+        self.workers = workers
+        self.queue: WorkQueue[ObjectRef] = WorkQueue()
+        self.backoff: Backoff[ObjectRef] = backoff or Backoff()
+        self.cache: dict[ObjectRef, Mapping[str, Any]] = {}
+        self.listeners: list[Callable[[ObjectRef, Mapping[str, Any] | None], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- inputs -----------------------------------------------------------
+    def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Feed one watch event (Kopf's ``on.event``); enqueue the key."""
+        res_meta = body.get("metadata") or {}
+        ref = ObjectRef(self.reconciler.plural, res_meta.get("namespace", ""), res_meta.get("name", ""))
+        if event_type == "DELETED":
+            self.cache.pop(ref, None)
+        else:
+            old = self.cache.get(ref)
+            # Our own patch responses may already be newer than a late event.
+            if old is not None and _rv(old) > _rv(body) > 0:
+                return
+            self.cache[ref] = body
+        metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
+        self.queue.add(ref)
+
+    def enqueue(self, ref: ObjectRef) -> None:
+        """Ask for a reconcile of ``ref`` (drift, a dependency changed, …)."""
+        if ref in self.cache:
+            self.queue.add(ref)
+
+    def enqueue_all(self) -> None:
+        for ref in list(self.cache):
+            self.queue.add(ref)
+
+    # -- workers ----------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.workers):
+            self._tasks.append(
+                asyncio.create_task(self._worker(), name=f"{self.reconciler.plural}-worker-{i}")
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _worker(self) -> None:
+        while True:
+            ref = await self.queue.get()
+            try:
+                await self.process(ref)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile of %s failed unexpectedly; will retry", ref)
+                self.queue.add_after(ref, self.backoff.next_delay(ref))
+            finally:
+                self.queue.done(ref)
+                metrics.QUEUE_DEPTH.labels(kind=self.reconciler.kind).set(len(self.queue))
+
+    async def process(self, ref: ObjectRef) -> None:
+        """Reconcile ``ref`` once against the newest cached object."""
+        body = self.cache.get(ref)
+        if body is None:
+            self.reconciler.forget(ref)
+            self.backoff.reset(ref)
+            self.queue.cancel_delayed(ref)
+            return
+        res = Resource.from_body(self.reconciler.plural, body)
+        started = time.monotonic()
+        kind = self.reconciler.kind
+        try:
+            if res.deleting:
+                if FINALIZER not in res.finalizers:
+                    return
+                outcome = await self.reconciler.release(res)
+                if outcome.released:
+                    await self._record(res, outcome.notes)
+                    remaining = [f for f in res.finalizers if f != FINALIZER]
+                    self._remember(await self.kube.set_finalizers(
+                        ref, remaining, resource_version=res.resource_version))
+                    self.reconciler.forget(ref)
+                    self.backoff.reset(ref)
+                    metrics.RECONCILES.labels(kind=kind, result="released").inc()
+                    return
+            else:
+                if FINALIZER not in res.finalizers:
+                    body = await self.kube.set_finalizers(
+                        ref, [*res.finalizers, FINALIZER], resource_version=res.resource_version
+                    )
+                    self._remember(body)
+                    res = Resource.from_body(self.reconciler.plural, body)
+                outcome = await self.reconciler.apply(res)
+            await self._finish(res, outcome)
+        except KubeError as exc:
+            if exc.status == 404:
+                return  # gone; its DELETED event cleans up
+            if exc.status == 409:
+                # Stale cache: the newer object is on its way through the watch.
+                self.queue.add_after(ref, 0.2)
+                return
+            metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
+            log.warning("Kubernetes call failed for %s: %s", ref, exc)
+            self.queue.add_after(ref, self.backoff.next_delay(ref))
+        finally:
+            metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+
+    async def _finish(self, res: Resource, outcome: Outcome) -> None:
+        ref = res.ref
+        status = build_status(
+            res.status, outcome, generation=res.generation, timestamp=conditions.now()
+        )
+        if status != dict(res.status):
+            self._remember(await self.kube.patch_status(ref, status))
+        await self._record(res, outcome.notes)
+        result = outcome.reason if outcome.ready != "True" else "ready"
+        metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
+        if outcome.retry:
+            delay = self.backoff.next_delay(ref)
+            log.info("%s: %s (%s); retrying in %.1fs", ref, outcome.reason, outcome.message, delay)
+            self.queue.add_after(ref, delay)
+        else:
+            self.backoff.reset(ref)
+            self.queue.cancel_delayed(ref)
+
+    async def _record(self, res: Resource, notes: tuple[Note, ...]) -> None:
+        involved = Involved(self.reconciler.kind, res.ref, res.uid)
+        for note in notes:
+            await self.kube.event(involved, type_=note.type, reason=note.reason, message=note.message)
+
+    def _remember(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        ref = ObjectRef(self.reconciler.plural, meta.get("namespace", ""), meta.get("name", ""))
+        old = self.cache.get(ref)
+        if ref in self.cache and (old is None or _rv(body) >= _rv(old)):
+            self.cache[ref] = body
