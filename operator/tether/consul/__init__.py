@@ -1,0 +1,1 @@
+"""ConsulService: planner (pure), agent adapter (I/O), reconciler and watcher."""

@@ -1,0 +1,201 @@
+"""Consul agent I/O through py-consul's asyncio client.
+
+Every call has a deadline, so a hung agent cannot stall the operator; failures
+are sorted into *unavailable* (retry with backoff) and *rejected* (ACL denied,
+bad request: a person must act). py-consul's quirks stay in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import consul
+import consul.aio
+from consul.callback import CB
+
+from tether import metrics
+from tether.settings import ConsulConnection
+
+T = TypeVar("T")
+
+
+class ConsulError(Exception):
+    """Base of Consul failures."""
+
+
+class ConsulUnavailable(ConsulError):
+    """The agent did not answer (refused, timed out, 5xx): retry later."""
+
+
+class ConsulRejected(ConsulError):
+    """The agent answered no (ACL denied, invalid request): retrying will not help."""
+
+
+class Agent(Protocol):
+    """What the reconciler and the watcher need from a Consul agent."""
+
+    async def service(self, service_id: str) -> dict[str, Any] | None: ...
+
+    async def service_checks(self, service_id: str) -> list[dict[str, Any]]: ...
+
+    async def services(self) -> dict[str, dict[str, Any]]: ...
+
+    async def checks(self) -> dict[str, dict[str, Any]]: ...
+
+    async def register(self, body: Mapping[str, Any]) -> None: ...
+
+    async def deregister(self, service_id: str) -> None: ...
+
+    async def wait_services(self, index: int, wait: str) -> int: ...
+
+    async def wait_health(self, index: int, wait: str) -> int: ...
+
+
+class ConsulAgent:
+    """The agent at ``CONSUL_HTTP_ADDR``, via py-consul's aiohttp client."""
+
+    def __init__(self, conn: ConsulConnection) -> None:
+        self.conn = conn
+        verify: bool | str = conn.ca_cert or True
+        cert = (conn.client_cert, conn.client_key) if conn.client_cert else None
+        self._client = consul.aio.Consul(
+            host=conn.host, port=conn.port, token=conn.token, scheme=conn.scheme,
+            verify=verify, cert=cert,
+        )
+        # py-consul reads CONSUL_HTTP_TOKEN itself and lets it win over the
+        # argument; pin the token we were given so settings stay explicit.
+        self._client.token = conn.token
+        self._http = self._client.http
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
+
+    async def _call(
+        self, fn: Callable[[], Awaitable[T]], *, what: str, timeout: float | None = None
+    ) -> T:
+        try:
+            result = await asyncio.wait_for(fn(), timeout or self.conn.timeout)
+        except TimeoutError:
+            self._down()
+            raise ConsulUnavailable(
+                f"Consul agent at {self.conn.url} did not answer {what} within "
+                f"{timeout or self.conn.timeout:.0f}s"
+            ) from None
+        except (consul.ACLPermissionDenied, consul.ACLDisabled) as exc:
+            self._up()
+            raise ConsulRejected(
+                f"Consul refused {what}: permission denied (check CONSUL_HTTP_TOKEN and its "
+                f"policy): {_short(exc)}"
+            ) from None
+        except (consul.BadRequest, consul.ConsulException) as exc:
+            text = _short(exc)
+            if "Permission denied" in text or "ACL not found" in text:
+                self._up()
+                raise ConsulRejected(
+                    f"Consul refused {what}: {text} (check CONSUL_HTTP_TOKEN and its policy)"
+                ) from None
+            if isinstance(exc, consul.BadRequest) or text.startswith("4"):
+                self._up()
+                raise ConsulRejected(f"Consul rejected {what}: {text}") from None
+            self._down()
+            raise ConsulUnavailable(f"Consul failed {what}: {text}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            self._down()
+            raise ConsulUnavailable(
+                f"Consul agent at {self.conn.url} is unreachable ({what}): {exc}"
+            ) from None
+        self._up()
+        return result
+
+    @staticmethod
+    def _up() -> None:
+        metrics.BACKEND_UP.labels(backend="consul").set(1)
+
+    @staticmethod
+    def _down() -> None:
+        metrics.BACKEND_UP.labels(backend="consul").set(0)
+        metrics.BACKEND_ERRORS.labels(backend="consul").inc()
+
+    async def service(self, service_id: str) -> dict[str, Any] | None:
+        path = f"/v1/agent/service/{quote(service_id, safe='')}"
+        result: dict[str, Any] | None = await self._call(
+            lambda: self._http.get(CB.json(allow_404=True), path, headers=self._headers()),
+            what=f"read of service {service_id!r}",
+        )
+        return result
+
+    async def service_checks(self, service_id: str) -> list[dict[str, Any]]:
+        expr = f"ServiceID == {json.dumps(service_id)}"
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(
+                CB.json(), "/v1/agent/checks", params=[("filter", expr)], headers=self._headers()
+            ),
+            what=f"read of checks of {service_id!r}",
+        )
+        return list((result or {}).values())
+
+    async def services(self) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(CB.json(), "/v1/agent/services", headers=self._headers()),
+            what="list of agent services",
+        )
+        return result or {}
+
+    async def checks(self) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(CB.json(), "/v1/agent/checks", headers=self._headers()),
+            what="list of agent checks",
+        )
+        return result or {}
+
+    async def register(self, body: Mapping[str, Any]) -> None:
+        metrics.WRITES.labels(system="consul").inc()
+        await self._call(
+            lambda: self._http.put(
+                CB.boolean(), "/v1/agent/service/register",
+                params=[("replace-existing-checks", "true")],
+                data=json.dumps(body), headers=self._headers(),
+            ),
+            what=f"registration of {body.get('ID')!r}",
+        )
+
+    async def deregister(self, service_id: str) -> None:
+        metrics.WRITES.labels(system="consul").inc()
+        path = f"/v1/agent/service/deregister/{quote(service_id, safe='')}"
+        await self._call(
+            lambda: self._http.put(CB.boolean(), path, headers=self._headers()),
+            what=f"deregistration of {service_id!r}",
+        )
+
+    async def _wait(self, path: str, index: int, wait: str, what: str) -> int:
+        params = [("index", str(index)), ("wait", wait)] if index else []
+        seconds = float(wait.rstrip("s")) if index else 0.0
+        result: tuple[str, Any] = await self._call(
+            lambda: self._http.get(CB.json(index=True), path, params=params, headers=self._headers()),
+            what=what,
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            timeout=seconds * 1.1 + self.conn.timeout,
+        )
+        return int(result[0])
+
+    async def wait_services(self, index: int, wait: str) -> int:
+        """Block until the catalog's services change after ``index``; return the new index."""
+        return await self._wait("/v1/catalog/services", index, wait, "watch of services")
+
+    async def wait_health(self, index: int, wait: str) -> int:
+        """Block until any check changes state after ``index``; return the new index."""
+        return await self._wait("/v1/health/state/any", index, wait, "watch of checks")
+
+    async def close(self) -> None:
+        session = getattr(self._http, "_session", None)
+        if session is not None:
+            await session.close()
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

@@ -1,0 +1,279 @@
+"""Pure planning for ConsulService: spec → desired registration → actions.
+
+Nothing here does I/O. The reconciler hands in the spec and what the Consul
+agent reports; the planner answers what to write and what status to show.
+Comparison is done on normalised *signatures* so that Consul's own
+re-rendering (durations, null lists, header casing) never looks like drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tether.api import consulservices as api
+from tether.api import durations
+
+Health = Literal["passing", "warning", "critical", "unknown"]
+_SEVERITY: dict[str, int] = {"passing": 0, "warning": 1, "critical": 2}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The resource a registration belongs to, as written into its meta."""
+
+    cluster: str
+    namespace: str
+    name: str
+
+    def meta(self) -> dict[str, str]:
+        return {
+            api.META_EXTERNAL_SOURCE: "kubernetes",
+            api.META_CLUSTER: self.cluster,
+            api.META_NAMESPACE: self.namespace,
+            api.META_NAME: self.name,
+        }
+
+    def describe(self) -> str:
+        return f"{self.namespace}/{self.name} in cluster {self.cluster}"
+
+
+def owner_of(meta: Mapping[str, Any] | None) -> Owner | None:
+    """Who owns a registration according to its meta, or None if not Tether's."""
+    meta = meta or {}
+    if meta.get(api.META_EXTERNAL_SOURCE) != "kubernetes":
+        return None
+    parts = (meta.get(api.META_CLUSTER), meta.get(api.META_NAMESPACE), meta.get(api.META_NAME))
+    if not all(isinstance(p, str) and p for p in parts):
+        return None
+    return Owner(*parts)  # type: ignore[arg-type]
+
+
+def check_id(service_id: str, check_name: str) -> str:
+    """Stable check IDs, so a check is updated in place rather than re-created."""
+    return f"{service_id}:{check_name}"
+
+
+def registration(spec: api.ConsulServiceSpec, owner: Owner) -> dict[str, Any]:
+    """The body for ``PUT /v1/agent/service/register`` (Consul's field names)."""
+    body: dict[str, Any] = {
+        "ID": spec.id,
+        "Name": spec.name,
+        "Address": spec.address,
+        "Port": spec.port,
+        "Tags": list(spec.tags),
+        "Meta": {**dict(spec.meta), **owner.meta()},
+        "Checks": [_check_body(spec.id, c) for c in spec.checks],
+    }
+    return body
+
+
+def _check_body(service_id: str, check: api.Check) -> dict[str, Any]:
+    body: dict[str, Any] = {"CheckID": check_id(service_id, check.name), "Name": check.name}
+    if check.kind == "http":
+        body["HTTP"] = check.target
+        if check.method:
+            body["Method"] = check.method
+        if check.header:
+            body["Header"] = {k: list(v) for k, v in check.header}
+        body["TLSSkipVerify"] = check.tls_skip_verify
+    elif check.kind == "tcp":
+        body["TCP"] = check.target
+    elif check.kind == "grpc":
+        body["GRPC"] = check.target
+        body["TLSSkipVerify"] = check.tls_skip_verify
+    else:
+        body["TTL"] = durations.render(check.ttl_ns or 0)
+    if check.interval_ns is not None:
+        body["Interval"] = durations.render(check.interval_ns)
+    if check.timeout_ns is not None:
+        body["Timeout"] = durations.render(check.timeout_ns)
+    if check.deregister_after_ns is not None:
+        body["DeregisterCriticalServiceAfter"] = durations.render(check.deregister_after_ns)
+    return body
+
+
+# -- signatures: what "matches" means --------------------------------------
+
+@dataclass(frozen=True)
+class CheckSig:
+    """The parts of a check Tether controls, normalised for comparison."""
+
+    name: str
+    kind: str
+    target: str
+    interval_ns: int = 0
+    timeout_ns: int = 0
+    ttl_ns: int = 0
+    deregister_ns: int = 0
+    method: str = ""
+    header: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    tls_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceSig:
+    """The parts of a registration Tether controls, normalised for comparison."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: tuple[str, ...]
+    meta: tuple[tuple[str, str], ...]
+    checks: tuple[tuple[str, CheckSig], ...] = field(default=())
+
+
+def desired_signature(body: Mapping[str, Any]) -> ServiceSig:
+    """Signature of a registration body built by :func:`registration`."""
+    checks = []
+    for c in body.get("Checks") or []:
+        checks.append((str(c["CheckID"]), _sig_from_definition(c)))
+    return ServiceSig(
+        id=body["ID"],
+        name=body["Name"],
+        address=body.get("Address") or "",
+        port=int(body.get("Port") or 0),
+        tags=tuple(body.get("Tags") or ()),
+        meta=tuple(sorted((body.get("Meta") or {}).items())),
+        checks=tuple(sorted(checks)),
+    )
+
+
+def observed_signature(
+    service: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]
+) -> ServiceSig:
+    """Signature of what the agent reports: ``/v1/agent/service/:id`` plus its checks."""
+    sigs = []
+    for c in checks:
+        definition = dict(c.get("Definition") or {})
+        merged = {**definition, "Name": c.get("Name", ""), "Type": c.get("Type", "")}
+        # The agent reports intervals/timeouts at the top level of a check too.
+        for key in ("Interval", "Timeout"):
+            if c.get(key) and not merged.get(key):
+                merged[key] = c[key]
+        sigs.append((str(c.get("CheckID", "")), _sig_from_definition(merged)))
+    return ServiceSig(
+        id=str(service.get("ID", "")),
+        name=str(service.get("Service", "")),
+        address=service.get("Address") or "",
+        port=int(service.get("Port") or 0),
+        tags=tuple(service.get("Tags") or ()),
+        meta=tuple(sorted((service.get("Meta") or {}).items())),
+        checks=tuple(sorted(sigs)),
+    )
+
+
+def _ns(value: Any) -> int:
+    """A duration as Consul renders it: Go text ("10s") or integer nanoseconds."""
+    if value in (None, "", 0):
+        return 0
+    if isinstance(value, int | float):
+        return int(value)
+    return durations.parse_ns(str(value), field="consul")
+
+
+def _sig_from_definition(d: Mapping[str, Any]) -> CheckSig:
+    kind, target = "", ""
+    for key, name in (("HTTP", "http"), ("TCP", "tcp"), ("GRPC", "grpc")):
+        if d.get(key):
+            kind, target = name, str(d[key])
+            break
+    ttl = _ns(d.get("TTL") or d.get("TTLDuration"))
+    if not kind and (ttl or d.get("Type") == "ttl"):
+        kind = "ttl"
+    header = tuple(sorted((k, tuple(v)) for k, v in (d.get("Header") or {}).items()))
+    return CheckSig(
+        name=str(d.get("Name", "")),
+        kind=kind,
+        target=target,
+        interval_ns=_ns(d.get("Interval") or d.get("IntervalDuration")),
+        timeout_ns=_ns(d.get("Timeout") or d.get("TimeoutDuration")),
+        ttl_ns=ttl,
+        deregister_ns=_ns(
+            d.get("DeregisterCriticalServiceAfter") or d.get("DeregisterCriticalServiceAfterDuration")
+        ),
+        method=str(d.get("Method") or ""),
+        header=header,
+        tls_skip_verify=bool(d.get("TLSSkipVerify")) if kind in ("http", "grpc") else False,
+    )
+
+
+def differences(desired: ServiceSig, observed: ServiceSig) -> list[str]:
+    """Human-readable differences (field names only: never values of meta or headers)."""
+    out = []
+    for attr in ("name", "address", "port"):
+        if getattr(desired, attr) != getattr(observed, attr):
+            out.append(f"{attr} {getattr(observed, attr)!r} → {getattr(desired, attr)!r}")
+    if set(desired.tags) != set(observed.tags) or len(desired.tags) != len(observed.tags):
+        out.append("tags")
+    if desired.meta != observed.meta:
+        out.append("meta")
+    want, have = dict(desired.checks), dict(observed.checks)
+    for cid in sorted(want.keys() - have.keys()):
+        out.append(f"check {want[cid].name!r} missing")
+    for cid in sorted(have.keys() - want.keys()):
+        out.append(f"unexpected check {cid!r}")
+    for cid in sorted(want.keys() & have.keys()):
+        if want[cid] != have[cid]:
+            out.append(f"check {want[cid].name!r} differs")
+    return out
+
+
+# -- health ------------------------------------------------------------------
+
+def aggregate_health(statuses: Sequence[str]) -> Health:
+    """Consul's aggregate: the worst check wins; no checks means passing."""
+    worst = 0
+    for status in statuses:
+        if status not in _SEVERITY:
+            return "unknown"
+        worst = max(worst, _SEVERITY[status])
+    return ("passing", "warning", "critical")[worst]  # type: ignore[return-value]
+
+
+# -- the plan ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do for one ConsulService."""
+
+    register: dict[str, Any] | None = None  # body to PUT, or None when in place
+    deregister: tuple[str, ...] = ()  # stale IDs this resource owns (moves)
+    conflict: str | None = None  # message; nothing is written
+    changes: tuple[str, ...] = ()  # what differed (for events)
+    created: bool = False
+
+
+def plan(
+    desired: dict[str, Any],
+    owner: Owner,
+    observed_service: Mapping[str, Any] | None,
+    observed_checks: Sequence[Mapping[str, Any]],
+    stale: Mapping[str, Mapping[str, Any] | None],
+) -> Plan:
+    """Decide the writes for one resource.
+
+    ``stale`` maps other service IDs this resource may have registered before
+    (a previous ``spec.id``) to what the agent holds there now (None: absent).
+    """
+    deregister = tuple(
+        sorted(sid for sid, svc in stale.items() if svc is not None and owner_of(svc.get("Meta")) == owner)
+    )
+    if observed_service is not None:
+        current = owner_of(observed_service.get("Meta"))
+        if current != owner:
+            who = current.describe() if current else "something outside Tether"
+            return Plan(
+                conflict=(
+                    f"Consul service ID {desired['ID']!r} is already registered by {who}; "
+                    "Tether will not change or remove it. Remove it from Consul, or set spec.id "
+                    "to another ID."
+                ),
+            )
+        diff = differences(desired_signature(desired), observed_signature(observed_service, observed_checks))
+        if not diff:
+            return Plan(deregister=deregister)
+        return Plan(register=desired, deregister=deregister, changes=tuple(diff))
+    return Plan(register=desired, deregister=deregister, changes=("not registered",), created=True)
