@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kubernetes.client as k8s
@@ -54,9 +55,9 @@ class Involved:
 def load_config() -> None:
     """KUBECONFIG (or ~/.kube/config) when present, else the in-cluster account."""
     try:
-        k8s_config.load_kube_config()
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     except (k8s_config.ConfigException, FileNotFoundError, TypeError):
-        k8s_config.load_incluster_config()
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
 
 
 class KubeClient:
@@ -83,13 +84,13 @@ class KubeClient:
 
     async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> dict[str, Any]:
         metrics.WRITES.labels(system="kubernetes").inc()
-        body: dict[str, Any] = await self._call(
+        body: Any = await self._call(
             lambda: self._custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, ref.namespace, ref.plural, ref.name, {"status": status}
             ),
             what=f"patch status of {ref}",
         )
-        return body
+        return dict(body)
 
     async def set_finalizers(
         self, ref: ObjectRef, finalizers: list[str], *, resource_version: str
@@ -98,13 +99,13 @@ class KubeClient:
         # controller's finalizer added meanwhile is never dropped (409 instead).
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
         metrics.WRITES.labels(system="kubernetes").inc()
-        body: dict[str, Any] = await self._call(
+        body: Any = await self._call(
             lambda: self._custom.patch_namespaced_custom_object(
                 GROUP, VERSION, ref.namespace, ref.plural, ref.name, patch
             ),
             what=f"update finalizers of {ref}",
         )
-        return body
+        return dict(body)
 
     async def event(self, involved: Involved, *, type_: str, reason: str, message: str) -> None:
         """Record an event on the object; identical repeats within 10 minutes are dropped."""
@@ -117,7 +118,7 @@ class KubeClient:
         self._recent_events.move_to_end(key)
         while len(self._recent_events) > _EVENT_DEDUP_SIZE:
             self._recent_events.popitem(last=False)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        stamp = datetime.now(UTC)
         body = k8s.CoreV1Event(
             metadata=k8s.V1ObjectMeta(
                 name=f"{involved.ref.name}.{uuid.uuid4().hex[:16]}",
@@ -180,7 +181,7 @@ class KubeClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._api.close()
+        self._api.close()  # type: ignore[no-untyped-call]
 
 
 def _api_message(exc: ApiException) -> str:

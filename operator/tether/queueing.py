@@ -34,7 +34,7 @@ class Backoff(Generic[K]):
         ceiling = min(self.cap, self.base * (2**n))
         # "Equal jitter": at least half the ceiling, so a storm of failing keys
         # spreads out without any key retrying much faster than the schedule.
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        return float(ceiling / 2 + self._rng.uniform(0, ceiling / 2))
 
     def failures(self, key: K) -> int:
         return self._failures.get(key, 0)

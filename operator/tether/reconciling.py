@@ -153,6 +153,7 @@ class Controller:
         self.cache: dict[ObjectRef, Mapping[str, Any]] = {}
         self.listeners: list[Callable[[ObjectRef, Mapping[str, Any] | None], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.processed = 0  # reconciles finished (liveness watches it move)
 
     # -- inputs -----------------------------------------------------------
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -203,6 +204,7 @@ class Controller:
                 log.exception("reconcile of %s failed unexpectedly; will retry", ref)
                 self.queue.add_after(ref, self.backoff.next_delay(ref))
             finally:
+                self.processed += 1
                 self.queue.done(ref)
                 metrics.QUEUE_DEPTH.labels(kind=self.reconciler.kind).set(len(self.queue))
 

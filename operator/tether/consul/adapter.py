@@ -76,15 +76,15 @@ class ConsulAgent:
         return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
 
     async def _call(
-        self, fn: Callable[[], Awaitable[T]], *, what: str, timeout: float | None = None
+        self, fn: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None
     ) -> T:
         try:
-            result = await asyncio.wait_for(fn(), timeout or self.conn.timeout)
+            result = await asyncio.wait_for(fn(), deadline or self.conn.timeout)
         except TimeoutError:
             self._down()
             raise ConsulUnavailable(
                 f"Consul agent at {self.conn.url} did not answer {what} within "
-                f"{timeout or self.conn.timeout:.0f}s"
+                f"{deadline or self.conn.timeout:.0f}s"
             ) from None
         except (consul.ACLPermissionDenied, consul.ACLDisabled) as exc:
             self._up()
@@ -179,7 +179,7 @@ class ConsulAgent:
             lambda: self._http.get(CB.json(index=True), path, params=params, headers=self._headers()),
             what=what,
             # Consul adds up to wait/16 of jitter to a blocking query.
-            timeout=seconds * 1.1 + self.conn.timeout,
+            deadline=seconds * 1.1 + self.conn.timeout,
         )
         return int(result[0])
 

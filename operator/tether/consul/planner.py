@@ -230,7 +230,8 @@ def aggregate_health(statuses: Sequence[str]) -> Health:
         if status not in _SEVERITY:
             return "unknown"
         worst = max(worst, _SEVERITY[status])
-    return ("passing", "warning", "critical")[worst]  # type: ignore[return-value]
+    levels: tuple[Health, ...] = ("passing", "warning", "critical")
+    return levels[worst]
 
 
 # -- the plan ------------------------------------------------------------------

@@ -11,6 +11,7 @@ the resources that drifted or whose health changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -138,10 +139,9 @@ class ConsulServices:
         owner = self.owner(res.ref)
         policy = res.spec.get("deletionPolicy", "Delete")
         ids = {str(res.status.get("serviceID") or "")} | self._owned_ids(owner)
-        try:
+        # An invalid spec never registered anything under its own ID.
+        with contextlib.suppress(InvalidSpec):
             ids.add(api.parse(res.ref.namespace, res.ref.name, res.spec).id)
-        except InvalidSpec:
-            pass  # an invalid spec never registered anything under its own ID
         ids.discard("")
         if policy == "Orphan":
             self._tracked.pop(res.ref, None)

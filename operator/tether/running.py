@@ -1,0 +1,150 @@
+"""``tether run``: the operator process (Kopf embedded).
+
+Start-up order matters: settings are validated first (a bad variable is a
+clear error, not a crash loop later), then leadership is acquired if asked
+for, and only then do the controllers start writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import kopf
+
+from tether import handlers, kube, logs, metrics, settings
+from tether.consul.adapter import ConsulAgent
+from tether.consul.reconciling import ConsulServices, ConsulWatcher
+from tether.etcd.client import EtcdClient, EtcdConnection
+from tether.etcd.reconciling import EtcdConfigs, EtcdWatcher
+from tether.leadership import LeaseElector
+from tether.reconciling import Controller
+
+log = logging.getLogger("tether")
+
+# A worker that has not finished a key for this long while keys wait is wedged.
+_WEDGED_AFTER_SECONDS = 120.0
+
+
+def run(
+    *, namespaces: list[str], metrics_port: int, health_port: int, log_format: str,
+    leader_elect: bool, verbose: bool,
+) -> int:
+    logs.configure(fmt=log_format, verbose=verbose)
+    try:
+        consul_conn = settings.ConsulConnection.from_env()
+        etcd_conn = EtcdConnection.from_env(os.environ)
+        cluster = settings.cluster_name()
+        ownership_prefix = settings.etcd_ownership_prefix()
+    except ValueError as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    kube.load_config()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            _main(
+                namespaces=namespaces, metrics_port=metrics_port, health_port=health_port,
+                leader_elect=leader_elect, consul_conn=consul_conn, etcd_conn=etcd_conn,
+                cluster=cluster, ownership_prefix=ownership_prefix,
+            )
+        )
+    return 0
+
+
+async def _main(
+    *, namespaces: list[str], metrics_port: int, health_port: int, leader_elect: bool,
+    consul_conn: settings.ConsulConnection, etcd_conn: EtcdConnection, cluster: str,
+    ownership_prefix: str,
+) -> None:
+    if metrics_port:
+        metrics.serve(metrics_port)
+    if leader_elect:
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaseElector(
+            namespace=os.environ.get("POD_NAMESPACE") or "tether-system",
+            name=os.environ.get("TETHER_LEASE_NAME") or "tether-leader",
+            identity=identity,
+            on_lost=lambda: os._exit(1),
+        )
+        await elector.acquire()
+        holder = asyncio.create_task(elector.hold(), name="lease-holder")
+    else:
+        holder = None
+
+    kube_client = kube.KubeClient()
+    agent = ConsulAgent(consul_conn)
+    etcd_client = EtcdClient(etcd_conn)
+    consul_kind = ConsulServices(agent, cluster=cluster, agent_url=consul_conn.url)
+    etcd_kind = EtcdConfigs(
+        etcd_client, kube_client, cluster=cluster, ownership_prefix=ownership_prefix,
+        max_txn_ops=int(os.environ.get("TETHER_ETCD_MAX_TXN_OPS", "128")),
+    )
+    workers = int(os.environ.get("TETHER_WORKERS", "16"))
+    consul_ctl = Controller(consul_kind, kube_client, workers=workers)
+    etcd_ctl = Controller(etcd_kind, kube_client, workers=workers)
+
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, consul=consul_ctl, etcd=etcd_ctl, etcd_sources=etcd_kind)
+
+    @kopf.on.startup(registry=registry)  # type: ignore[misc]
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.peering.standalone = True
+        settings.posting.enabled = False
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.networking.request_timeout = 60
+
+    last_progress = {"at": time.monotonic()}
+
+    @kopf.on.probe(id="wedged", registry=registry)  # type: ignore[misc]
+    def wedged(**_: Any) -> str:
+        for ctl in (consul_ctl, etcd_ctl):
+            if not ctl.queue.idle():
+                if time.monotonic() - last_progress["at"] > _WEDGED_AFTER_SECONDS:
+                    raise kopf.PermanentError("reconcile workers made no progress")
+                return "busy"
+        last_progress["at"] = time.monotonic()
+        return "ok"
+
+    consul_ctl.start()
+    etcd_ctl.start()
+    watchers = [
+        asyncio.create_task(ConsulWatcher(agent, consul_kind, consul_ctl.enqueue).run(), name="consul-watch"),
+        asyncio.create_task(EtcdWatcher(etcd_client, etcd_kind, etcd_ctl.enqueue).run(), name="etcd-watch"),
+        asyncio.create_task(_progress(consul_ctl, etcd_ctl, last_progress), name="progress"),
+    ]
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not namespaces,
+            namespaces=namespaces or None,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+        )
+    finally:
+        for task in watchers:
+            task.cancel()
+        if holder is not None:
+            holder.cancel()
+        await consul_ctl.stop()
+        await etcd_ctl.stop()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        await agent.close()
+        await etcd_client.close()
+        kube_client.close()
+
+
+async def _progress(a: Controller, b: Controller, last: dict[str, float]) -> None:
+    """Record that workers move: the liveness probe compares against this."""
+    seen = (0, 0)
+    while True:
+        await asyncio.sleep(5)
+        now = (a.processed, b.processed)
+        if now != seen or (a.queue.idle() and b.queue.idle()):
+            last["at"] = time.monotonic()
+            seen = now
