@@ -1,0 +1,67 @@
+# Tether — developer entry points. Every target sets up what it needs itself.
+#
+#   make run          dev stack + CRDs + samples, then the operator in the foreground
+#   make test         lint, unit tests, end-to-end tests on the dev stack
+#   make unit         unit tests only (no servers)
+#   make e2e          end-to-end tests only (starts the dev stack if needed)
+#   make test-faults  fault-injection suite (kills/pauses Consul, etcd, kube-apiserver, operator)
+#   make bench        benchmarks; prints a table, writes benchmarks/results/latest.json
+#   make lint         ruff + mypy --strict
+#   make binaries     build/locate kube-apiserver, kubectl, etcd, consul (cached outside the repo)
+#   make dev-up / dev-down / dev-status
+#   make image        docker build (needs a Docker engine)
+#   make e2e-kind     the end-to-end suite on a kind cluster (needs Docker and kind)
+
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TETHER := $(VENV)/bin/tether
+PYTEST_ARGS ?=
+
+.PHONY: venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@scripts/venv.sh $(VENV)
+
+binaries: venv
+	@$(PY) -m tether.devstack.binaries
+
+run: venv
+	@scripts/run-dev.sh
+
+lint: venv
+	$(VENV)/bin/ruff check operator tests benchmarks
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+e2e: venv binaries
+	$(PY) -m pytest tests/e2e -v -m "e2e and not faults" $(PYTEST_ARGS)
+
+test: venv binaries lint
+	$(PY) -m pytest tests/unit tests/e2e -m "not faults and not kind" -v $(PYTEST_ARGS)
+
+test-faults: venv binaries
+	$(PY) -m pytest tests/faults -v -s $(PYTEST_ARGS)
+
+bench: venv binaries
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+dev-up: venv binaries
+	$(TETHER) dev up
+dev-down: venv
+	$(TETHER) dev down
+dev-status: venv
+	$(TETHER) dev status
+
+image:
+	docker build -t tether:dev .
+
+e2e-kind: venv
+	scripts/e2e-kind.sh
+
+clean:
+	-$(TETHER) dev down
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
