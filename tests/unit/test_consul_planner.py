@@ -31,12 +31,11 @@ def as_agent(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
     }
     checks = []
     for c in body["Checks"]:
-        definition = {k: v for k, v in c.items() if k not in ("CheckID", "Name")}
         kind = "ttl" if "TTL" in c else "http" if "HTTP" in c else "tcp" if "TCP" in c else "grpc"
         checks.append({
             "CheckID": c["CheckID"], "Name": c["Name"], "Status": "critical", "ServiceID": body["ID"],
             "Type": kind, "Interval": c.get("Interval", ""), "Timeout": c.get("Timeout", ""),
-            "Definition": definition,
+            "Definition": {},  # Consul never shows a check's definition
         })
     return service, checks
 
@@ -128,23 +127,27 @@ def test_removed_check_is_drift() -> None:
 def test_extra_check_is_drift() -> None:
     body = planner.registration(spec(), OWNER)
     svc, _ = as_agent(body)
-    extra = {"CheckID": "rogue", "Name": "rogue", "Status": "passing", "Type": "ttl",
-             "Definition": {"TTL": "10s"}}
+    extra = {"CheckID": "rogue", "Name": "rogue", "Status": "passing", "Type": "ttl", "Definition": {}}
     assert planner.plan(body, OWNER, svc, [extra], {}).register == body
 
 
 def test_changed_check_interval_is_drift() -> None:
     body = planner.registration(spec(checks=ALL_CHECKS), OWNER)
     svc, checks = as_agent(body)
-    checks[1]["Definition"]["Interval"] = "16s"
     checks[1]["Interval"] = "16s"
+    assert planner.plan(body, OWNER, svc, checks, {}).register == body
+
+
+def test_check_type_change_is_drift() -> None:
+    body = planner.registration(spec(checks=[{"name": "t", "tcp": "h:1", "interval": "60s"}]), OWNER)
+    svc, checks = as_agent(body)
+    checks[0]["Type"] = "http"
     assert planner.plan(body, OWNER, svc, checks, {}).register == body
 
 
 def test_durations_rendered_differently_are_equal() -> None:
     body = planner.registration(spec(checks=[{"name": "t", "tcp": "h:1", "interval": "60s"}]), OWNER)
     svc, checks = as_agent(body)
-    checks[0]["Definition"]["Interval"] = 60_000_000_000  # nanoseconds, as some APIs render it
     checks[0]["Interval"] = "1m0s"
     assert planner.plan(body, OWNER, svc, checks, {}).register is None
 

@@ -95,21 +95,20 @@ def _check_body(service_id: str, check: api.Check) -> dict[str, Any]:
 
 
 # -- signatures: what "matches" means --------------------------------------
+#
+# Consul's agent and health APIs return a check's Name, Type, Interval and
+# Timeout, but an empty ``Definition``: the target URL, headers, method and TTL
+# are never shown (headers may hold credentials). Drift is therefore detected
+# on what Consul shows; the rest is rewritten whenever anything is re-registered.
 
 @dataclass(frozen=True)
 class CheckSig:
-    """The parts of a check Tether controls, normalised for comparison."""
+    """The parts of a check Tether controls and Consul shows, normalised."""
 
     name: str
     kind: str
-    target: str
     interval_ns: int = 0
     timeout_ns: int = 0
-    ttl_ns: int = 0
-    deregister_ns: int = 0
-    method: str = ""
-    header: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    tls_skip_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,11 +124,22 @@ class ServiceSig:
     checks: tuple[tuple[str, CheckSig], ...] = field(default=())
 
 
+def _kind_of(check: Mapping[str, Any]) -> str:
+    for key, name in (("HTTP", "http"), ("TCP", "tcp"), ("GRPC", "grpc"), ("TTL", "ttl")):
+        if check.get(key):
+            return name
+    return ""
+
+
 def desired_signature(body: Mapping[str, Any]) -> ServiceSig:
     """Signature of a registration body built by :func:`registration`."""
-    checks = []
-    for c in body.get("Checks") or []:
-        checks.append((str(c["CheckID"]), _sig_from_definition(c)))
+    checks = [
+        (str(c["CheckID"]), CheckSig(
+            name=str(c["Name"]), kind=_kind_of(c),
+            interval_ns=_ns(c.get("Interval")), timeout_ns=_ns(c.get("Timeout")),
+        ))
+        for c in body.get("Checks") or []
+    ]
     return ServiceSig(
         id=body["ID"],
         name=body["Name"],
@@ -145,15 +155,13 @@ def observed_signature(
     service: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]
 ) -> ServiceSig:
     """Signature of what the agent reports: ``/v1/agent/service/:id`` plus its checks."""
-    sigs = []
-    for c in checks:
-        definition = dict(c.get("Definition") or {})
-        merged = {**definition, "Name": c.get("Name", ""), "Type": c.get("Type", "")}
-        # The agent reports intervals/timeouts at the top level of a check too.
-        for key in ("Interval", "Timeout"):
-            if c.get(key) and not merged.get(key):
-                merged[key] = c[key]
-        sigs.append((str(c.get("CheckID", "")), _sig_from_definition(merged)))
+    sigs = [
+        (str(c.get("CheckID", "")), CheckSig(
+            name=str(c.get("Name", "")), kind=str(c.get("Type", "")),
+            interval_ns=_ns(c.get("Interval")), timeout_ns=_ns(c.get("Timeout")),
+        ))
+        for c in checks
+    ]
     return ServiceSig(
         id=str(service.get("ID", "")),
         name=str(service.get("Service", "")),
@@ -172,32 +180,6 @@ def _ns(value: Any) -> int:
     if isinstance(value, int | float):
         return int(value)
     return durations.parse_ns(str(value), field="consul")
-
-
-def _sig_from_definition(d: Mapping[str, Any]) -> CheckSig:
-    kind, target = "", ""
-    for key, name in (("HTTP", "http"), ("TCP", "tcp"), ("GRPC", "grpc")):
-        if d.get(key):
-            kind, target = name, str(d[key])
-            break
-    ttl = _ns(d.get("TTL") or d.get("TTLDuration"))
-    if not kind and (ttl or d.get("Type") == "ttl"):
-        kind = "ttl"
-    header = tuple(sorted((k, tuple(v)) for k, v in (d.get("Header") or {}).items()))
-    return CheckSig(
-        name=str(d.get("Name", "")),
-        kind=kind,
-        target=target,
-        interval_ns=_ns(d.get("Interval") or d.get("IntervalDuration")),
-        timeout_ns=_ns(d.get("Timeout") or d.get("TimeoutDuration")),
-        ttl_ns=ttl,
-        deregister_ns=_ns(
-            d.get("DeregisterCriticalServiceAfter") or d.get("DeregisterCriticalServiceAfterDuration")
-        ),
-        method=str(d.get("Method") or ""),
-        header=header,
-        tls_skip_verify=bool(d.get("TLSSkipVerify")) if kind in ("http", "grpc") else False,
-    )
 
 
 def differences(desired: ServiceSig, observed: ServiceSig) -> list[str]:

@@ -1,0 +1,220 @@
+"""ConsulService end to end: a real kube-apiserver, Consul agent and operator process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from helpers import kubectl, wait_for
+from opfixture import (  # noqa: F401
+    OperatorProcess,
+    apply,
+    condition,
+    consul,
+    consul_checks,
+    consul_service,
+    events,
+    get,
+    namespace,
+    operator,
+    wait_condition,
+    wait_gone,
+)
+
+KIND = "consulservice"
+
+
+def csvc(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "tether.dev/v1alpha1", "kind": "ConsulService",
+            "metadata": {"name": name}, "spec": spec}
+
+
+FULL = {
+    "name": "payments", "id": "payments-1", "address": "127.0.0.1", "port": 8443,
+    "tags": ["blue", "v2"], "meta": {"team": "payments", "tier": "backend"},
+    "checks": [
+        {"name": "http", "http": "http://127.0.0.1:1/healthz", "method": "POST",
+         "header": {"X-Probe": ["tether"]}, "tlsSkipVerify": True, "interval": "30s",
+         "timeout": "2s", "deregisterCriticalServiceAfter": "90m"},
+        {"name": "tcp", "tcp": "127.0.0.1:1", "interval": "30s"},
+        {"name": "grpc", "grpc": "127.0.0.1:1/health", "interval": "30s"},
+        {"name": "ttl", "ttl": "1h"},
+    ],
+}
+
+
+def test_create_with_every_field_matches_consul(dev_env: dict[str, str], operator: OperatorProcess,
+                                                namespace: str) -> None:
+    apply(dev_env, namespace, csvc("pay", **FULL))
+    obj = wait_condition(dev_env, namespace, KIND, "pay", op=operator)
+    assert obj["status"]["serviceID"] == "payments-1"
+    svc = consul_service(dev_env, "payments-1")
+    assert svc is not None
+    assert (svc["Service"], svc["Address"], svc["Port"]) == ("payments", "127.0.0.1", 8443)
+    assert sorted(svc["Tags"]) == ["blue", "v2"]
+    assert svc["Meta"] == {"team": "payments", "tier": "backend", "external-source": "kubernetes",
+                           "tether-cluster": "kubernetes", "tether-namespace": namespace,
+                           "tether-name": "pay"}
+    checks = consul_checks(dev_env, "payments-1")
+    by_name = {c["Name"]: c for c in checks.values()}
+    assert set(by_name) == {"http", "tcp", "grpc", "ttl"}
+    http = by_name["http"]
+    assert http["Type"] == "http" and http["Definition"]["HTTP"] == "http://127.0.0.1:1/healthz"
+    assert http["Definition"]["Method"] == "POST" and http["Definition"]["Header"] == {"X-Probe": ["tether"]}
+    assert http["Definition"]["TLSSkipVerify"] is True
+    assert by_name["tcp"]["Definition"]["TCP"] == "127.0.0.1:1"
+    assert by_name["grpc"]["Definition"]["GRPC"] == "127.0.0.1:1/health"
+    assert by_name["ttl"]["Type"] == "ttl"
+    # Checks start critical in Consul; the status must say what Consul says.
+    assert obj["status"]["health"] == "critical"
+    assert condition(obj, "Healthy")["status"] == "False"
+    reasons = {e["reason"] for e in events(dev_env, namespace, "pay")}
+    assert "Registered" in reasons
+
+
+def test_update_tags_port_and_checks(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+    apply(dev_env, namespace, csvc("web", port=80, tags=["a"],
+                                   checks=[{"name": "t", "tcp": "127.0.0.1:1", "interval": "30s"}]))
+    wait_condition(dev_env, namespace, KIND, "web", op=operator)
+    apply(dev_env, namespace, csvc("web", port=81, tags=["a", "b"], checks=[{"name": "ttl", "ttl": "5m"}]))
+    wait_condition(dev_env, namespace, KIND, "web", op=operator)
+    sid = f"{namespace}-web"
+    svc = consul_service(dev_env, sid)
+    assert svc is not None and svc["Port"] == 81 and sorted(svc["Tags"]) == ["a", "b"]
+    names = sorted(c["Name"] for c in consul_checks(dev_env, sid).values())
+    assert names == ["ttl"]
+
+
+def test_rename_moves_the_registration(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+    apply(dev_env, namespace, csvc("mv", id="mv-old", port=80))
+    wait_condition(dev_env, namespace, KIND, "mv", op=operator)
+    assert consul_service(dev_env, "mv-old") is not None
+    apply(dev_env, namespace, csvc("mv", id="mv-new", name="moved", port=80))
+    obj = wait_condition(dev_env, namespace, KIND, "mv", op=operator)
+    assert obj["status"]["serviceID"] == "mv-new"
+    assert consul_service(dev_env, "mv-old") is None
+    new = consul_service(dev_env, "mv-new")
+    assert new is not None and new["Service"] == "moved"
+
+
+@pytest.mark.parametrize("policy", ["Delete", "Orphan"])
+def test_delete_policies(dev_env: dict[str, str], operator: OperatorProcess, namespace: str, policy: str) -> None:
+    sid = f"del-{policy.lower()}-{namespace}"
+    apply(dev_env, namespace, csvc("d", id=sid, port=80, deletionPolicy=policy))
+    wait_condition(dev_env, namespace, KIND, "d", op=operator)
+    kubectl(dev_env, "delete", KIND, "d", "-n", namespace, "--wait=false")
+    wait_gone(dev_env, namespace, KIND, "d")
+    if policy == "Delete":
+        assert consul_service(dev_env, sid) is None
+    else:
+        assert consul_service(dev_env, sid) is not None
+        consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
+
+
+def test_foreign_service_is_a_conflict_and_left_alone(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    sid = f"foreign-{namespace}"
+    consul(dev_env, "PUT", "/v1/agent/service/register", {"ID": sid, "Name": "legacy", "Port": 1234})
+    apply(dev_env, namespace, csvc("f", id=sid, port=80))
+    obj = wait_condition(dev_env, namespace, KIND, "f", status="False", reason="Conflict", op=operator)
+    assert sid in condition(obj)["message"]
+    svc = consul_service(dev_env, sid)
+    assert svc is not None and svc["Port"] == 1234 and svc["Service"] == "legacy"
+    # Once the other owner is gone, the resource becomes Ready on its own (retry with backoff).
+    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
+    wait_condition(dev_env, namespace, KIND, "f", timeout=90, op=operator)
+    # Put a foreign one back under a resource being deleted: it must survive.
+    apply(dev_env, namespace, csvc("g", id=f"{sid}-g", port=80))
+    wait_condition(dev_env, namespace, KIND, "g", op=operator)
+    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}-g")
+    consul(dev_env, "PUT", "/v1/agent/service/register", {"ID": f"{sid}-g", "Name": "legacy", "Port": 1})
+    wait_condition(dev_env, namespace, KIND, "g", status="False", reason="Conflict", op=operator)
+    kubectl(dev_env, "delete", KIND, "g", "-n", namespace, "--wait=false")
+    wait_gone(dev_env, namespace, KIND, "g")
+    assert consul_service(dev_env, f"{sid}-g") is not None
+    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}-g")
+
+
+def test_out_of_band_changes_are_restored(dev_env: dict[str, str], operator: OperatorProcess,
+                                          namespace: str) -> None:
+    sid = f"drift-{namespace}"
+    apply(dev_env, namespace, csvc("drift", id=sid, port=80, tags=["x"],
+                                   checks=[{"name": "ttl", "ttl": "10m"}]))
+    wait_condition(dev_env, namespace, KIND, "drift", op=operator)
+    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
+    started = time.monotonic()
+    wait_for(lambda: consul_service(dev_env, sid) is not None, timeout=10, interval=0.1,
+             message="deregistered service restored")
+    restore = time.monotonic() - started
+    body = consul_service(dev_env, sid)
+    assert body is not None
+    modified = {"ID": sid, "Name": body["Service"], "Port": 9999, "Tags": ["x"], "Meta": body["Meta"]}
+    consul(dev_env, "PUT", "/v1/agent/service/register", modified)
+    wait_for(lambda: (consul_service(dev_env, sid) or {}).get("Port") == 80, timeout=10, interval=0.1,
+             message="modified service restored")
+    assert [c["Name"] for c in consul_checks(dev_env, sid).values()] == ["ttl"]
+    wait_for(lambda: "DriftRepaired" in {e["reason"] for e in events(dev_env, namespace, "drift")},
+             timeout=10, interval=0.3, message="DriftRepaired event")
+    print(f"drift restored in {restore:.2f}s")
+
+
+def test_ttl_check_health_follows_consul(dev_env: dict[str, str], operator: OperatorProcess,
+                                         namespace: str) -> None:
+    sid = f"ttl-{namespace}"
+    apply(dev_env, namespace, csvc("ttl", id=sid, port=80, checks=[{"name": "beat", "ttl": "10m"}]))
+    obj = wait_condition(dev_env, namespace, KIND, "ttl", op=operator)
+    assert obj["status"]["health"] == "critical"
+    consul(dev_env, "PUT", f"/v1/agent/check/pass/{sid}:beat")
+    wait_condition(dev_env, namespace, KIND, "ttl", type_="Healthy", status="True", timeout=10, op=operator)
+    assert get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "passing"  # type: ignore[index]
+    consul(dev_env, "PUT", f"/v1/agent/check/warn/{sid}:beat")
+    wait_for(lambda: get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "warning",  # type: ignore[index]
+             timeout=10, interval=0.2, message="health warning")
+    consul(dev_env, "PUT", f"/v1/agent/check/fail/{sid}:beat")
+    wait_condition(dev_env, namespace, KIND, "ttl", type_="Healthy", status="False", reason="Critical",
+                   timeout=10, op=operator)
+
+
+def test_no_checks_means_passing(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+    apply(dev_env, namespace, csvc("plain", port=80))
+    obj = wait_condition(dev_env, namespace, KIND, "plain", op=operator)
+    assert obj["status"]["health"] == "passing"
+    assert condition(obj, "Healthy")["status"] == "True"
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"port": 80, "checks": [{"name": "h", "http": "ftp://x/", "interval": "10s"}]}, "http://"),
+        ({"port": 80, "checks": [{"name": "h", "tcp": "h:1", "interval": "10s", "timeout": "20s"}]},
+         "exceed"),
+    ],
+)
+def test_invalid_spec_is_reported_and_not_retried(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str, spec: dict[str, Any], fragment: str
+) -> None:
+    apply(dev_env, namespace, csvc("bad", **spec))
+    obj = wait_condition(dev_env, namespace, KIND, "bad", status="False", reason="InvalidSpec", op=operator)
+    assert fragment in condition(obj)["message"]
+    assert consul_service(dev_env, f"{namespace}-bad") is None
+    before = operator.metrics().get('tether_reconciles_total{kind="ConsulService",result="InvalidSpec"}', 0)
+    time.sleep(3)
+    after = operator.metrics().get('tether_reconciles_total{kind="ConsulService",result="InvalidSpec"}', 0)
+    assert after - before <= 1, "an InvalidSpec resource must not be retried in a loop"
+    # Fixing the spec makes it Ready.
+    apply(dev_env, namespace, csvc("bad", port=80))
+    wait_condition(dev_env, namespace, KIND, "bad", op=operator)
+
+
+def test_ready_transition_time_only_moves_on_flip(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    apply(dev_env, namespace, csvc("lt", port=80, tags=["a"]))
+    first = condition(wait_condition(dev_env, namespace, KIND, "lt", op=operator))
+    time.sleep(1.2)
+    apply(dev_env, namespace, csvc("lt", port=80, tags=["b"]))
+    second = condition(wait_condition(dev_env, namespace, KIND, "lt", op=operator))
+    assert second["lastTransitionTime"] == first["lastTransitionTime"]
+    assert second["observedGeneration"] == first["observedGeneration"] + 1
