@@ -112,7 +112,9 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def operator(dev_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = OperatorProcess(dev_env, log).start()
+    # The shared operator serves the per-test namespaces ("t-…") only, so tests
+    # that run their own operator (ACL, RBAC, leader election) use other names.
+    proc = OperatorProcess(dev_env, log, args=("-n", "t-*")).start()
     yield proc
     proc.stop()
 

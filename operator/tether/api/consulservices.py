@@ -140,9 +140,10 @@ def _parse_meta(raw: Any) -> tuple[tuple[str, str], ...]:
             raise InvalidSpec(
                 f"spec.meta: key {key!r} must be 1-128 letters, digits, '_' or '-' (Consul's rule)"
             )
-        if key in RESERVED_META or key.startswith("consul-"):
+        if key in RESERVED_META or key.startswith(("consul-", "tether-")):
             raise InvalidSpec(
-                f"spec.meta: key {key!r} is reserved (Tether's ownership keys and 'consul-*')"
+                f"spec.meta: key {key!r} is reserved ('external-source', 'tether-*' for "
+                "Tether's ownership markers, 'consul-*' for Consul)"
             )
         if not isinstance(value, str):
             raise InvalidSpec(f"spec.meta.{key}: value must be a string, not {type(value).__name__}")
