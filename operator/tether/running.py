@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
@@ -91,6 +92,12 @@ async def _main(
     registry = kopf.OperatorRegistry()
     handlers.register(registry, consul=consul_ctl, etcd=etcd_ctl, etcd_sources=etcd_kind)
 
+    # A private registry does not carry Kopf's default login handlers.
+    @kopf.on.login(registry=registry)  # type: ignore[misc]
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+        return info
+
     @kopf.on.startup(registry=registry)  # type: ignore[misc]
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.standalone = True
@@ -113,16 +120,18 @@ async def _main(
 
     consul_ctl.start()
     etcd_ctl.start()
+    consul_watch = ConsulWatcher(agent, consul_kind, consul_ctl.enqueue)
+    etcd_watch = EtcdWatcher(etcd_client, etcd_kind, etcd_ctl.enqueue)
     watchers = [
-        asyncio.create_task(ConsulWatcher(agent, consul_kind, consul_ctl.enqueue).run(), name="consul-watch"),
-        asyncio.create_task(EtcdWatcher(etcd_client, etcd_kind, etcd_ctl.enqueue).run(), name="etcd-watch"),
+        asyncio.create_task(_supervise("consul-watch", consul_watch.run), name="consul-watch"),
+        asyncio.create_task(_supervise("etcd-watch", etcd_watch.run), name="etcd-watch"),
         asyncio.create_task(_progress(consul_ctl, etcd_ctl, last_progress), name="progress"),
     ]
     try:
         await kopf.operator(
             registry=registry,
             clusterwide=not namespaces,
-            namespaces=namespaces or None,
+            namespaces=namespaces,
             standalone=True,
             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
         )
@@ -137,6 +146,23 @@ async def _main(
         await agent.close()
         await etcd_client.close()
         kube_client.close()
+
+
+async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Keep a watcher alive: a bug in one must not take the operator down."""
+    delay = 1.0
+    while True:
+        started = time.monotonic()
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s crashed; restarting in %.0fs", name, delay)
+        if time.monotonic() - started > 60:
+            delay = 1.0
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
 
 
 async def _progress(a: Controller, b: Controller, last: dict[str, float]) -> None:

@@ -14,8 +14,8 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-import consul
 import consul.aio
+from consul import exceptions as consul_errors
 from consul.callback import CB
 
 from tether import metrics
@@ -86,20 +86,20 @@ class ConsulAgent:
                 f"Consul agent at {self.conn.url} did not answer {what} within "
                 f"{deadline or self.conn.timeout:.0f}s"
             ) from None
-        except (consul.ACLPermissionDenied, consul.ACLDisabled) as exc:
+        except (consul_errors.ACLPermissionDenied, consul_errors.ACLDisabled) as exc:
             self._up()
             raise ConsulRejected(
                 f"Consul refused {what}: permission denied (check CONSUL_HTTP_TOKEN and its "
                 f"policy): {_short(exc)}"
             ) from None
-        except (consul.BadRequest, consul.ConsulException) as exc:
+        except consul_errors.ConsulException as exc:
             text = _short(exc)
             if "Permission denied" in text or "ACL not found" in text:
                 self._up()
                 raise ConsulRejected(
                     f"Consul refused {what}: {text} (check CONSUL_HTTP_TOKEN and its policy)"
                 ) from None
-            if isinstance(exc, consul.BadRequest) or text.startswith("4"):
+            if isinstance(exc, consul_errors.BadRequest | consul_errors.ClientError):
                 self._up()
                 raise ConsulRejected(f"Consul rejected {what}: {text}") from None
             self._down()
