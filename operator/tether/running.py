@@ -93,12 +93,12 @@ async def _main(
     handlers.register(registry, consul=consul_ctl, etcd=etcd_ctl, etcd_sources=etcd_kind)
 
     # A private registry does not carry Kopf's default login handlers.
-    @kopf.on.login(registry=registry)  # type: ignore[misc]
+    @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
         return info
 
-    @kopf.on.startup(registry=registry)  # type: ignore[misc]
+    @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.standalone = True
         settings.posting.enabled = False
@@ -108,7 +108,7 @@ async def _main(
 
     last_progress = {"at": time.monotonic()}
 
-    @kopf.on.probe(id="wedged", registry=registry)  # type: ignore[misc]
+    @kopf.on.probe(id="wedged", registry=registry)
     def wedged(**_: Any) -> str:
         for ctl in (consul_ctl, etcd_ctl):
             if not ctl.queue.idle():
