@@ -1,0 +1,1 @@
+"""etcd side of Tether: the EtcdConfig planner and its etcd client."""
