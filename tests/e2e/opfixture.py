@@ -38,7 +38,11 @@ class OperatorProcess:
     """``tether run`` in a subprocess, logging to a file."""
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, *, args: tuple[str, ...] = ("-A",),
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        args: tuple[str, ...] = ("-A",),
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.env = {**os.environ, **env, **(extra_env or {})}
@@ -52,9 +56,20 @@ class OperatorProcess:
         tether = Path(sys.executable).with_name("tether")
         out = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [str(tether), "run", *self.args, "--metrics-port", str(self.metrics_port),
-             "--health-port", str(self.health_port), "--verbose"],
-            env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(tether),
+                "run",
+                *self.args,
+                "--metrics-port",
+                str(self.metrics_port),
+                "--health-port",
+                str(self.health_port),
+                "--verbose",
+            ],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         out.close()
         wait_for(self._metrics_up, timeout=60, interval=0.3, message=f"operator metrics ({self.log_tail()})")
@@ -130,6 +145,7 @@ def namespace(dev_env: dict[str, str]) -> Iterator[str]:
 
 # -- Kubernetes -------------------------------------------------------------
 
+
 def apply(env: Mapping[str, str], namespace: str, obj: dict[str, Any]) -> None:
     obj.setdefault("metadata", {})["namespace"] = namespace
     kubectl(dict(env), "apply", "-f", "-", input=yaml.safe_dump(obj))
@@ -152,8 +168,15 @@ def condition(obj: Mapping[str, Any] | None, type_: str = "Ready") -> dict[str, 
 
 def events(env: Mapping[str, str], namespace: str, name: str) -> list[dict[str, Any]]:
     done = kubectl(
-        dict(env), "get", "events", "-n", namespace, "--field-selector",
-        f"involvedObject.name={name}", "-o", "json",
+        dict(env),
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.name={name}",
+        "-o",
+        "json",
     )
     items: list[dict[str, Any]] = json.loads(done.stdout)["items"]
     return items
@@ -165,14 +188,21 @@ def diagnose(env: Mapping[str, str], namespace: str, kind: str, name: str, op: O
     evs = [f"{e.get('reason')}: {e.get('message')}" for e in events(env, namespace, name)][-10:]
     return (
         f"\n--- {kind}/{name} status:\n{json.dumps((obj or {}).get('status'), indent=1)}"
-        f"\n--- events:\n" + "\n".join(evs)
-        + (f"\n--- operator log:\n{op.log_tail()}" if op else "")
+        f"\n--- events:\n" + "\n".join(evs) + (f"\n--- operator log:\n{op.log_tail()}" if op else "")
     )
 
 
 def wait_condition(
-    env: Mapping[str, str], namespace: str, kind: str, name: str, *, status: str = "True",
-    reason: str | None = None, type_: str = "Ready", timeout: float = 30, op: OperatorProcess | None = None,
+    env: Mapping[str, str],
+    namespace: str,
+    kind: str,
+    name: str,
+    *,
+    status: str = "True",
+    reason: str | None = None,
+    type_: str = "Ready",
+    timeout: float = 30,
+    op: OperatorProcess | None = None,
 ) -> dict[str, Any]:
     """Wait until a condition has ``status`` (and ``reason``) at the current generation."""
     last: dict[str, Any] = {}
@@ -191,18 +221,25 @@ def wait_condition(
         )
 
     try:
-        wait_for(check, timeout=timeout, interval=0.2, message=f"{kind}/{name} {type_}={status} {reason or ''}")
+        wait_for(
+            check, timeout=timeout, interval=0.2, message=f"{kind}/{name} {type_}={status} {reason or ''}"
+        )
     except Exception as exc:
         raise AssertionError(f"{exc}{diagnose(env, namespace, kind, name, op)}") from None
     return last
 
 
 def wait_gone(env: Mapping[str, str], namespace: str, kind: str, name: str, timeout: float = 30) -> None:
-    wait_for(lambda: get(env, namespace, kind, name) is None, timeout=timeout, interval=0.2,
-             message=f"{kind}/{name} to be deleted")
+    wait_for(
+        lambda: get(env, namespace, kind, name) is None,
+        timeout=timeout,
+        interval=0.2,
+        message=f"{kind}/{name} to be deleted",
+    )
 
 
 # -- Consul -------------------------------------------------------------------
+
 
 def consul(env: Mapping[str, str], method: str, path: str, body: Any = None, token: str | None = None) -> Any:
     url = env["CONSUL_HTTP_ADDR"].rstrip("/") + path

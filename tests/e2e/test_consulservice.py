@@ -26,17 +26,32 @@ KIND = "consulservice"
 
 
 def csvc(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "tether.dev/v1alpha1", "kind": "ConsulService",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "ConsulService",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 FULL = {
-    "name": "payments", "id": "payments-1", "address": "127.0.0.1", "port": 8443,
-    "tags": ["blue", "v2"], "meta": {"team": "payments", "tier": "backend"},
+    "name": "payments",
+    "id": "payments-1",
+    "address": "127.0.0.1",
+    "port": 8443,
+    "tags": ["blue", "v2"],
+    "meta": {"team": "payments", "tier": "backend"},
     "checks": [
-        {"name": "http", "http": "http://127.0.0.1:1/healthz", "method": "POST",
-         "header": {"X-Probe": ["tether"]}, "tlsSkipVerify": True, "interval": "30s",
-         "timeout": "2s", "deregisterCriticalServiceAfter": "90m"},
+        {
+            "name": "http",
+            "http": "http://127.0.0.1:1/healthz",
+            "method": "POST",
+            "header": {"X-Probe": ["tether"]},
+            "tlsSkipVerify": True,
+            "interval": "30s",
+            "timeout": "2s",
+            "deregisterCriticalServiceAfter": "90m",
+        },
         {"name": "tcp", "tcp": "127.0.0.1:1", "interval": "30s"},
         {"name": "grpc", "grpc": "127.0.0.1:1/health", "interval": "30s"},
         {"name": "ttl", "ttl": "1h"},
@@ -44,8 +59,9 @@ FULL = {
 }
 
 
-def test_create_with_every_field_matches_consul(dev_env: dict[str, str], operator: OperatorProcess,
-                                                namespace: str) -> None:
+def test_create_with_every_field_matches_consul(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     apply(dev_env, namespace, csvc("pay", **FULL))
     obj = wait_condition(dev_env, namespace, KIND, "pay", op=operator)
     assert obj["status"]["serviceID"] == "payments-1"
@@ -53,9 +69,14 @@ def test_create_with_every_field_matches_consul(dev_env: dict[str, str], operato
     assert svc is not None
     assert (svc["Service"], svc["Address"], svc["Port"]) == ("payments", "127.0.0.1", 8443)
     assert sorted(svc["Tags"]) == ["blue", "v2"]
-    assert svc["Meta"] == {"team": "payments", "tier": "backend", "external-source": "kubernetes",
-                           "tether-cluster": "kubernetes", "tether-namespace": namespace,
-                           "tether-name": "pay"}
+    assert svc["Meta"] == {
+        "team": "payments",
+        "tier": "backend",
+        "external-source": "kubernetes",
+        "tether-cluster": "kubernetes",
+        "tether-namespace": namespace,
+        "tether-name": "pay",
+    }
     checks = consul_checks(dev_env, "payments-1")
     by_name = {c["Name"]: c for c in checks.values()}
     assert set(by_name) == {"http", "tcp", "grpc", "ttl"}
@@ -73,9 +94,14 @@ def test_create_with_every_field_matches_consul(dev_env: dict[str, str], operato
     assert "Registered" in reasons
 
 
-def test_update_tags_port_and_checks(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
-    apply(dev_env, namespace, csvc("web", port=80, tags=["a"],
-                                   checks=[{"name": "t", "tcp": "127.0.0.1:1", "interval": "30s"}]))
+def test_update_tags_port_and_checks(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    apply(
+        dev_env,
+        namespace,
+        csvc("web", port=80, tags=["a"], checks=[{"name": "t", "tcp": "127.0.0.1:1", "interval": "30s"}]),
+    )
     wait_condition(dev_env, namespace, KIND, "web", op=operator)
     apply(dev_env, namespace, csvc("web", port=81, tags=["a", "b"], checks=[{"name": "ttl", "ttl": "5m"}]))
     wait_condition(dev_env, namespace, KIND, "web", op=operator)
@@ -86,7 +112,9 @@ def test_update_tags_port_and_checks(dev_env: dict[str, str], operator: Operator
     assert names == ["ttl"]
 
 
-def test_rename_moves_the_registration(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+def test_rename_moves_the_registration(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     apply(dev_env, namespace, csvc("mv", id="mv-old", port=80))
     wait_condition(dev_env, namespace, KIND, "mv", op=operator)
     assert consul_service(dev_env, "mv-old") is not None
@@ -99,7 +127,9 @@ def test_rename_moves_the_registration(dev_env: dict[str, str], operator: Operat
 
 
 @pytest.mark.parametrize("policy", ["Delete", "Orphan"])
-def test_delete_policies(dev_env: dict[str, str], operator: OperatorProcess, namespace: str, policy: str) -> None:
+def test_delete_policies(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str, policy: str
+) -> None:
     sid = f"del-{policy.lower()}-{namespace}"
     apply(dev_env, namespace, csvc("d", id=sid, port=80, deletionPolicy=policy))
     wait_condition(dev_env, namespace, KIND, "d", op=operator)
@@ -137,31 +167,46 @@ def test_foreign_service_is_a_conflict_and_left_alone(
     consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}-g")
 
 
-def test_out_of_band_changes_are_restored(dev_env: dict[str, str], operator: OperatorProcess,
-                                          namespace: str) -> None:
+def test_out_of_band_changes_are_restored(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     sid = f"drift-{namespace}"
-    apply(dev_env, namespace, csvc("drift", id=sid, port=80, tags=["x"],
-                                   checks=[{"name": "ttl", "ttl": "10m"}]))
+    apply(
+        dev_env, namespace, csvc("drift", id=sid, port=80, tags=["x"], checks=[{"name": "ttl", "ttl": "10m"}])
+    )
     wait_condition(dev_env, namespace, KIND, "drift", op=operator)
     consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
     started = time.monotonic()
-    wait_for(lambda: consul_service(dev_env, sid) is not None, timeout=10, interval=0.1,
-             message="deregistered service restored")
+    wait_for(
+        lambda: consul_service(dev_env, sid) is not None,
+        timeout=10,
+        interval=0.1,
+        message="deregistered service restored",
+    )
     restore = time.monotonic() - started
     body = consul_service(dev_env, sid)
     assert body is not None
     modified = {"ID": sid, "Name": body["Service"], "Port": 9999, "Tags": ["x"], "Meta": body["Meta"]}
     consul(dev_env, "PUT", "/v1/agent/service/register", modified)
-    wait_for(lambda: (consul_service(dev_env, sid) or {}).get("Port") == 80, timeout=10, interval=0.1,
-             message="modified service restored")
+    wait_for(
+        lambda: (consul_service(dev_env, sid) or {}).get("Port") == 80,
+        timeout=10,
+        interval=0.1,
+        message="modified service restored",
+    )
     assert [c["Name"] for c in consul_checks(dev_env, sid).values()] == ["ttl"]
-    wait_for(lambda: "DriftRepaired" in {e["reason"] for e in events(dev_env, namespace, "drift")},
-             timeout=10, interval=0.3, message="DriftRepaired event")
+    wait_for(
+        lambda: "DriftRepaired" in {e["reason"] for e in events(dev_env, namespace, "drift")},
+        timeout=10,
+        interval=0.3,
+        message="DriftRepaired event",
+    )
     print(f"drift restored in {restore:.2f}s")
 
 
-def test_ttl_check_health_follows_consul(dev_env: dict[str, str], operator: OperatorProcess,
-                                         namespace: str) -> None:
+def test_ttl_check_health_follows_consul(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     sid = f"ttl-{namespace}"
     apply(dev_env, namespace, csvc("ttl", id=sid, port=80, checks=[{"name": "beat", "ttl": "10m"}]))
     obj = wait_condition(dev_env, namespace, KIND, "ttl", op=operator)
@@ -170,11 +215,24 @@ def test_ttl_check_health_follows_consul(dev_env: dict[str, str], operator: Oper
     wait_condition(dev_env, namespace, KIND, "ttl", type_="Healthy", status="True", timeout=10, op=operator)
     assert get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "passing"  # type: ignore[index]
     consul(dev_env, "PUT", f"/v1/agent/check/warn/{sid}:beat")
-    wait_for(lambda: get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "warning",  # type: ignore[index]
-             timeout=10, interval=0.2, message="health warning")
+    wait_for(
+        lambda: get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "warning",  # type: ignore[index]
+        timeout=10,
+        interval=0.2,
+        message="health warning",
+    )
     consul(dev_env, "PUT", f"/v1/agent/check/fail/{sid}:beat")
-    wait_condition(dev_env, namespace, KIND, "ttl", type_="Healthy", status="False", reason="Critical",
-                   timeout=10, op=operator)
+    wait_condition(
+        dev_env,
+        namespace,
+        KIND,
+        "ttl",
+        type_="Healthy",
+        status="False",
+        reason="Critical",
+        timeout=10,
+        op=operator,
+    )
 
 
 def test_no_checks_means_passing(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
@@ -188,8 +246,10 @@ def test_no_checks_means_passing(dev_env: dict[str, str], operator: OperatorProc
     ("spec", "fragment"),
     [
         ({"port": 80, "checks": [{"name": "h", "http": "ftp://x/", "interval": "10s"}]}, "http://"),
-        ({"port": 80, "checks": [{"name": "h", "tcp": "h:1", "interval": "10s", "timeout": "20s"}]},
-         "exceed"),
+        (
+            {"port": 80, "checks": [{"name": "h", "tcp": "h:1", "interval": "10s", "timeout": "20s"}]},
+            "exceed",
+        ),
     ],
 )
 def test_invalid_spec_is_reported_and_not_retried(

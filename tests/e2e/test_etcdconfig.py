@@ -46,7 +46,8 @@ def etcd_range(env: Mapping[str, str], prefix: str) -> dict[str, tuple[str, int]
     out = etcd(env, "/v3/kv/range", {"key": _b64(key), "range_end": _b64(end)})
     return {
         base64.b64decode(kv["key"]).decode(): (
-            base64.b64decode(kv.get("value", "")).decode(), int(kv["mod_revision"])
+            base64.b64decode(kv.get("value", "")).decode(),
+            int(kv["mod_revision"]),
         )
         for kv in out.get("kvs", [])
     }
@@ -61,7 +62,12 @@ def etcd_delete(env: Mapping[str, str], key: str) -> None:
 
 
 def ecfg(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "tether.dev/v1alpha1", "kind": "EtcdConfig", "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "EtcdConfig",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def unique_prefix() -> str:
@@ -93,7 +99,9 @@ def test_300_keys_converge(dev_env: dict[str, str], operator: OperatorProcess, n
     assert all(kvs[f"{prefix}/{k}"][0] == v for k, v in data.items())
 
 
-def test_update_prune_and_prefix_move(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+def test_update_prune_and_prefix_move(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     prefix = unique_prefix()
     etcd_put(dev_env, f"{prefix}/unrelated", "keep me")
     apply(dev_env, namespace, ecfg("u", prefix=prefix, data={"a": "1", "b": "2"}))
@@ -106,12 +114,18 @@ def test_update_prune_and_prefix_move(dev_env: dict[str, str], operator: Operato
     moved = unique_prefix()
     apply(dev_env, namespace, ecfg("u", prefix=moved, data={"a": "10", "c": "3"}))
     wait_condition(dev_env, namespace, KIND, "u", op=operator)
-    assert {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()} == {f"{prefix}/unrelated": "keep me"}
+    assert {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()} == {
+        f"{prefix}/unrelated": "keep me"
+    }
     assert {k: v for k, (v, _) in etcd_range(dev_env, moved + "/").items()} == {
-        f"{moved}/a": "10", f"{moved}/c": "3"}
+        f"{moved}/a": "10",
+        f"{moved}/c": "3",
+    }
 
 
-def test_prune_false_keeps_removed_keys(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+def test_prune_false_keeps_removed_keys(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     prefix = unique_prefix()
     apply(dev_env, namespace, ecfg("np", prefix=prefix, prune=False, data={"a": "1", "b": "2"}))
     wait_condition(dev_env, namespace, KIND, "np", op=operator)
@@ -138,7 +152,9 @@ def test_delete_policies_leave_unrelated_keys(
             assert keys == {f"{prefix}/unrelated", f"{prefix}/a"}
 
 
-def test_two_resources_claiming_one_key(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+def test_two_resources_claiming_one_key(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     prefix = unique_prefix()
     apply(dev_env, namespace, ecfg("first", prefix=prefix, data={"shared": "first"}))
     wait_condition(dev_env, namespace, KIND, "first", op=operator)
@@ -155,7 +171,9 @@ def test_two_resources_claiming_one_key(dev_env: dict[str, str], operator: Opera
     assert kvs == {f"{prefix}/shared": "second", f"{prefix}/own": "x"}
 
 
-def test_pre_existing_key_needs_adopt(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
+def test_pre_existing_key_needs_adopt(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     prefix = unique_prefix()
     etcd_put(dev_env, f"{prefix}/legacy", "old")
     apply(dev_env, namespace, ecfg("ad", prefix=prefix, data={"legacy": "new"}))
@@ -167,19 +185,32 @@ def test_pre_existing_key_needs_adopt(dev_env: dict[str, str], operator: Operato
     assert etcd_range(dev_env, prefix + "/")[f"{prefix}/legacy"][0] == "new"
 
 
-def test_out_of_band_changes_are_restored(dev_env: dict[str, str], operator: OperatorProcess,
-                                          namespace: str) -> None:
+def test_out_of_band_changes_are_restored(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
     prefix = unique_prefix()
     apply(dev_env, namespace, ecfg("drift", prefix=prefix, data={"a": "1", "b": "2"}))
     wait_condition(dev_env, namespace, KIND, "drift", op=operator)
     etcd_put(dev_env, f"{prefix}/a", "tampered")
-    wait_for(lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/a"][0] == "1", timeout=10, interval=0.1,
-             message="changed key restored")
+    wait_for(
+        lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/a"][0] == "1",
+        timeout=10,
+        interval=0.1,
+        message="changed key restored",
+    )
     etcd_delete(dev_env, f"{prefix}/b")
-    wait_for(lambda: f"{prefix}/b" in etcd_range(dev_env, prefix + "/"), timeout=10, interval=0.1,
-             message="deleted key restored")
-    wait_for(lambda: "DriftRepaired" in {e["reason"] for e in events(dev_env, namespace, "drift")},
-             timeout=10, interval=0.3, message="DriftRepaired event")
+    wait_for(
+        lambda: f"{prefix}/b" in etcd_range(dev_env, prefix + "/"),
+        timeout=10,
+        interval=0.1,
+        message="deleted key restored",
+    )
+    wait_for(
+        lambda: "DriftRepaired" in {e["reason"] for e in events(dev_env, namespace, "drift")},
+        timeout=10,
+        interval=0.3,
+        message="DriftRepaired event",
+    )
 
 
 def test_config_map_and_secret_changes_propagate_and_secrets_stay_secret(
@@ -187,24 +218,59 @@ def test_config_map_and_secret_changes_propagate_and_secrets_stay_secret(
 ) -> None:
     prefix = unique_prefix()
     secret_value = f"s3cr3t-{uuid.uuid4().hex}"
-    kubectl(dev_env, "create", "configmap", "defaults", "-n", namespace, "--from-literal=mode=blue",
-            "--from-literal=level=1")
-    kubectl(dev_env, "create", "secret", "generic", "creds", "-n", namespace,
-            f"--from-literal=password={secret_value}")
-    apply(dev_env, namespace, ecfg("src", prefix=prefix, data={"level": "override"},
-                                   **{"from": [{"configMapRef": {"name": "defaults"}},
-                                               {"secretRef": {"name": "creds"}}]}))
+    kubectl(
+        dev_env,
+        "create",
+        "configmap",
+        "defaults",
+        "-n",
+        namespace,
+        "--from-literal=mode=blue",
+        "--from-literal=level=1",
+    )
+    kubectl(
+        dev_env,
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "-n",
+        namespace,
+        f"--from-literal=password={secret_value}",
+    )
+    apply(
+        dev_env,
+        namespace,
+        ecfg(
+            "src",
+            prefix=prefix,
+            data={"level": "override"},
+            **{"from": [{"configMapRef": {"name": "defaults"}}, {"secretRef": {"name": "creds"}}]},
+        ),
+    )
     wait_condition(dev_env, namespace, KIND, "src", op=operator)
     kvs = {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()}
-    assert kvs == {f"{prefix}/mode": "blue", f"{prefix}/level": "override", f"{prefix}/password": secret_value}
+    assert kvs == {
+        f"{prefix}/mode": "blue",
+        f"{prefix}/level": "override",
+        f"{prefix}/password": secret_value,
+    }
     kubectl(dev_env, "patch", "configmap", "defaults", "-n", namespace, "-p", '{"data":{"mode":"green"}}')
-    wait_for(lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/mode"][0] == "green", timeout=10,
-             interval=0.1, message="ConfigMap change in etcd")
+    wait_for(
+        lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/mode"][0] == "green",
+        timeout=10,
+        interval=0.1,
+        message="ConfigMap change in etcd",
+    )
     new_secret = f"rotated-{uuid.uuid4().hex}"
     patch = json.dumps({"data": {"password": base64.b64encode(new_secret.encode()).decode()}})
     kubectl(dev_env, "patch", "secret", "creds", "-n", namespace, "-p", patch)
-    wait_for(lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/password"][0] == new_secret, timeout=10,
-             interval=0.1, message="Secret change in etcd")
+    wait_for(
+        lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/password"][0] == new_secret,
+        timeout=10,
+        interval=0.1,
+        message="Secret change in etcd",
+    )
     time.sleep(1)
     obj = get(dev_env, namespace, KIND, "src")
     everything = json.dumps(obj) + json.dumps(events(dev_env, namespace, "src")) + operator.log_tail(100000)
@@ -221,7 +287,12 @@ def test_missing_source_is_reported_and_recovers(
     assert "later" in condition(obj)["message"]
     kubectl(dev_env, "create", "configmap", "later", "-n", namespace, "--from-literal=x=1")
     wait_condition(dev_env, namespace, KIND, "miss", timeout=15, op=operator)
-    assert etcd_range(dev_env, prefix + "/") [f"{prefix}/x"][0] == "1"
-    apply(dev_env, namespace, ecfg("opt", prefix=unique_prefix(),
-                                   **{"from": [{"configMapRef": {"name": "nope", "optional": True}}]}))
+    assert etcd_range(dev_env, prefix + "/")[f"{prefix}/x"][0] == "1"
+    apply(
+        dev_env,
+        namespace,
+        ecfg(
+            "opt", prefix=unique_prefix(), **{"from": [{"configMapRef": {"name": "nope", "optional": True}}]}
+        ),
+    )
     wait_condition(dev_env, namespace, KIND, "opt", op=operator)

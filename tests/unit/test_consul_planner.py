@@ -25,25 +25,44 @@ def spec(**overrides: Any) -> api.ConsulServiceSpec:
 def as_agent(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """What the agent reports after registering ``body`` (Consul's re-rendering)."""
     service = {
-        "ID": body["ID"], "Service": body["Name"], "Address": body["Address"], "Port": body["Port"],
-        "Tags": list(body["Tags"]) or None, "Meta": dict(body["Meta"]),
-        "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": False,
+        "ID": body["ID"],
+        "Service": body["Name"],
+        "Address": body["Address"],
+        "Port": body["Port"],
+        "Tags": list(body["Tags"]) or None,
+        "Meta": dict(body["Meta"]),
+        "Weights": {"Passing": 1, "Warning": 1},
+        "EnableTagOverride": False,
     }
     checks = []
     for c in body["Checks"]:
         kind = "ttl" if "TTL" in c else "http" if "HTTP" in c else "tcp" if "TCP" in c else "grpc"
-        checks.append({
-            "CheckID": c["CheckID"], "Name": c["Name"], "Status": "critical", "ServiceID": body["ID"],
-            "Type": kind, "Interval": c.get("Interval", ""), "Timeout": c.get("Timeout", ""),
-            "Definition": {},  # Consul never shows a check's definition
-        })
+        checks.append(
+            {
+                "CheckID": c["CheckID"],
+                "Name": c["Name"],
+                "Status": "critical",
+                "ServiceID": body["ID"],
+                "Type": kind,
+                "Interval": c.get("Interval", ""),
+                "Timeout": c.get("Timeout", ""),
+                "Definition": {},  # Consul never shows a check's definition
+            }
+        )
     return service, checks
 
 
 ALL_CHECKS = [
-    {"name": "http", "http": "https://10.0.0.5:8080/healthz", "interval": "10s", "timeout": "2s",
-     "method": "POST", "header": {"X-Probe": ["tether"]}, "tlsSkipVerify": True,
-     "deregisterCriticalServiceAfter": "5m"},
+    {
+        "name": "http",
+        "http": "https://10.0.0.5:8080/healthz",
+        "interval": "10s",
+        "timeout": "2s",
+        "method": "POST",
+        "header": {"X-Probe": ["tether"]},
+        "tlsSkipVerify": True,
+        "deregisterCriticalServiceAfter": "5m",
+    },
     {"name": "tcp", "tcp": "10.0.0.5:8080", "interval": "15s"},
     {"name": "grpc", "grpc": "10.0.0.5:9090/health", "interval": "1m30s"},
     {"name": "ttl", "ttl": "30s"},
@@ -55,8 +74,11 @@ def test_registration_carries_every_field_and_ownership() -> None:
     body = planner.registration(s, OWNER)
     assert body["ID"] == "web-1" and body["Name"] == "web" and body["Port"] == 8080
     assert body["Meta"] == {
-        "team": "x", "external-source": "kubernetes", "tether-cluster": "kubernetes",
-        "tether-namespace": "team-a", "tether-name": "web",
+        "team": "x",
+        "external-source": "kubernetes",
+        "tether-cluster": "kubernetes",
+        "tether-namespace": "team-a",
+        "tether-name": "web",
     }
     http = body["Checks"][0]
     assert http["HTTP"] == "https://10.0.0.5:8080/healthz" and http["Method"] == "POST"
@@ -96,8 +118,12 @@ def test_tag_order_alone_is_not_drift() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
-    [("Port", 9999, "port"), ("Address", "10.9.9.9", "address"), ("Tags", ["zzz"], "tags"),
-     ("Service", "other", "name")],
+    [
+        ("Port", 9999, "port"),
+        ("Address", "10.9.9.9", "address"),
+        ("Tags", ["zzz"], "tags"),
+        ("Service", "other", "name"),
+    ],
 )
 def test_out_of_band_service_change_is_drift(field: str, value: Any, expected: str) -> None:
     body = planner.registration(spec(tags=["a"]), OWNER)
@@ -197,8 +223,13 @@ def test_owner_of_requires_all_markers() -> None:
 
 @pytest.mark.parametrize(
     ("statuses", "health"),
-    [([], "passing"), (["passing"], "passing"), (["passing", "warning"], "warning"),
-     (["warning", "critical", "passing"], "critical"), (["maintenance"], "unknown")],
+    [
+        ([], "passing"),
+        (["passing"], "passing"),
+        (["passing", "warning"], "warning"),
+        (["warning", "critical", "passing"], "critical"),
+        (["maintenance"], "unknown"),
+    ],
 )
 def test_aggregate_health(statuses: list[str], health: str) -> None:
     assert planner.aggregate_health(statuses) == health
@@ -213,18 +244,36 @@ def test_aggregate_health(statuses: list[str], health: str) -> None:
         ({"port": 80, "checks": [{"name": "a", "tcp": "h:70000", "interval": "1s"}]}, "host:port"),
         ({"port": 80, "checks": [{"name": "a", "tcp": "h:1"}]}, "interval"),
         ({"port": 80, "checks": [{"name": "a", "ttl": "10s", "interval": "5s"}]}, "ttl check"),
-        ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "http": "http://h/", "interval": "1s"}]},
-         "exactly one"),
+        (
+            {"port": 80, "checks": [{"name": "a", "tcp": "h:1", "http": "http://h/", "interval": "1s"}]},
+            "exactly one",
+        ),
         ({"port": 80, "checks": [{"name": "a", "interval": "1s"}]}, "exactly one"),
         ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "10x"}]}, "not a duration"),
-        ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "1s", "timeout": "2s"}]},
-         "exceed"),
-        ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "1s",
-                                  "deregisterCriticalServiceAfter": "30s"}]}, "minimum is 1m"),
-        ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "1s", "method": "GET"}]},
-         "http checks only"),
-        ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "1s"},
-                                 {"name": "a", "tcp": "h:2", "interval": "1s"}]}, "duplicate"),
+        ({"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "1s", "timeout": "2s"}]}, "exceed"),
+        (
+            {
+                "port": 80,
+                "checks": [
+                    {"name": "a", "tcp": "h:1", "interval": "1s", "deregisterCriticalServiceAfter": "30s"}
+                ],
+            },
+            "minimum is 1m",
+        ),
+        (
+            {"port": 80, "checks": [{"name": "a", "tcp": "h:1", "interval": "1s", "method": "GET"}]},
+            "http checks only",
+        ),
+        (
+            {
+                "port": 80,
+                "checks": [
+                    {"name": "a", "tcp": "h:1", "interval": "1s"},
+                    {"name": "a", "tcp": "h:2", "interval": "1s"},
+                ],
+            },
+            "duplicate",
+        ),
         ({"port": 80, "meta": {"consul-x": "1"}}, "reserved"),
         ({"port": 80, "meta": {"tether-name": "1"}}, "reserved"),
         ({"port": 80, "meta": {"bad key": "1"}}, "letters"),
@@ -243,8 +292,13 @@ def test_invalid_specs_name_the_problem(raw: dict[str, Any], message: str) -> No
 
 
 _label = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12).filter(
-    lambda s: not s.startswith("-") and not s.endswith("-") and not s.startswith("consul-")
-    and not s.startswith("tether-") and s != "external-source"
+    lambda s: (
+        not s.startswith("-")
+        and not s.endswith("-")
+        and not s.startswith("consul-")
+        and not s.startswith("tether-")
+        and s != "external-source"
+    )
 )
 
 
