@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from helpers import state_dir, tether
+from opfixture import namespace, operator  # noqa: F401  (shared fixtures)
 
 from tether.devstack import binaries, envfiles
 

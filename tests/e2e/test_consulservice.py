@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from helpers import kubectl, wait_for
-from opfixture import (  # noqa: F401
+from opfixture import (
     OperatorProcess,
     apply,
     condition,
@@ -16,8 +16,6 @@ from opfixture import (  # noqa: F401
     consul_service,
     events,
     get,
-    namespace,
-    operator,
     wait_condition,
     wait_gone,
 )

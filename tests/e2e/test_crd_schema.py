@@ -242,8 +242,10 @@ def _established(env: Env) -> bool:
 
 
 def _install_crds(env: Env) -> None:
-    # Through the kustomization, as `kubectl apply -k manifests/` does. (`kubectl apply
-    # -f crds/` would also send kustomization.yaml, which is not a Kubernetes object.)
+    # Both ways a user installs them must work. The kustomization is named
+    # `Kustomization` (a name kustomize reads) so that `kubectl apply -f crds/`,
+    # which only sends *.yaml/*.yml/*.json files, does not trip over it.
+    kubectl(env, "apply", "-f", str(CRDS))
     kubectl(env, "apply", "-k", str(CRDS))
     wait_for(_established_in(env), timeout=60, interval=0.5, message="CRDs to be Established")
 

@@ -11,14 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from helpers import kubectl, wait_for
-from opfixture import (  # noqa: F401
+from opfixture import (
     OperatorProcess,
     apply,
     condition,
     events,
     get,
-    namespace,
-    operator,
     wait_condition,
     wait_gone,
 )

@@ -255,7 +255,7 @@ def test_lists_and_maps_are_bounded(kind: str) -> None:
 
 
 def test_crds_kustomization_lists_both_files() -> None:
-    kustomization = _load(CRDS / "kustomization.yaml")
+    kustomization = _load(CRDS / "Kustomization")
     assert sorted(kustomization["resources"]) == sorted(e[0] for e in EXPECTED.values())
 
 
