@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -140,6 +139,10 @@ def namespace(dev_env: dict[str, str]) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     kubectl(dev_env, "create", "namespace", name)
     yield name
+    # The dev stack runs no namespace controller, so a namespace's contents are
+    # never deleted with it: delete Tether's resources first, so their Consul
+    # registrations and etcd keys are cleaned up by the operator.
+    kubectl(dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", name, "--timeout=60s", check=False)
     kubectl(dev_env, "delete", "namespace", name, "--wait=false", check=False)
 
 
