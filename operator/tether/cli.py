@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,8 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
         )
 
-    from tether.devstack import stack
+    from tether.devstack import reporting, stack
 
+    try:
+        return _dev(args, stack)
+    except reporting.DevStackError as exc:
+        print(f"tether dev: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dev(args: argparse.Namespace, stack: Any) -> int:
     state_dir = (args.dir or Path.cwd() / ".tether" / "dev").resolve()
     dev_stack = stack.DevStack(state_dir)
     if args.dev_command == "up":
