@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
 from helpers import kubectl, wait_for
@@ -23,47 +26,73 @@ from opfixture import (
 KIND = "consulservice"
 
 
-def csvc(name: str, **spec: Any) -> dict[str, Any]:
+def csvc(resource_name: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "tether.dev/v1alpha1",
         "kind": "ConsulService",
-        "metadata": {"name": name},
+        "metadata": {"name": resource_name},
         "spec": spec,
     }
 
 
-FULL = {
-    "name": "payments",
-    "id": "payments-1",
-    "address": "127.0.0.1",
-    "port": 8443,
-    "tags": ["blue", "v2"],
-    "meta": {"team": "payments", "tier": "backend"},
-    "checks": [
-        {
-            "name": "http",
-            "http": "http://127.0.0.1:1/healthz",
-            "method": "POST",
-            "header": {"X-Probe": ["tether"]},
-            "tlsSkipVerify": True,
-            "interval": "30s",
-            "timeout": "2s",
-            "deregisterCriticalServiceAfter": "90m",
-        },
-        {"name": "tcp", "tcp": "127.0.0.1:1", "interval": "30s"},
-        {"name": "grpc", "grpc": "127.0.0.1:1/health", "interval": "30s"},
-        {"name": "ttl", "ttl": "1h"},
-    ],
-}
+class _Probe(BaseHTTPRequestHandler):
+    """Records the requests Consul's HTTP check makes."""
+
+    seen: ClassVar[list[tuple[str, str, str]]] = []
+
+    def _record(self) -> None:
+        self.seen.append((self.command, self.path, self.headers.get("X-Probe", "")))
+        self.send_response(200)
+        self.end_headers()
+
+    do_GET = do_POST = _record
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def probe_server() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Probe)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
 
 
 def test_create_with_every_field_matches_consul(
-    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str, probe_server: int
 ) -> None:
-    apply(dev_env, namespace, csvc("pay", **FULL))
+    """Consul hides check definitions from its API, so the checks are observed at work:
+    the HTTP check must call our server with the method and header from the spec."""
+    full = {
+        "name": "payments",
+        "id": f"payments-{namespace}",
+        "address": "127.0.0.1",
+        "port": 8443,
+        "tags": ["blue", "v2"],
+        "meta": {"team": "payments", "tier": "backend"},
+        "checks": [
+            {
+                "name": "http",
+                "http": f"http://127.0.0.1:{probe_server}/healthz",
+                "method": "POST",
+                "header": {"X-Probe": ["tether"]},
+                "tlsSkipVerify": True,
+                "interval": "1s",
+                "timeout": "1s",
+                "deregisterCriticalServiceAfter": "90m",
+            },
+            {"name": "tcp", "tcp": "127.0.0.1:1", "interval": "1s"},
+            {"name": "grpc", "grpc": "127.0.0.1:1/health", "interval": "1s"},
+            {"name": "ttl", "ttl": "1h"},
+        ],
+    }
+    sid = full["id"]
+    apply(dev_env, namespace, csvc("pay", **full))
     obj = wait_condition(dev_env, namespace, KIND, "pay", op=operator)
-    assert obj["status"]["serviceID"] == "payments-1"
-    svc = consul_service(dev_env, "payments-1")
+    assert obj["status"]["serviceID"] == sid
+    svc = consul_service(dev_env, sid)
     assert svc is not None
     assert (svc["Service"], svc["Address"], svc["Port"]) == ("payments", "127.0.0.1", 8443)
     assert sorted(svc["Tags"]) == ["blue", "v2"]
@@ -75,21 +104,39 @@ def test_create_with_every_field_matches_consul(
         "tether-namespace": namespace,
         "tether-name": "pay",
     }
-    checks = consul_checks(dev_env, "payments-1")
-    by_name = {c["Name"]: c for c in checks.values()}
-    assert set(by_name) == {"http", "tcp", "grpc", "ttl"}
-    http = by_name["http"]
-    assert http["Type"] == "http" and http["Definition"]["HTTP"] == "http://127.0.0.1:1/healthz"
-    assert http["Definition"]["Method"] == "POST" and http["Definition"]["Header"] == {"X-Probe": ["tether"]}
-    assert http["Definition"]["TLSSkipVerify"] is True
-    assert by_name["tcp"]["Definition"]["TCP"] == "127.0.0.1:1"
-    assert by_name["grpc"]["Definition"]["GRPC"] == "127.0.0.1:1/health"
-    assert by_name["ttl"]["Type"] == "ttl"
-    # Checks start critical in Consul; the status must say what Consul says.
-    assert obj["status"]["health"] == "critical"
-    assert condition(obj, "Healthy")["status"] == "False"
-    reasons = {e["reason"] for e in events(dev_env, namespace, "pay")}
-    assert "Registered" in reasons
+    by_name = {c["Name"]: c for c in consul_checks(dev_env, sid).values()}
+    assert {n: c["Type"] for n, c in by_name.items()} == {
+        "http": "http",
+        "tcp": "tcp",
+        "grpc": "grpc",
+        "ttl": "ttl",
+    }
+    assert (by_name["http"]["Interval"], by_name["http"]["Timeout"]) == ("1s", "1s")
+    wait_for(
+        lambda: ("POST", "/healthz", "tether") in _Probe.seen,
+        timeout=15,
+        interval=0.2,
+        message="Consul's HTTP check to call with POST and the X-Probe header",
+    )
+
+    def outputs() -> dict[str, str]:
+        return {c["Name"]: c["Output"] for c in consul_checks(dev_env, sid).values()}
+
+    wait_for(
+        lambda: "127.0.0.1:1" in outputs()["tcp"] and "127.0.0.1:1" in outputs()["grpc"],
+        timeout=15,
+        interval=0.2,
+        message="tcp and grpc checks to probe their targets",
+    )
+    # tcp/grpc point at a closed port and the TTL was never refreshed: critical, as Consul says.
+    wait_for(
+        lambda: (get(dev_env, namespace, KIND, "pay") or {}).get("status", {}).get("health") == "critical",
+        timeout=10,
+        interval=0.2,
+        message="health critical",
+    )
+    assert condition(get(dev_env, namespace, KIND, "pay"), "Healthy")["status"] == "False"
+    assert "Registered" in {e["reason"] for e in events(dev_env, namespace, "pay")}
 
 
 def test_update_tags_port_and_checks(
