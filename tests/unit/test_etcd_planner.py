@@ -9,15 +9,19 @@ interrupted or not.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from tether.api import ObjectRef
 from tether.etcd import planner
-from tether.etcd.client import Compare, Delete, KeyValue, Put, TxnResult
+from tether.etcd.client import Compare, Delete, KeyValue, Put, TooManyOps, TxnResult, WatchEvent
+from tether.etcd.reconciling import EtcdConfigs
+from tether.reconciling import Resource
 
 LAYOUT = planner.Layout("/tether/")
 ME = planner.owner_id("kubernetes", "team-a", "cfg")
@@ -722,3 +726,187 @@ def test_index_record_is_json_listing_every_key() -> None:
 def test_plans_are_values() -> None:
     plan = make_plan(Etcd(), {"/app/a": b"1"})
     assert replace(plan) == plan and "1" not in repr([i.op for i in plan.writes if isinstance(i.op, Put)])
+
+
+# --------------------------------------------------------------------------- the reconciler on the model
+#
+# Not end-to-end (those run against a real etcd): these check the reconciler's
+# own logic — outcomes, events, drift bookkeeping, retries — on the model.
+
+
+class AsyncEtcd:
+    """The reconciler's view of etcd (``reconciling.Etcd``) over the model."""
+
+    def __init__(self, etcd: Etcd, *, max_ops: int = 128) -> None:
+        self.etcd = etcd
+        self.max_ops = max_ops
+        self.before_txn: list[Callable[[], None]] = []
+
+    async def get_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
+        kvs = sorted((kv for k, kv in self.etcd.kv.items() if k.startswith(prefix)), key=lambda kv: kv.key)
+        return self.etcd.revision, kvs
+
+    async def get(self, key: bytes) -> KeyValue | None:
+        return self.etcd.kv.get(key)
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[Put | Delete],
+        failure: Sequence[Put | Delete] = (),
+    ) -> TxnResult:
+        if len(success) > self.max_ops or len(compares) > self.max_ops:
+            raise TooManyOps("etcdserver: too many operations in txn request")
+        for hook in self.before_txn:
+            hook()
+        return self.etcd.txn(compares, success)
+
+    def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
+        raise NotImplementedError
+
+    async def status(self) -> int:
+        return self.etcd.revision
+
+
+class Kube:
+    def __init__(self) -> None:
+        self.config_maps: dict[str, dict[str, bytes]] = {}
+        self.secrets: dict[str, dict[str, bytes]] = {}
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        return self.config_maps.get(name)
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        return self.secrets.get(name)
+
+
+def resource(name: str, spec: dict[str, Any], *, reconciled: bool = False, revision: int = 0) -> Resource:
+    status: dict[str, Any] = {}
+    if reconciled:
+        status = {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]}
+    if revision:
+        status["revision"] = revision
+    return Resource(ObjectRef("etcdconfigs", "team-a", name), "uid", 1, "1", spec, status, (), False)
+
+
+def configs(etcd: Etcd, kube: Kube | None = None, **kwargs: Any) -> tuple[EtcdConfigs, AsyncEtcd]:
+    client = AsyncEtcd(etcd, **kwargs)
+    return EtcdConfigs(client, kube or Kube(), cluster="kubernetes", ownership_prefix="/tether/"), client
+
+
+def event(kind: Literal["put", "delete"], key: str, value: bytes = b"") -> WatchEvent:
+    return WatchEvent(kind, KeyValue(key.encode(), value, 1, 1, 1))
+
+
+async def test_reconciler_writes_repairs_and_releases() -> None:
+    etcd = Etcd()
+    kinds, _ = configs(etcd)
+    spec = {"prefix": "/app", "data": {"a": "1", "b": "2"}}
+    out = await kinds.apply(resource("cfg", spec))
+    assert (out.ready, out.reason, out.message) == ("True", "Reconciled", "2 keys under /app in etcd")
+    assert out.fields == {"keys": 2, "revision": etcd.revision}
+    assert [(n.reason, n.message) for n in out.notes] == [("Written", "wrote 2 keys, deleted 0")]
+    written = etcd.revision
+
+    out = await kinds.apply(resource("cfg", spec, reconciled=True, revision=written))
+    assert out.notes == () and out.fields == {"keys": 2, "revision": written} and etcd.revision == written
+
+    etcd.put("/app/a", b"tampered")
+    out = await kinds.apply(resource("cfg", spec, reconciled=True, revision=written))
+    assert [n.reason for n in out.notes] == ["DriftRepaired"] and "/app/a" in out.notes[0].message
+    assert etcd.values()["/app/a"] == b"1" and out.fields["revision"] == etcd.revision
+
+    out = await kinds.release(resource("cfg", spec))
+    assert out.released and "deleted 2 keys" in out.message
+    assert not any(k.startswith(("/app/", "/tether/")) for k in etcd.values())
+    assert kinds.tracked_count() == 0
+
+
+async def test_reconciler_conflict_writes_nothing_and_retries() -> None:
+    etcd = Etcd()
+    converge(etcd, {"/app/a": b"theirs"}, owner=planner.owner_id("kubernetes", "team-a", "first"))
+    before = etcd.snapshot()
+    kinds, _ = configs(etcd)
+    out = await kinds.apply(resource("second", {"prefix": "/app", "data": {"a": "mine", "b": "x"}}))
+    assert (out.ready, out.reason, out.retry) == ("False", "Conflict", True)
+    assert "/app/a" in out.message and "team-a/first" in out.message and "theirs" not in out.message
+    assert etcd.snapshot() == before and kinds.tracked_count() == 0
+
+
+async def test_reconciler_resolves_sources_in_order_and_reports_missing_ones() -> None:
+    etcd, kube = Etcd(), Kube()
+    kinds, _ = configs(etcd, kube)
+    spec = {
+        "prefix": "/app",
+        "from": [{"configMapRef": {"name": "cm"}}, {"secretRef": {"name": "sec"}},
+                 {"configMapRef": {"name": "maybe", "optional": True}}],
+        "data": {"k": "from-data"},
+    }
+    out = await kinds.apply(resource("src", spec))
+    assert (out.reason, out.retry) == ("InvalidSpec", False)
+    assert out.message == "ConfigMap team-a/cm not found (set optional: true to ignore it)"
+    ref = ObjectRef("etcdconfigs", "team-a", "src")
+    assert kinds.dependents("configMap", "team-a", "cm") == [ref]
+    assert kinds.dependents("secret", "team-a", "sec") == [ref]
+    assert kinds.dependents("configMap", "team-a", "maybe") == [ref]
+    assert kinds.dependents("configMap", "team-b", "cm") == []
+
+    kube.config_maps["cm"] = {"k": b"cm", "c": b"cm", "only-cm": b"1"}
+    kube.secrets["sec"] = {"c": b"hunter2-secret", "p": b"pw"}
+    out = await kinds.apply(resource("src", spec))
+    assert out.ready == "True"
+    values = {k: v for k, v in etcd.values().items() if k.startswith("/app/")}
+    assert values == {
+        "/app/k": b"from-data", "/app/c": b"hunter2-secret", "/app/p": b"pw", "/app/only-cm": b"1",
+    }
+    everything = repr(out)
+    assert "hunter2" not in everything and "pw'" not in everything
+
+    kinds.forget(ref)
+    assert kinds.dependents("configMap", "team-a", "cm") == []
+
+
+async def test_reconciler_rejects_keys_that_sources_cannot_give() -> None:
+    kube = Kube()
+    kube.config_maps["cm"] = {"..": b"x"}
+    kinds, _ = configs(Etcd(), kube)
+    out = await kinds.apply(resource("bad", {"prefix": "/app", "from": [{"configMapRef": {"name": "cm"}}]}))
+    assert out.reason == "InvalidSpec" and "ConfigMap team-a/cm: key '..'" in out.message
+    out = await kinds.apply(resource("reserved", {"prefix": "/tether/x", "data": {"a": "1"}}))
+    assert out.reason == "InvalidSpec" and "/tether/" in out.message
+
+
+async def test_reconciler_learns_a_lower_server_transaction_limit() -> None:
+    etcd = Etcd()
+    kinds, client = configs(etcd, max_ops=5)
+    out = await kinds.apply(resource("big", {"prefix": "/app", "data": {f"k{i}": "v" for i in range(40)}}))
+    owner = kinds.owner(ObjectRef("etcdconfigs", "team-a", "big"))
+    assert out.ready == "True" and len(owned_by(etcd, owner)) == 40
+    assert kinds._txn_ops <= client.max_ops
+
+
+async def test_reconciler_gives_up_after_repeated_races() -> None:
+    etcd = Etcd()
+    kinds, client = configs(etcd)
+    client.before_txn.append(lambda: etcd.put("/app/a", b"racing writer"))
+    etcd.put("/app/a", b"x")
+    out = await kinds.apply(resource("race", {"prefix": "/app", "adopt": True, "data": {"a": "1"}}))
+    assert (out.reason, out.retry) == ("Conflict", True) and "kept changing" in out.message
+
+
+async def test_drift_detection_ignores_own_writes_and_sees_everything_else() -> None:
+    etcd = Etcd()
+    kinds, _ = configs(etcd)
+    await kinds.apply(resource("cfg", {"prefix": "/app", "data": {"a": "1"}}))
+    ref = ObjectRef("etcdconfigs", "team-a", "cfg")
+    claim, index = LAYOUT.claim_key("/app/a"), LAYOUT.index_key(kinds.owner(ref))
+    assert kinds.tracked_count() == 1
+    own_writes = [event("put", "/app/a", b"1"), event("put", claim, kinds.owner(ref).encode())]
+    assert kinds.drifted(own_writes) == set()
+    assert kinds.drifted([event("put", index, etcd.kv[index.encode()].value)]) == set()
+    assert kinds.drifted([event("put", "/app/a", b"2")]) == {ref}
+    assert kinds.drifted([event("delete", "/app/a")]) == {ref}
+    assert kinds.drifted([event("delete", claim)]) == {ref}
+    assert kinds.drifted([event("put", claim, OTHER.encode())]) == {ref}
+    assert kinds.drifted([event("delete", index)]) == {ref}
+    assert kinds.drifted([event("put", "/app/unrelated", b"x"), event("delete", "/other")]) == set()
+    kinds.forget(ref)
+    assert kinds.drifted([event("delete", "/app/a")]) == set() and kinds.tracked_count() == 0
