@@ -22,14 +22,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        ref = getattr(record, "k8s_ref", None)
-        if isinstance(ref, dict):
-            out["namespace"] = ref.get("namespace")
-            out["name"] = ref.get("name")
-        for key in ("namespace", "name", "kind"):
-            value = getattr(record, key, None)
-            if value is not None:
-                out[key] = value
+        # Tether's loggers pass ``tether_ref``; Kopf's per-object loggers ``k8s_ref``.
+        for attr in ("tether_ref", "k8s_ref"):
+            ref = getattr(record, attr, None)
+            if isinstance(ref, dict):
+                for key in ("namespace", "name", "kind"):
+                    if ref.get(key):
+                        out[key] = ref[key]
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)

@@ -131,6 +131,15 @@ def build_status(
     return status
 
 
+def _fields(ref: ObjectRef) -> dict[str, dict[str, str]]:
+    """Structured log fields naming the resource (JSON logs carry them as keys).
+
+    One ``extra`` key: LogRecord refuses extras that shadow its own attributes
+    (``name`` among them), and a logging error must never cost a worker.
+    """
+    return {"tether_ref": {"namespace": ref.namespace, "name": ref.name, "kind": ref.plural}}
+
+
 def _rv(body: Mapping[str, Any]) -> int:
     try:
         return int((body.get("metadata") or {}).get("resourceVersion", "0"))
@@ -201,7 +210,7 @@ class Controller:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("reconcile of %s failed unexpectedly; will retry", ref)
+                log.exception("reconcile of %s failed unexpectedly; will retry", ref, extra=_fields(ref))
                 self.queue.add_after(ref, self.backoff.next_delay(ref))
             finally:
                 self.processed += 1
@@ -250,7 +259,7 @@ class Controller:
                 self.queue.add_after(ref, 0.2)
                 return
             metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
-            log.warning("Kubernetes call failed for %s: %s", ref, exc)
+            log.warning("Kubernetes call failed for %s: %s", ref, exc, extra=_fields(ref))
             self.queue.add_after(ref, self.backoff.next_delay(ref))
         finally:
             metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
@@ -267,7 +276,10 @@ class Controller:
         metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
         if outcome.retry:
             delay = self.backoff.next_delay(ref)
-            log.info("%s: %s (%s); retrying in %.1fs", ref, outcome.reason, outcome.message, delay)
+            log.info(
+                "%s: %s (%s); retrying in %.1fs", ref, outcome.reason, outcome.message, delay,
+                extra=_fields(ref),
+            )
             self.queue.add_after(ref, delay)
         else:
             self.backoff.reset(ref)
@@ -276,6 +288,11 @@ class Controller:
     async def _record(self, res: Resource, notes: tuple[Note, ...]) -> None:
         involved = Involved(self.reconciler.kind, res.ref, res.uid)
         for note in notes:
+            # Notes never carry values (Secret data), so they are safe to log too.
+            log.log(
+                logging.WARNING if note.type == "Warning" else logging.INFO,
+                "%s %s: %s", res.ref, note.reason, note.message, extra=_fields(res.ref),
+            )
             await self.kube.event(involved, type_=note.type, reason=note.reason, message=note.message)
 
     def _remember(self, body: Mapping[str, Any]) -> None:
