@@ -142,7 +142,9 @@ def namespace(dev_env: dict[str, str]) -> Iterator[str]:
     # The dev stack runs no namespace controller, so a namespace's contents are
     # never deleted with it: delete Tether's resources first, so their Consul
     # registrations and etcd keys are cleaned up by the operator.
-    kubectl(dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", name, "--timeout=60s", check=False)
+    kubectl(
+        dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", name, "--timeout=60s", check=False
+    )
     kubectl(dev_env, "delete", "namespace", name, "--wait=false", check=False)
 
 
