@@ -25,8 +25,9 @@ from kind_support import (
 
 pytestmark = pytest.mark.kind
 
-# An address the in-cluster Consul agent can reach, so the TCP check really passes.
-CONSUL_DNS = "consul-server.consul.svc.cluster.local"
+# A TCP check target inside the cluster (the test etcd): Consul, running in the
+# cluster, resolves and dials it, so the check really passes there.
+CHECK_TARGET = "etcd.etcd.svc.cluster.local:2379"
 
 
 def _consul_service(namespace: str, name: str, **spec: Any) -> Manifest:
@@ -68,7 +69,7 @@ def test_consul_service_round_trip(
         _consul_service(
             namespace, "web", address="10.0.0.10", port=8080, tags=["e2e", "kind"],
             meta={"team": "platform"},
-            checks=[{"name": "consul-port", "tcp": f"{CONSUL_DNS}:8500", "interval": "5s"}],
+            checks=[{"name": "etcd-port", "tcp": CHECK_TARGET, "interval": "5s"}],
         )
     )
     kind_cluster.wait_ready("consulservice", "web", namespace)
@@ -114,17 +115,18 @@ def test_etcd_config_round_trip(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {"name": "app-settings", "namespace": namespace},
-            "data": {"log/level": "info", "db/host": "db.internal"},
+            # ConfigMap keys allow no "/"; each becomes a relative key as it is.
+            "data": {"log.level": "info", "db.host": "db.internal"},
         },
         _etcd_config(
             namespace, "app", prefix=prefix,
             **{"from": [{"configMapRef": {"name": "app-settings"}}]},
-            data={"db/host": "db.override", "feature/x": "on"},
+            data={"db.host": "db.override", "feature/x": "on"},
         ),
     )
     kind_cluster.wait_ready("etcdconfig", "app", namespace)
 
-    want = {"log/level": "info", "db/host": "db.override", "feature/x": "on"}
+    want = {"log.level": "info", "db.host": "db.override", "feature/x": "on"}
     keys = etcd.range(prefix + "/")
     managed = {k.removeprefix(prefix + "/"): kv for k, kv in keys.items()
                if not k.endswith("/unrelated")}
@@ -142,13 +144,14 @@ def test_etcd_config_round_trip(
     # A ConfigMap change reaches etcd within 10 s.
     kind_cluster.kubectl(
         "patch", "configmap", "app-settings", "-n", namespace, "--type=merge",
-        "-p", '{"data": {"log/level": "debug"}}',
+        "-p", '{"data": {"log.level": "debug"}}',
     )
-    wait_for(
-        lambda: etcd.range(prefix + "/").get(f"{prefix}/log/level", None) is not None
-        and etcd.range(prefix + "/")[f"{prefix}/log/level"].value == "debug",
-        timeout=15, message="the ConfigMap change reaches etcd",
-    )
+    def level() -> str | None:
+        kv = etcd.range(prefix + "/").get(f"{prefix}/log.level")
+        return None if kv is None else kv.value
+
+    wait_for(lambda: level() == "debug", timeout=15,
+             message="the ConfigMap change reaches etcd")
 
     # prune: a key no longer declared is deleted.
     kind_cluster.kubectl(
