@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -23,13 +24,11 @@ from tether.consul.adapter import ConsulAgent
 from tether.consul.reconciling import ConsulServices, ConsulWatcher
 from tether.etcd.client import EtcdClient, EtcdConnection
 from tether.etcd.reconciling import EtcdConfigs, EtcdWatcher
+from tether.health import Health
 from tether.leadership import LeaseElector
 from tether.reconciling import Controller
 
 log = logging.getLogger("tether")
-
-# A worker that has not finished a key for this long while keys wait is wedged.
-_WEDGED_AFTER_SECONDS = 120.0
 
 
 def run(
@@ -64,6 +63,15 @@ async def _main(
 ) -> None:
     if metrics_port:
         metrics.serve(metrics_port)
+    health = Health()
+    health_runner = await health.serve(health_port) if health_port else None
+    # Kopf installs its signal handlers only once it runs; until then (waiting
+    # for the Lease) SIGTERM must still stop the process promptly. As PID 1 in a
+    # container Python would otherwise ignore it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     if leader_elect:
         identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaseElector(
@@ -72,7 +80,16 @@ async def _main(
             identity=identity,
             on_lost=lambda: os._exit(1),
         )
-        await elector.acquire()
+        health.state = "waiting for the leader Lease"
+        acquiring = asyncio.create_task(elector.acquire())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            acquiring.cancel()
+            if health_runner is not None:
+                await health_runner.cleanup()
+            return
+        stopping.cancel()
         holder = asyncio.create_task(elector.hold(), name="lease-holder")
     else:
         holder = None
@@ -106,17 +123,11 @@ async def _main(
         settings.watching.client_timeout = 330
         settings.networking.request_timeout = 60
 
-    last_progress = {"at": time.monotonic()}
-
-    @kopf.on.probe(id="wedged", registry=registry)
-    def wedged(**_: Any) -> str:
-        for ctl in (consul_ctl, etcd_ctl):
-            if not ctl.queue.idle():
-                if time.monotonic() - last_progress["at"] > _WEDGED_AFTER_SECONDS:
-                    raise kopf.PermanentError("reconcile workers made no progress")
-                return "busy"
-        last_progress["at"] = time.monotonic()
-        return "ok"
+    health.progress = lambda: (
+        not (consul_ctl.queue.idle() and etcd_ctl.queue.idle()),
+        consul_ctl.processed + etcd_ctl.processed,
+    )
+    health.state = "ok"
 
     consul_ctl.start()
     etcd_ctl.start()
@@ -125,7 +136,6 @@ async def _main(
     watchers = [
         asyncio.create_task(_supervise("consul-watch", consul_watch.run), name="consul-watch"),
         asyncio.create_task(_supervise("etcd-watch", etcd_watch.run), name="etcd-watch"),
-        asyncio.create_task(_progress(consul_ctl, etcd_ctl, last_progress), name="progress"),
     ]
     try:
         await kopf.operator(
@@ -133,7 +143,7 @@ async def _main(
             clusterwide=not namespaces,
             namespaces=namespaces,
             standalone=True,
-            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+            stop_flag=stop,
         )
     finally:
         for task in watchers:
@@ -146,6 +156,8 @@ async def _main(
         await agent.close()
         await etcd_client.close()
         kube_client.close()
+        if health_runner is not None:
+            await health_runner.cleanup()
 
 
 async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
@@ -163,14 +175,3 @@ async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
             delay = 1.0
         await asyncio.sleep(delay)
         delay = min(delay * 2, 30.0)
-
-
-async def _progress(a: Controller, b: Controller, last: dict[str, float]) -> None:
-    """Record that workers move: the liveness probe compares against this."""
-    seen = (0, 0)
-    while True:
-        await asyncio.sleep(5)
-        now = (a.processed, b.processed)
-        if now != seen or (a.queue.idle() and b.queue.idle()):
-            last["at"] = time.monotonic()
-            seen = now

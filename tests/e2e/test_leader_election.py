@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,12 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
     kubectl(dev_env, "create", "namespace", ns)
     lease = f"tether-leader-{uuid.uuid4().hex[:6]}"
 
-    def operator(name: str) -> OperatorProcess:
+    def operator(name: str, lease_name: str = lease) -> OperatorProcess:
         return OperatorProcess(
             dev_env,
             tmp_path / f"{name}.log",
             args=("-n", ns, "--leader-elect"),
-            extra_env={"POD_NAME": name, "POD_NAMESPACE": ns, "TETHER_LEASE_NAME": lease},
+            extra_env={"POD_NAME": name, "POD_NAMESPACE": ns, "TETHER_LEASE_NAME": lease_name},
         ).start()
 
     first = operator("first")
@@ -63,6 +64,9 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
             wait_condition(dev_env, ns, "etcdconfig", f"cfg-{i}", op=first)
         time.sleep(2)
         assert _leader(second) == 0.0
+        # The standby is alive (a kubelet must not restart it) and says what it waits for.
+        with urllib.request.urlopen(f"http://127.0.0.1:{second.health_port}/healthz", timeout=5) as r:
+            assert r.status == 200 and "waiting" in json.loads(r.read())["status"]
         assert second.writes() == {"consul": 0.0, "etcd": 0.0, "kubernetes": 0.0}, "the follower wrote"
         assert first.writes()["consul"] >= 5 and first.writes()["etcd"] >= 5
 
@@ -104,6 +108,22 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
     finally:
         first.stop()
         second.stop()
+    # A standby stops promptly on SIGTERM, although Kopf is not running yet.
+    # (A fresh Lease: the usurper above holds the first one for a minute.)
+    standby = operator("standby-a", f"{lease}-2")
+    leader = operator("standby-b", f"{lease}-2")
+    try:
+        wait_for(
+            lambda: _leader(standby) + _leader(leader) == 1.0, timeout=30, interval=0.2, message="a leader"
+        )
+        waiting = standby if _leader(standby) == 0.0 else leader
+        assert waiting.proc is not None
+        started = time.monotonic()
+        waiting.stop()
+        assert waiting.proc.returncode == 0 and time.monotonic() - started < 5
+    finally:
+        standby.stop()
+        leader.stop()
     # Clean up with a plain operator so finalizers are released.
     cleaner = OperatorProcess(dev_env, tmp_path / "cleaner.log", args=("-n", ns)).start()
     try:
