@@ -1,0 +1,126 @@
+"""Fault-injection suite set-up: a private dev stack, an operator per test, seeds.
+
+- Every test here is marked ``faults``; ``make test`` deselects them, ``make
+  test-faults`` runs them (``TETHER_FAULTS_REDUCED=1`` for the shorter CI form).
+- ``stack`` starts a dev stack of its own in a temporary directory, once per
+  session, and removes it afterwards (``TETHER_FAULTS_KEEP=1`` keeps it). The
+  suite kills and pauses its components, so it must never be the shared
+  ``.tether/dev`` stack other engineers' tests run against.
+- ``operator`` runs ``tether run -A`` against that stack for one test; a test may
+  kill and restart it. On failure the log tail is printed.
+- ``seed`` is ``TETHER_FAULTS_SEED`` or a fresh random number, printed so that a
+  failing run can be replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultkit import REDUCED, Consul, Etcd, FaultStack, Kube, Operator, log
+
+FAULTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if FAULTS_DIR in item.path.parents:
+            item.add_marker(pytest.mark.faults)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Lets fixtures see whether their test failed (to print the operator's log).
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"report_{report.when}", report)
+
+
+def base_seed() -> int:
+    explicit = os.environ.get("TETHER_FAULTS_SEED")
+    return int(explicit) if explicit else random.SystemRandom().randrange(2**31)
+
+
+_SEED = base_seed()
+
+
+@pytest.fixture(scope="session")
+def session_seed() -> int:
+    log(
+        f"seed {_SEED} (replay with TETHER_FAULTS_SEED={_SEED}"
+        f"{' TETHER_FAULTS_REDUCED=1' if REDUCED else ''}); mode {'reduced' if REDUCED else 'full'}"
+    )
+    return _SEED
+
+
+@pytest.fixture
+def seed(session_seed: int, request: pytest.FixtureRequest) -> int:
+    """A per-test seed derived from the session's, so one test replays alone too."""
+    derived = random.Random(f"{session_seed}/{request.node.name}").randrange(2**31)
+    log(f"{request.node.name}: seed {derived} (session seed {session_seed})")
+    return derived
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    base = tmp_path_factory.mktemp("faults")
+    st = FaultStack(base / "stack")
+    took = st.up()
+    log(f"private dev stack up in {took:.1f} s at {st.state_dir}")
+    try:
+        yield st
+    finally:
+        st.resume_all()
+        logs = base / "stack-logs"
+        logs.mkdir(exist_ok=True)
+        for path in st.state_dir.glob("*.log"):
+            shutil.copy(path, logs / path.name)
+        if os.environ.get("TETHER_FAULTS_KEEP") == "1":
+            log(f"keeping the stack at {st.state_dir}")
+        else:
+            st.down()
+            log(f"stack removed; component logs kept in {logs}")
+
+
+@pytest.fixture
+def kube(stack: FaultStack) -> Kube:
+    return Kube(stack.env["KUBECONFIG"])
+
+
+@pytest.fixture
+def consul(stack: FaultStack) -> Consul:
+    return Consul(stack.env["CONSUL_HTTP_ADDR"])
+
+
+@pytest.fixture
+def etcd(stack: FaultStack) -> Etcd:
+    return Etcd(stack.env["ETCD_ENDPOINTS"])
+
+
+@pytest.fixture
+def operator(stack: FaultStack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Operator]:
+    # A test that breaks the stack must leave it whole for the next one.
+    stack.resume_all()
+    stack.ensure_up()
+    op = Operator(stack.env, tmp_path / "operator.log").start()
+    log(f"operator pid {op.pid}, log {op.log_path}")
+    try:
+        yield op
+    finally:
+        stack.resume_all()
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            print(f"\n--- operator log tail ({op.log_path}):\n{op.log_tail(80)}")
+        op.stop()
+
+
+@pytest.fixture
+def run_id() -> str:
+    """Names this test's namespaces and etcd root, so tests never see each other's objects."""
+    return uuid.uuid4().hex[:6]
