@@ -162,7 +162,7 @@ def test_a_missing_permission_is_reported(installed: dict[str, str], tmp_path: P
     try:
         workload(env, ns, f"/rbac/{uuid.uuid4().hex[:8]}")
         wait_condition(env, ns, "consulservice", "web", op=op)  # unaffected
-        obj = wait_condition(env, ns, "etcdconfig", "cfg", status="False", op=op)
+        obj = wait_condition(env, ns, "etcdconfig", "cfg", status="False", reason="BackendRejected", op=op)
         message = condition(obj)["message"]
         assert "403" in message and "secrets" in message and name in message, message
         wait_for(

@@ -211,9 +211,14 @@ class EtcdConfigs:
             self._untrack(ref)
             return _invalid(str(exc))
         except KubeError as exc:
+            # 401/403: the API server answered "no" (RBAC): a person must act, but
+            # a fixed Role takes effect without a restart, so keep retrying.
+            reason = (
+                conditions.BACKEND_REJECTED if exc.status in (401, 403) else conditions.BACKEND_UNAVAILABLE
+            )
             return Outcome.failed(
-                conditions.BACKEND_UNAVAILABLE, f"{exc}; retrying",
-                notes=(Note("Warning", conditions.BACKEND_UNAVAILABLE, str(exc)),), retry=True,
+                reason, f"{exc}; retrying",
+                notes=(Note("Warning", reason, str(exc)),), retry=True,
             )
 
         owner = self.owner(ref)
