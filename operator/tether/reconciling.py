@@ -163,6 +163,8 @@ class Controller:
         self.listeners: list[Callable[[ObjectRef, Mapping[str, Any] | None], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.processed = 0  # reconciles finished (liveness watches it move)
+        # resourceVersions our own patches produced, whose watch echoes need no reconcile
+        self._own_writes: dict[ObjectRef, set[int]] = {}
 
     # -- inputs -----------------------------------------------------------
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -171,12 +173,21 @@ class Controller:
         ref = ObjectRef(self.reconciler.plural, res_meta.get("namespace", ""), res_meta.get("name", ""))
         if event_type == "DELETED":
             self.cache.pop(ref, None)
+            self._own_writes.pop(ref, None)
         else:
             old = self.cache.get(ref)
             # Our own patch responses may already be newer than a late event.
             if old is not None and _rv(old) > _rv(body) > 0:
                 return
             self.cache[ref] = body
+            # The echo of our own status/finalizer patch: the cache already holds
+            # it and nothing outside changed, so reconciling again would only
+            # re-read the backend. Drift is the backend watchers' business.
+            own = self._own_writes.get(ref)
+            if own is not None and _rv(body) in own:
+                own.discard(_rv(body))
+                metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
+                return
         metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
         self.queue.add(ref)
 
@@ -301,3 +312,7 @@ class Controller:
         old = self.cache.get(ref)
         if ref in self.cache and (old is None or _rv(body) >= _rv(old)):
             self.cache[ref] = body
+            own = self._own_writes.setdefault(ref, set())
+            if len(own) > 16:  # echoes that never came (a missed watch event)
+                own.clear()
+            own.add(_rv(body))
