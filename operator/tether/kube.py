@@ -151,32 +151,34 @@ class KubeClient:
             # An event is best effort: losing one must never fail a reconcile.
             log.warning("could not record event %s on %s: %s", reason, involved.ref, exc)
 
-    async def read_config_map(self, namespace: str, name: str) -> dict[str, bytes] | None:
-        """All keys of a ConfigMap (``data`` and ``binaryData``), or None if absent."""
+    async def _read_or_none(self, fn: Callable[[], T], *, what: str) -> T | None:
         try:
-            cm = await self._call(
-                lambda: self._core.read_namespaced_config_map(name, namespace),
-                what=f"read ConfigMap {namespace}/{name}",
-            )
+            return await self._call(fn, what=what)
         except KubeError as exc:
             if exc.status == 404:
                 return None
             raise
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """All keys of a ConfigMap (``data`` and ``binaryData``), or None if absent."""
+        cm = await self._read_or_none(
+            lambda: self._core.read_namespaced_config_map(name, namespace),
+            what=f"read ConfigMap {namespace}/{name}",
+        )
+        if cm is None:
+            return None
         out = {k: base64.b64decode(v) for k, v in (cm.binary_data or {}).items()}
         out.update({k: v.encode() for k, v in (cm.data or {}).items()})
         return out
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """All keys of a Secret, decoded, or None if absent."""
-        try:
-            secret = await self._call(
-                lambda: self._core.read_namespaced_secret(name, namespace),
-                what=f"read Secret {namespace}/{name}",
-            )
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        secret = await self._read_or_none(
+            lambda: self._core.read_namespaced_secret(name, namespace),
+            what=f"read Secret {namespace}/{name}",
+        )
+        if secret is None:
+            return None
         return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
     def close(self) -> None:
