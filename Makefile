@@ -40,8 +40,9 @@ unit: venv
 e2e: venv binaries
 	$(PY) -m pytest tests/e2e -v -m "e2e and not faults" $(PYTEST_ARGS)
 
+# tests/kind is included so that, without Docker, its tests show as skipped with the reason.
 test: venv binaries lint
-	$(PY) -m pytest tests/unit tests/e2e -m "not faults and not kind" -v $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/e2e tests/kind -m "not faults" -v -rs $(PYTEST_ARGS)
 
 test-faults: venv binaries
 	$(PY) -m pytest tests/faults -v -s $(PYTEST_ARGS)
