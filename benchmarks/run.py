@@ -1,0 +1,414 @@
+"""``make bench``: Tether's benchmarks on a dev stack of their own.
+
+For each size N (100 and 1000 by default) on a fresh stack each time:
+
+1. **floor** — a plain script creates N ConsulServices and N EtcdConfigs and,
+   as each create returns, makes the writes the operator would make (the
+   Consul registration or the etcd transaction, then one status patch), with
+   as many in flight per kind as the operator has workers;
+2. **convergence** — the operator running, the same 2N resources created the
+   same way; time until every one is Ready, seen on a watch; per-resource
+   create → Ready latency; writes per resource from the operator's metrics.
+
+At the largest N the operator then stays up over its 2N resources for the
+steady-state figures: **idle** (writes, CPU and memory over a quiet window),
+**restart** (SIGTERM, start, time until caught up, writes it made), **one
+change → backend** and **drift repair** latencies.
+
+Prints a table and writes ``benchmarks/results/latest.json``. Nothing here
+asserts wall time: the figures are for people to read and compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts benchmarks/ first on the path; the package's
+# own imports want the repository root instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(REPO)
+
+from benchmarks import phases, stats, workload  # noqa: E402
+from benchmarks.kubeapi import KubeApi, ready  # noqa: E402
+from benchmarks.processes import (  # noqa: E402
+    Operator,
+    Profiler,
+    Stack,
+    cpu_seconds,
+    delta,
+    find_py_spy,
+    labelled,
+    log,
+    machine_busy,
+    machine_cpu,
+    rss_mib,
+    self_cpu_seconds,
+    summarize_profile,
+    writes,
+)
+from tether.etcd.client import EtcdClient, EtcdConnection  # noqa: E402
+
+DEFAULT_WORKERS = 16  # tether run's default TETHER_WORKERS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100,1000", help="comma-separated N (default 100,1000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: N=100 only, 10 s idle window, 10 samples per latency")
+    parser.add_argument("--keep-stack", action="store_true",
+                        help="leave the last dev stack (and the operator's resources) up")
+    parser.add_argument("--state-dir", type=Path, default=Path("/tmp/tether-bench"),
+                        help="the benchmark's own dev stack (never the shared .tether/dev)")
+    parser.add_argument("--artifacts", type=Path, default=Path("/tmp/tether-bench-artifacts"),
+                        help="operator logs and profiles")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "latest.json")
+    parser.add_argument("--idle-seconds", type=float, default=None, help="idle window (60; 10 with --quick)")
+    parser.add_argument("--samples", type=int, default=None, help="changes and drifts per backend (20)")
+    parser.add_argument("--create-concurrency", type=int, default=16,
+                        help="creates in flight, in both the floor and the operator phase")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="TETHER_WORKERS for the operator (default: the operator's own, 16); "
+                             "also the floor's writes in flight per kind")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the operator with py-spy during convergence at the largest N")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="floor + convergence runs per size; the median run is reported (1)")
+    parser.add_argument("--skip-floor", action="store_true", help="operator phases only")
+    parser.add_argument("--skip-steady", action="store_true", help="convergence only")
+    return parser
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
+                             check=False)
+        return out.stdout.strip()
+    except OSError:
+        return ""
+
+
+def _operator_source() -> dict[str, Any]:
+    """Which operator code ran: the package path and uncommitted changes to it."""
+    import tether
+
+    path = Path(tether.__file__).resolve().parent
+    return {
+        "package": str(path),
+        "uncommitted": _git("status", "--short", "--", "operator").splitlines()
+        if path.is_relative_to(REPO) else ["(outside the repository)"],
+    }
+
+
+async def _wait_gone(kube: KubeApi, plural: str, namespace: str, name: str, budget: float) -> bool:
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        if not await kube.get(plural, namespace, name):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def _warm_up(kube: KubeApi, *, operator: bool, budget: float = 60.0) -> float:
+    """One resource of each kind through create → Ready → delete, outside the measured namespace.
+
+    A fresh API server answers its first requests for a new CRD slowly (about
+    two seconds here); both phases pay that here, before the clock starts.
+    With the operator, this also proves its watches are open, so measured
+    latencies are the operator's and not its start-up. Without it, the status
+    patch stands in for the operator's.
+    """
+    started = time.monotonic()
+    namespace = "bench-warmup"
+    await kube.ensure_namespace(namespace)
+    bodies = {
+        workload.CSVC: {"apiVersion": "tether.dev/v1alpha1", "kind": "ConsulService",
+                        "metadata": {"name": "warmup", "namespace": namespace},
+                        "spec": {"address": "10.255.0.1", "port": 1}},
+        workload.ECFG: {"apiVersion": "tether.dev/v1alpha1", "kind": "EtcdConfig",
+                        "metadata": {"name": "warmup", "namespace": namespace},
+                        "spec": {"prefix": "/bench-warmup", "data": {"k": "v"}}},
+    }
+    for plural, body in bodies.items():
+        await kube.create(plural, namespace, body)
+        if not operator:
+            status = {"observedGeneration": 1, "conditions": [{
+                "type": "Ready", "status": "True", "reason": "Reconciled", "message": "warm-up",
+                "lastTransitionTime": "2000-01-01T00:00:00Z"}]}
+            await kube.merge_patch(plural, namespace, "warmup", {"status": status}, sub="status")
+    deadline = started + budget
+    for plural in bodies:
+        while not ready(await kube.get(plural, namespace, "warmup")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warm-up {plural} did not become Ready within {budget:.0f}s")
+            await asyncio.sleep(0.1)
+    for plural in bodies:
+        await kube.delete(plural, namespace, "warmup")
+    for plural in bodies:
+        if not await _wait_gone(kube, plural, namespace, "warmup", max(1.0, deadline - time.monotonic())):
+            raise RuntimeError(f"warm-up {plural} was not released within {budget:.0f}s")
+    return time.monotonic() - started
+
+
+async def _floor(stack: Stack, n: int, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    stack.fresh()
+    cpu0, me0, box0 = stack.cpu(), self_cpu_seconds(), machine_cpu()
+    etcd_conn = EtcdConnection.from_env(stack.env)
+    async with KubeApi(stack.kubeconfig) as kube, phases.Consul(stack.consul_url) as consul, \
+            EtcdClient(etcd_conn) as etcd:
+        await _warm_up(kube, operator=False)
+        log(f"floor N={n}: creating and writing directly, {workers} writes in flight per kind")
+        result = await phases.floor(kube, consul, etcd, n, create_concurrency=args.create_concurrency,
+                                    write_concurrency=workers)
+        result["consul_services"] = await consul.count()
+    result["cpu_seconds"] = _cpu_delta(stack.cpu(), cpu0, self_cpu_seconds() - me0)
+    result["machine_busy"] = machine_busy(box0, machine_cpu())
+    log(f"floor N={n}: {result['seconds']:.2f}s")
+    return result
+
+
+def _cpu_delta(after: dict[str, float], before: dict[str, float], harness: float) -> dict[str, float]:
+    out = {k: round(after.get(k, 0) - before.get(k, 0), 2) for k in after}
+    out["bench-driver"] = round(harness, 2)
+    return out
+
+
+async def _operator_phase(
+    stack: Stack, n: int, args: argparse.Namespace, *, steady: bool, report: dict[str, Any],
+    extra_env: dict[str, str],
+) -> dict[str, Any]:
+    stack.fresh()
+    args.artifacts.mkdir(parents=True, exist_ok=True)
+    operator = Operator(stack, args.artifacts / f"operator-{n}.log", extra_env=extra_env)
+    profiler: Profiler | None = None
+    result: dict[str, Any] = {}
+    try:
+        operator.start()
+        result["metrics_up_seconds"] = round(operator.wait_metrics(), 2)
+        async with KubeApi(stack.kubeconfig) as kube, phases.Consul(stack.consul_url) as consul, \
+                EtcdClient(EtcdConnection.from_env(stack.env)) as etcd:
+            result["warm_up_seconds"] = round(await _warm_up(kube, operator=True), 2)
+            before, _ = await phases.settle(operator, quiet=1.0)
+            cpu0, op0, me0 = stack.cpu(), cpu_seconds(operator.pid), self_cpu_seconds()
+            box0 = machine_cpu()
+            if args.profile and n == max(args.size_list):
+                py_spy = find_py_spy()
+                if py_spy is None:
+                    report.setdefault("problems", []).append("--profile: py-spy not found")
+                else:
+                    profiler = Profiler(py_spy, operator.pid, args.artifacts / f"profile-{n}.txt")
+                    await asyncio.sleep(1.0)  # let py-spy attach before the clock starts
+            log(f"operator N={n}: creating {2 * n} resources")
+            converged = await phases.converge(
+                kube, n, concurrency=args.create_concurrency, budget=max(300.0, 1.0 * n),
+            )
+            at_ready = await asyncio.to_thread(operator.metrics)
+            busy = machine_busy(box0, machine_cpu())
+            op_cpu = cpu_seconds(operator.pid) - op0
+            cpu = _cpu_delta(stack.cpu(), cpu0, self_cpu_seconds() - me0)
+            cpu["operator"] = round(op_cpu, 2)
+            if profiler is not None:
+                err = profiler.stop()
+                summary = summarize_profile(profiler.out)
+                if not summary["samples"]:
+                    report.setdefault("problems", []).append(f"py-spy recorded nothing: {err}")
+                report["profile"] = {"n": n, "raw": str(profiler.out), **summary}
+                profiler = None
+            settled, settle_seconds = await phases.settle(operator)
+            w_ready = delta(writes(at_ready), writes(before))
+            w_settled = delta(writes(settled), writes(before))
+            result.update(converged)
+            result.update({
+                "writes": w_settled,
+                "writes_at_ready": w_ready,
+                "writes_per_resource": {
+                    "consul": round(w_settled["consul"] / n, 3),
+                    "etcd": round(w_settled["etcd"] / n, 3),
+                    "kubernetes": round(w_settled["kubernetes"] / (2 * n), 3),
+                },
+                "settle_seconds": round(settle_seconds, 2),
+                "reconciles": {
+                    k: int(v - labelled(before, "tether_reconciles_total").get(k, 0))
+                    for k, v in labelled(settled, "tether_reconciles_total").items()
+                },
+                "reconcile_mean_ms": _mean_reconcile_ms(before, settled),
+                "operator_cpu_seconds": round(op_cpu, 2),
+                # Share of both cores busy (anything on the machine): near 1.0, the
+                # run is CPU-bound and other tenants' load moves the figures.
+                "machine_busy": busy,
+                "cpu_seconds": cpu,
+                "operator_rss_mib": round(rss_mib(operator.pid), 1),
+            })
+            log(f"operator N={n}: all Ready in {converged['seconds']:.2f}s "
+                f"(p50 {converged['latency']['p50_ms']} ms, p99 {converged['latency']['p99_ms']} ms)")
+            if steady and converged["complete"]:
+                await _steady(operator, kube, consul, etcd, n, args, report)
+            elif steady:
+                report.setdefault("problems", []).append(
+                    f"N={n}: {converged['not_ready']} resources never became Ready; steady-state skipped")
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        result["stop_seconds"] = round(operator.stop(), 2)
+    return result
+
+
+def _mean_reconcile_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean reconcile duration per kind between two scrapes (sum / count deltas)."""
+    out = {}
+    sums = labelled(after, "tether_reconcile_duration_seconds_sum")
+    counts = labelled(after, "tether_reconcile_duration_seconds_count")
+    sums0 = labelled(before, "tether_reconcile_duration_seconds_sum")
+    counts0 = labelled(before, "tether_reconcile_duration_seconds_count")
+    for labels, total in sums.items():
+        count = counts.get(labels, 0) - counts0.get(labels, 0)
+        if count > 0:
+            out[labels.strip("{}")] = round(1000 * (total - sums0.get(labels, 0)) / count, 1)
+    return out
+
+
+async def _steady(
+    operator: Operator, kube: KubeApi, consul: phases.Consul, etcd: EtcdClient, n: int,
+    args: argparse.Namespace, report: dict[str, Any],
+) -> None:
+    report["steady_n"] = n
+    log(f"idle: {args.idle_seconds:.0f}s over {2 * n} resources")
+    report["idle"] = await phases.idle(operator, args.idle_seconds)
+    log(f"idle: writes {report['idle']['writes']}, cpu {report['idle']['cpu_seconds']}s")
+    log("restart: SIGTERM, start, wait until caught up")
+    report["restart"] = await phases.restart(operator, kube, n)
+    restarted = report["restart"]
+    log(f"restart: caught up in {restarted['caught_up_seconds']}s, writes {restarted['writes']}")
+    log(f"changes: {args.samples} per backend")
+    report["change"] = await phases.changes(kube, consul, etcd, n, count=args.samples)
+    log(f"drift: {args.samples} per backend")
+    report["drift"] = await phases.drift(consul, etcd, n, count=args.samples)
+    await phases.settle(operator)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run with the median wall time (the lower one of an even count)."""
+    if not runs:
+        return None
+    ordered = sorted(runs, key=lambda r: float(r.get("seconds") or float("inf")))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _median_runs(floors: list[dict[str, Any]], operators: list[dict[str, Any]]) -> dict[str, Any]:
+    """One size's entry: the median floor and operator runs, every run's time, the ratio."""
+    out: dict[str, Any] = {
+        "floor_runs_seconds": [r.get("seconds") for r in floors],
+        "operator_runs_seconds": [r.get("seconds") for r in operators],
+    }
+    floor, operator = _median_run(floors), _median_run(operators)
+    if floor is not None:
+        out["floor"] = floor
+    if operator is not None:
+        out["operator"] = operator
+    if floor and operator and operator.get("complete") and floor.get("seconds"):
+        out["ratio_to_floor"] = round(float(operator["seconds"]) / float(floor["seconds"]), 2)
+    return out
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    workers = args.workers or int(os.environ.get("TETHER_WORKERS", DEFAULT_WORKERS))
+    extra_env = {"TETHER_WORKERS": str(args.workers)} if args.workers else {}
+    report: dict[str, Any] = {
+        "ratio_to_floor": None,
+        "idle_writes": None,
+        "restart_writes": None,
+        "meta": {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+            "operator_source": _operator_source(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg()[0],
+            "sizes": args.size_list,
+            "quick": args.quick,
+            "workers": workers,
+            "create_concurrency": args.create_concurrency,
+            "repeat": args.repeat,
+            "profiled": args.profile,
+            "keys_per_etcdconfig": workload.KEYS_PER_CONFIG,
+        },
+        "sizes": {},
+    }
+    stack = Stack(args.state_dir)
+    largest = max(args.size_list)
+    try:
+        for n in args.size_list:
+            entry: dict[str, Any] = {}
+            report["sizes"][str(n)] = entry
+            floors: list[dict[str, Any]] = []
+            operators: list[dict[str, Any]] = []
+            for attempt in range(args.repeat):
+                # Floor and operator alternate so that a burst of load from other
+                # tenants of the machine tends to hit both, not one.
+                if not args.skip_floor:
+                    floors.append(await _floor(stack, n, args, workers))
+                last = attempt == args.repeat - 1
+                operators.append(await _operator_phase(
+                    stack, n, args, steady=(n == largest and last and not args.skip_steady),
+                    report=report, extra_env=extra_env,
+                ))
+                entry.update(_median_runs(floors, operators))
+    except Exception as exc:
+        report.setdefault("problems", []).append(f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    finally:
+        if not args.keep_stack:
+            try:
+                stack.down()
+            except Exception as exc:
+                report.setdefault("problems", []).append(f"stack down: {exc}")
+    top = report["sizes"].get(str(largest), {})
+    report["ratio_to_floor"] = top.get("ratio_to_floor")
+    report["largest_n"] = largest
+    report["converge_seconds"] = top.get("operator", {}).get("seconds")
+    report["floor_seconds"] = top.get("floor", {}).get("seconds")
+    if "idle" in report:
+        report["idle_writes"] = report["idle"]["writes"]
+    if "restart" in report:
+        report["restart_writes"] = report["restart"]["writes"]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.size_list = [100]
+    else:
+        args.size_list = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    if not args.size_list or min(args.size_list) < 1 or args.repeat < 1:
+        print("--sizes and --repeat take positive integers, e.g. --sizes 100,1000", file=sys.stderr)
+        return 2
+    args.idle_seconds = args.idle_seconds if args.idle_seconds is not None else (10.0 if args.quick else 60.0)
+    args.samples = args.samples if args.samples is not None else (10 if args.quick else 20)
+    report = asyncio.run(bench(args))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(stats.table(report))
+    if report.get("profile"):
+        print("\nProfile (py-spy, operator during convergence): top own time")
+        for entry in report["profile"]["own"][:15]:
+            print(f"  {entry['percent']:5.1f}%  {entry['function']}")
+    for problem in report.get("problems", []):
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"\nwrote {args.output}")
+    return 1 if report.get("problems") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
