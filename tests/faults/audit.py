@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from faultkit import CLUSTER, OWNERSHIP_PREFIX, Consul, Etcd, Kube, is_ready, log, ready
+from faultkit import CLUSTER, OWNERSHIP_PREFIX, Consul, Etcd, Kube, condition, is_ready, log, ready
 from generator import BAD_URL, FOREIGN_MARK, Model, service_id
 
 OWNERSHIP_META = ("external-source", "tether-cluster", "tether-namespace", "tether-name")
@@ -51,14 +51,37 @@ def without_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Anomaly categories that are known operator bugs, reported but not counted.
+#: Each has a focused test that reproduces it deterministically and is marked
+#: ``xfail(strict=True)``: when the bug is fixed that test passes, fails as
+#: XPASS, and its entry here must go, so the audit counts the category again.
+KNOWN_BUGS = {
+    "stale-revision": (
+        "EtcdConfig status.revision is not updated when the status patch after a write "
+        "was lost (API server down, operator killed): operator/tether/etcd/reconciling.py "
+        "EtcdConfigs.apply reports _stored_revision() when the next reconcile writes nothing; "
+        "see test_faults_backends.py::test_status_revision_after_lost_status_patch"
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Anomaly:
     category: str
     subject: str
     detail: str
 
+    @property
+    def known(self) -> bool:
+        return self.category in KNOWN_BUGS
+
     def __str__(self) -> str:
-        return f"[{self.category}] {self.subject}: {self.detail}"
+        return f"[{self.category}{' (known bug)' if self.known else ''}] {self.subject}: {self.detail}"
+
+
+def split(anomalies: list[Anomaly]) -> tuple[list[Anomaly], list[Anomaly]]:
+    """(anomalies that count, those that are known bugs)."""
+    return [a for a in anomalies if not a.known], [a for a in anomalies if a.known]
 
 
 def full_key(prefix: str, relative: str) -> str:
@@ -197,6 +220,20 @@ class Auditor:
                             f"status.serviceID {status.get('serviceID')!r}, expected {expected_id!r}",
                         )
                     )
+                # A TTL check nobody updates is critical; no checks at all is passing.
+                ttl = any(c.get("ttl") for c in obj["spec"].get("checks") or [])
+                health = "critical" if ttl else "passing"
+                healthy = "True" if health == "passing" else "False"
+                have = (status.get("health"), condition(obj, "Healthy").get("status"))
+                if have != (health, healthy):
+                    found.append(
+                        Anomaly(
+                            "wrong-status",
+                            subject,
+                            f"health {have[0]!r} and Healthy={have[1]}, "
+                            f"expected {health!r} and Healthy={healthy}",
+                        )
+                    )
             else:
                 want = len(self._desired_keys(obj, config_maps))
                 if status.get("keys") != want:
@@ -276,7 +313,8 @@ class Auditor:
     def _etcd(self, ecs: list[dict[str, Any]], config_maps: Mapping[tuple[str, str], Any]) -> list[Anomaly]:
         found = []
         root = self.model.root + "/"
-        data = self.etcd.keys(root)
+        _, ranged = self.etcd.range(root)
+        data = {k: v for k, (v, _) in ranged.items()}
         claims = self.etcd.keys(f"{OWNERSHIP_PREFIX}keys{root}")
         indexes: dict[str, str] = {}
         for ns in self.model.namespaces:
@@ -294,6 +332,18 @@ class Auditor:
             expected_data.update(desired)
             expected_claims.update({k: owner for k in desired})
             expected_index[f"{OWNERSHIP_PREFIX}owners/{owner}"] = set(desired)
+            # status.revision is "the etcd revision of the last write Tether made for
+            # this resource": no key of it may have been written later than that.
+            latest = max((ranged[k][1] for k in desired if k in ranged), default=0)
+            if int((obj.get("status") or {}).get("revision") or 0) < latest:
+                found.append(
+                    Anomaly(
+                        "stale-revision",
+                        _ident(obj),
+                        f"status.revision {(obj.get('status') or {}).get('revision')} is older than "
+                        f"its newest key (mod_revision {latest})",
+                    )
+                )
             subject = _ident(obj)
             wrong = sorted(k for k, v in desired.items() if k in data and data[k] != v)
             absent = sorted(k for k in desired if k not in data)
@@ -422,9 +472,13 @@ def converge(auditor: Auditor, *, timeout: float, interval: float = 3.0) -> tupl
             anomalies = auditor.audit()
         except Exception as exc:  # a backend still restarting: try again until the deadline
             anomalies = [Anomaly("audit-error", "audit", repr(exc)[:300])]
-        if not anomalies or time.monotonic() >= deadline:
+        counted, known = split(anomalies)
+        if not counted or time.monotonic() >= deadline:
             break
         time.sleep(interval)
     took = time.monotonic() - started
-    log(f"audit: {len(anomalies)} anomalies after {took:.1f} s")
+    log(
+        f"audit: {len(counted)} anomalies after {took:.1f} s"
+        + (f" (+{len(known)} known bugs)" if known else "")
+    )
     return anomalies, took

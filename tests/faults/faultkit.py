@@ -430,12 +430,17 @@ class Kube:
         return [f"{e.type} {e.reason}: {e.message}" for e in found.items]
 
 
-def ready(obj: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The Ready condition of ``obj`` ({} if none)."""
+def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
+    """The condition ``type_`` of ``obj`` ({} if none)."""
     for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready":
+        if cond.get("type") == type_:
             return dict(cond)
     return {}
+
+
+def ready(obj: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The Ready condition of ``obj`` ({} if none)."""
+    return condition(obj, "Ready")
 
 
 def is_ready(obj: Mapping[str, Any] | None) -> bool:
@@ -571,6 +576,7 @@ __all__ = [
     "FaultStack",
     "Kube",
     "Operator",
+    "condition",
     "is_ready",
     "log",
     "ready",

@@ -475,22 +475,40 @@ class Workload:
             self.update_config_map(ns, r.choice(CONFIG_MAPS))
 
     def stream(
-        self, count: int, *, pace: tuple[float, float], deadline: float, stop: threading.Event | None = None
+        self,
+        count: int,
+        *,
+        pace: tuple[float, float],
+        deadline: float,
+        hot: set[int] | None = None,
+        gate: Callable[[int], None] | None = None,
     ) -> None:
-        """``count`` random operations, a seeded pause between each, ending by ``deadline``."""
-        for _ in range(count):
-            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+        """``count`` random operations, a seeded pause between each, ending by ``deadline``.
+
+        After the operations numbered in ``hot`` there is no pause: bursts placed
+        around the faults' trigger points, so that faults meet work in flight.
+        ``gate(n)`` is called before operation ``n`` and may hold the stream (the
+        fault run uses it so that a slow fault never lets the next ones pile up
+        after the stream has ended).
+        """
+        for index in range(1, count + 1):
+            if gate is not None:
+                gate(index)
+            if time.monotonic() >= deadline:
                 log(f"workload stopped early after {len(self.ops)} operations")
                 return
             self.random_op()
-            time.sleep(self.rng.uniform(*pace))
+            pause = self.rng.uniform(*pace)  # drawn even when skipped: same sequence either way
+            if index not in (hot or set()):
+                time.sleep(pause)
 
-    def summary(self) -> dict[str, Any]:
-        kinds = Counter(op.what.split(" ")[0] + " " + op.what.split(" ")[1] for op in self.ops)
-        retried = [op for op in self.ops if op.retries and not op.outcome.startswith("FAILED")]
-        failed = [op for op in self.ops if op.outcome.startswith("FAILED")]
+    def summary(self, ops: list[OpRecord] | None = None) -> dict[str, Any]:
+        ops = self.ops if ops is None else ops
+        kinds = Counter(op.what.split(" ")[0] + " " + op.what.split(" ")[1] for op in ops)
+        retried = [op for op in ops if op.retries and not op.outcome.startswith("FAILED")]
+        failed = [op for op in ops if op.outcome.startswith("FAILED")]
         return {
-            "total": len(self.ops),
+            "total": len(ops),
             "by_kind": dict(sorted(kinds.items())),
             "retried": len(retried),
             "failed": [f"#{op.index} {op.what}: {op.outcome}" for op in failed],

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from collections import Counter
 
+import pytest
+from audit import KNOWN_BUGS
 from faultkit import (
     CONSUL,
     ETCD,
@@ -363,3 +365,43 @@ def test_apiserver_restart_operator_resumes(
     assert operator.alive() and operator.pid == operator_pid, "the operator should ride out the restart"
     assert all(is_ready(sc.get(d)) for d in (before[2],))
     _finish(sc, "the API server was killed and restarted")
+
+
+@pytest.mark.xfail(strict=True, reason=f"known operator bug: {KNOWN_BUGS['stale-revision']}")
+def test_status_revision_after_lost_status_patch(
+    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+) -> None:
+    """A drift repair made while the API server is down must still reach status.revision.
+
+    The contract: ``status.revision`` is "the etcd revision of the last write
+    Tether made for this resource". The repair's own status patch fails (no API
+    server); the reconcile that retries it finds etcd in order and writes
+    nothing, so the repair's revision must come from what etcd shows.
+    """
+    sc = make_scenario(
+        stack, operator, kube, consul, etcd, run_id=run_id, seed=seed, namespaces=1, limits=CLEAN
+    )
+    ns = sc.model.namespaces[0]
+    prefix = f"{sc.model.root}/{ns}/rev"
+    decl = sc.workload.create(
+        "ec", ns, spec={"prefix": prefix, "data": {"a": "1", "b": "2"}}, name="rev", plant_foreign=False
+    )
+    sc.wait_ready([decl], timeout=60)
+    key = f"{prefix}/a"
+    stack.kill(KUBE_APISERVER)
+    try:
+        etcd.delete(key)
+        wait_for(lambda: etcd.keys(key).get(key) == "1", timeout=20, message=f"{key} restored")
+        repaired_at = etcd.range(key)[1][key][1]
+    finally:
+        stack.restart()
+    try:
+        wait_for(
+            lambda: int(((sc.get(decl) or {}).get("status") or {}).get("revision") or 0) >= repaired_at,
+            timeout=30,
+            message=f"status.revision to reach the repair's revision {repaired_at}",
+        )
+    finally:
+        log(f"status after the repair at revision {repaired_at}: {(sc.get(decl) or {}).get('status')}")
+        sc.delete_all()
+        sc.converge(CONVERGE)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit import Anomaly
+from audit import Anomaly, split
 from faultkit import (
     CONSUL,
     ETCD,
@@ -48,7 +48,18 @@ from faultkit import (
 from generator import Limits, Workload
 from scenario import Scenario, make_scenario
 
-FAULT_KINDS = ("consul-kill", "etcd-kill", "apiserver-kill", "operator-kill", "consul-pause", "etcd-compact")
+FAULT_KINDS = (
+    "consul-kill",
+    "etcd-kill",
+    "apiserver-kill",
+    "operator-kill",
+    "consul-pause",
+    "etcd-compact",
+    # A node failure takes a backend and the operator down together; the operator
+    # comes back first and must start up against a backend that is not there.
+    "consul+operator-kill",
+    "etcd+operator-kill",
+)
 #: Seeds per session: TETHER_FAULTS_RUNS, else one in reduced mode and two in full.
 RUNS = int(os.environ.get("TETHER_FAULTS_RUNS") or (1 if REDUCED else 2))
 
@@ -71,10 +82,10 @@ class Plan:
 def make_plan(seed: int, *, reduced: bool) -> Plan:
     rng = random.Random(f"{seed}/faults")
     # About 0.45 s per operation on average: a slot between two faults holds
-    # 20-30 s of stream, enough for a fault (a 10 s or 30 s pause included) to
+    # 15-30 s of stream, enough for a fault (a 10 s or 30 s pause included) to
     # finish before the next is due, with operations landing all the while.
     if reduced:
-        operations, rounds, pause, ns = 300, 2, 10.0, 2
+        operations, rounds, pause, ns = 320, 2, 10.0, 2
         limits = Limits(max_live=25, min_live=5, max_keys=8, big_keys=0)
     else:
         operations, rounds, pause, ns = 1000, 3, 30.0, 3
@@ -82,8 +93,9 @@ def make_plan(seed: int, *, reduced: bool) -> Plan:
     kinds = [kind for _ in range(rounds) for kind in FAULT_KINDS]
     rng.shuffle(kinds)
     # Faults spread over the middle of the stream, one per slot, jittered inside it;
-    # the first comes only once some resources exist, the last well before the end.
-    first, last = int(operations * 0.12), int(operations * 0.85)
+    # the first comes only once some resources exist, the last close to the end, so
+    # that the convergence window also has to absorb a fault's aftermath.
+    first, last = int(operations * 0.10), int(operations * 0.97)
     width = (last - first) / len(kinds)
     faults = [
         {
@@ -137,6 +149,19 @@ class Injector:
         finally:
             self.done.set()
 
+    def gate(self, index: int) -> None:
+        """Hold the stream before fault j's burst until faults 0..j-1 are done (bounded).
+
+        Faults then happen at their planned place in the stream, whatever the
+        machine's speed, instead of piling up after a slow one.
+        """
+        due = [j for j, f in enumerate(self.plan.faults) if f["after_op"] - 3 <= index]
+        if not due:
+            return
+        deadline = time.monotonic() + 180
+        while len(self.records) < max(due) and not self.done.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def _wait_for_op(self, index: int) -> bool:
         deadline = self.t0 + self.plan.stream_timeout
         while len(self.scenario.workload.ops) < index:
@@ -181,6 +206,19 @@ class Injector:
                 time.sleep(down)
                 sc.operator.start()
                 rec.detail = f"operator pid {pid} SIGKILLed, down {down:.1f} s, new pid {sc.operator.pid}"
+            elif kind in ("consul+operator-kill", "etcd+operator-kill"):
+                component = CONSUL if kind.startswith("consul") else ETCD
+                op_pid = sc.operator.pid
+                sc.operator.kill()
+                pid = sc.stack.kill(component)
+                time.sleep(down / 2)
+                sc.operator.start()
+                time.sleep(down / 2 + 2.0)
+                up = sc.stack.restart()
+                rec.detail = (
+                    f"operator pid {op_pid} and {component} pid {pid} SIGKILLed; operator back first "
+                    f"(pid {sc.operator.pid}), {component} {down + 2:.1f} s later, `up` took {up:.1f} s"
+                )
             elif kind == "consul-pause":
                 pid = sc.stack.pause(CONSUL)
                 try:
@@ -225,6 +263,7 @@ class Injector:
 def report(
     plan: Plan,
     sc: Scenario,
+    operations: dict[str, Any],
     records: list[FaultRecord],
     anomalies: list[Anomaly],
     cleanup: list[Anomaly],
@@ -236,11 +275,13 @@ def report(
         "replay": f"TETHER_FAULTS_SEED={plan.seed}{' TETHER_FAULTS_REDUCED=1' if REDUCED else ''} "
         "make test-faults PYTEST_ARGS='-k random'",
         "timings": {k: round(v, 1) for k, v in timings.items()},
-        "operations": sc.workload.summary(),
+        "operations": operations,
+        "cleanup_operations": len(sc.workload.ops) - operations["total"],
         "operator_starts": sc.operator.starts,
         "faults": [asdict(r) for r in records],
-        "anomalies": [str(a) for a in anomalies],
-        "cleanup_anomalies": [str(a) for a in cleanup],
+        "anomalies": [str(a) for a in split(anomalies)[0]],
+        "cleanup_anomalies": [str(a) for a in split(cleanup)[0]],
+        "known_bugs": sorted({str(a) for a in split(anomalies)[1] + split(cleanup)[1]}),
     }
 
 
@@ -265,8 +306,14 @@ def render(rep: dict[str, Any]) -> str:
     lines += [f"  failed op: {x}" for x in ops["failed"]]
     lines.append(f"anomalies after convergence: {len(rep['anomalies'])}")
     lines += [f"  - {a}" for a in rep["anomalies"][:60]]
-    lines.append(f"anomalies after deleting everything: {len(rep['cleanup_anomalies'])}")
+    lines.append(
+        f"anomalies after deleting everything ({rep['cleanup_operations']} deletes): "
+        f"{len(rep['cleanup_anomalies'])}"
+    )
     lines += [f"  - {a}" for a in rep["cleanup_anomalies"][:60]]
+    if rep["known_bugs"]:
+        lines.append(f"known operator bugs seen (not counted): {len(rep['known_bugs'])}")
+        lines += [f"  - {a}" for a in rep["known_bugs"][:20]]
     lines.append("=" * 78)
     return "\n".join(lines)
 
@@ -307,7 +354,14 @@ def test_random_faults(
     thread.start()
     timings: dict[str, float] = {}
     try:
-        sc.workload.stream(plan.operations, pace=plan.pace, deadline=t0 + plan.stream_timeout)
+        hot = {i for f in plan.faults for i in range(f["after_op"] - 3, f["after_op"] + 8)}
+        sc.workload.stream(
+            plan.operations,
+            pace=plan.pace,
+            deadline=t0 + plan.stream_timeout,
+            hot=hot,
+            gate=injector.gate,
+        )
         timings["stream"] = time.monotonic() - t0
         # Bounded: every fault is itself bounded (kills, `up`, the pause).
         thread.join(timeout=plan.stream_timeout)
@@ -333,15 +387,17 @@ def test_random_faults(
 
     # Then everything goes: deletion after all those faults must leave nothing behind.
     started = time.monotonic()
+    operations = sc.workload.summary()
     sc.delete_all()
     cleanup, _ = sc.converge(plan.converge_timeout)
     timings["cleanup"] = time.monotonic() - started
     timings["total"] = time.monotonic() - t0
 
-    rep = report(plan, sc, injector.records, anomalies, cleanup, timings)
+    rep = report(plan, sc, operations, injector.records, anomalies, cleanup, timings)
     text = render(rep)
     print("\n" + text)
     (tmp_path / "report.json").write_text(json.dumps(rep, indent=2))
     (tmp_path / "report.txt").write_text(text + "\n")
     log(f"report written to {tmp_path / 'report.txt'}")
-    assert not anomalies and not cleanup, sc.explain(anomalies + cleanup, f"in the run with seed {seed}")
+    counted = split(anomalies)[0] + split(cleanup)[0]
+    assert not counted, sc.explain(counted, f"in the run with seed {seed}")
