@@ -147,6 +147,10 @@ class _Converged:
     deleted_keys: list[str]
     released_keys: list[str]
     claimed_keys: list[str]
+    # When nothing had to be written: the newest mod_revision among what this
+    # resource owns in etcd (data, claims, index), i.e. Tether's last write for
+    # it — right even when the status patch after that write was lost.
+    in_place_revision: int = 0
 
 
 class EtcdConfigs:
@@ -243,7 +247,9 @@ class EtcdConfigs:
             )
 
         fields: dict[str, int] = {"keys": len(desired)}
-        revision = done.revisions[-1] if done.revisions else _stored_revision(res, plan)
+        revision = (
+            done.revisions[-1] if done.revisions else done.in_place_revision or _stored_revision(res, plan)
+        )
         if revision:
             fields["revision"] = revision
         notes = []
@@ -359,6 +365,13 @@ class EtcdConfigs:
             )
             done.plan = plan
             if plan.conflict or plan.noop:
+                owned = plan.owned_after
+                done.in_place_revision = max(
+                    [kv.mod_revision for key, kv in observed.data.items() if key in owned]
+                    + [kv.mod_revision for key, kv in observed.claims.items() if key in owned]
+                    + ([observed.index.mod_revision] if observed.index is not None else []),
+                    default=0,
+                )
                 return done
             try:
                 await self._execute(plan, done.revisions)
