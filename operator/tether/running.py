@@ -123,6 +123,21 @@ async def _main(
         settings.watching.client_timeout = 330
         settings.networking.request_timeout = 60
 
+    watchers: list[asyncio.Task[None]] = []
+
+    # Stopping Tether's own tasks in Kopf's cleanup phase lets SIGTERM finish
+    # at once instead of after Kopf's grace period for leftover tasks.
+    @kopf.on.cleanup(registry=registry)
+    async def stop_tether(**_: Any) -> None:
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        await consul_ctl.stop()
+        await etcd_ctl.stop()
+        # Kopf replaced our signal handlers; its waiter on our stop flag would
+        # otherwise count as a hung task and delay the exit.
+        stop.set()
+
     health.progress = lambda: (
         not (consul_ctl.queue.idle() and etcd_ctl.queue.idle()),
         consul_ctl.processed + etcd_ctl.processed,
@@ -133,7 +148,7 @@ async def _main(
     etcd_ctl.start()
     consul_watch = ConsulWatcher(agent, consul_kind, consul_ctl.enqueue)
     etcd_watch = EtcdWatcher(etcd_client, etcd_kind, etcd_ctl.enqueue)
-    watchers = [
+    watchers += [
         asyncio.create_task(_supervise("consul-watch", consul_watch.run), name="consul-watch"),
         asyncio.create_task(_supervise("etcd-watch", etcd_watch.run), name="etcd-watch"),
     ]

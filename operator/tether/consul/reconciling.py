@@ -60,12 +60,23 @@ class ConsulServices:
         # The watcher's latest view of the agent: lets a reconcile find
         # registrations a resource owns under an ID it no longer declares.
         self.snapshot: dict[str, dict[str, Any]] = {}
+        self._ids_by_owner: dict[planner.Owner, set[str]] = {}
 
     def owner(self, ref: ObjectRef) -> planner.Owner:
         return planner.Owner(self.cluster, ref.namespace, ref.name)
 
+    def set_snapshot(self, services: Mapping[str, dict[str, Any]]) -> None:
+        """The watcher's newest list of the agent's services, indexed by owner once."""
+        self.snapshot = dict(services)
+        index: dict[planner.Owner, set[str]] = {}
+        for sid, svc in self.snapshot.items():
+            owner = planner.owner_of(svc.get("Meta"))
+            if owner is not None:
+                index.setdefault(owner, set()).add(sid)
+        self._ids_by_owner = index
+
     def _owned_ids(self, owner: planner.Owner) -> set[str]:
-        return {sid for sid, svc in self.snapshot.items() if planner.owner_of(svc.get("Meta")) == owner}
+        return {sid for sid in self._ids_by_owner.get(owner, ()) if sid in self.snapshot}
 
     async def apply(self, res: Resource) -> Outcome:
         try:
@@ -204,12 +215,13 @@ class ConsulWatcher:
 
     def __init__(
         self, agent: Agent, services: ConsulServices, enqueue: Callable[[ObjectRef], None],
-        *, wait: str = "60s",
+        *, wait: str = "60s", min_scan_interval: float = 0.25,
     ) -> None:
         self.agent = agent
         self.services = services
         self.enqueue = enqueue
         self.wait = wait
+        self.min_scan_interval = min_scan_interval
         self._changed = asyncio.Event()
         self.scans = 0
 
@@ -252,6 +264,10 @@ class ConsulWatcher:
     async def _scanner(self) -> None:
         while True:
             await self._changed.wait()
+            # Every registration, ours included, moves the index; listing and
+            # comparing everything costs O(resources), so scans are spaced out.
+            # Changes during the pause coalesce into the next scan.
+            await asyncio.sleep(self.min_scan_interval)
             self._changed.clear()
             try:
                 services = await self.agent.services()
@@ -262,6 +278,6 @@ class ConsulWatcher:
                 self._changed.set()
                 continue
             self.scans += 1
-            self.services.snapshot = dict(services)
+            self.services.set_snapshot(services)
             for ref in self.services.drifted(services, checks):
                 self.enqueue(ref)
