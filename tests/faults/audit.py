@@ -56,11 +56,12 @@ def without_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
 #: ``xfail(strict=True)``: when the bug is fixed that test passes, fails as
 #: XPASS, and its entry here must go, so the audit counts the category again.
 KNOWN_BUGS = {
-    "stale-revision": (
-        "EtcdConfig status.revision is not updated when the status patch after a write "
-        "was lost (API server down, operator killed): operator/tether/etcd/reconciling.py "
-        "EtcdConfigs.apply reports _stored_revision() when the next reconcile writes nothing; "
-        "see test_faults_backends.py::test_status_revision_after_lost_status_patch"
+    "stale-registration": (
+        "a Consul registration left behind under an ID its (live) resource no longer declares: "
+        "operator/tether/consul/reconciling.py ConsulServices.apply finds earlier IDs only in "
+        "status.serviceID and the watcher's snapshot, which is empty until the watcher's first scan "
+        "after a restart, and ConsulServices.drifted() never looks at owned IDs other than the "
+        "tracked one; see test_faults_operator.py::test_operator_killed_during_consul_rename"
     ),
 }
 
@@ -291,9 +292,26 @@ class Auditor:
             if sid in orphan_ok:
                 continue  # left on purpose by deletionPolicy: Orphan
             owner = f"{ns}/{name}" if ns else "no ownership meta"
-            live = any(o["metadata"]["namespace"] == ns and o["metadata"]["name"] == name for o in css)
-            why = "a stale registration of a live resource (duplicate)" if live else "its resource is gone"
-            found.append(Anomaly("orphan", f"Consul service {sid}", f"owned by {owner}: {why}"))
+            live = any(
+                o["metadata"]["namespace"] == ns
+                and o["metadata"]["name"] == name
+                and not o["metadata"].get("deletionTimestamp")
+                for o in css
+            )
+            if live:
+                found.append(
+                    Anomaly(
+                        "stale-registration",
+                        f"Consul service {sid}",
+                        f"owned by {owner}, which declares another ID (a duplicate)",
+                    )
+                )
+            else:
+                found.append(
+                    Anomaly(
+                        "orphan", f"Consul service {sid}", f"owned by {owner}: its resource is gone or going"
+                    )
+                )
         return found
 
     # ------------------------------------------------------------------ etcd
@@ -338,7 +356,7 @@ class Auditor:
             if int((obj.get("status") or {}).get("revision") or 0) < latest:
                 found.append(
                     Anomaly(
-                        "stale-revision",
+                        "wrong-status",
                         _ident(obj),
                         f"status.revision {(obj.get('status') or {}).get('revision')} is older than "
                         f"its newest key (mod_revision {latest})",

@@ -22,8 +22,6 @@ import time
 import urllib.request
 from collections import Counter
 
-import pytest
-from audit import KNOWN_BUGS
 from faultkit import (
     CONSUL,
     ETCD,
@@ -367,7 +365,6 @@ def test_apiserver_restart_operator_resumes(
     _finish(sc, "the API server was killed and restarted")
 
 
-@pytest.mark.xfail(strict=True, reason=f"known operator bug: {KNOWN_BUGS['stale-revision']}")
 def test_status_revision_after_lost_status_patch(
     stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
 ) -> None:

@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from faultkit import REDUCED, Consul, Etcd, FaultStack, Kube, Operator, is_ready, log, wait_for
+import pytest
+from audit import KNOWN_BUGS
+from faultkit import CONSUL, REDUCED, Consul, Etcd, FaultStack, Kube, Operator, is_ready, log, wait_for
 from generator import Decl, Limits
 from scenario import Scenario, make_scenario
 
@@ -173,13 +175,18 @@ def test_operator_killed_during_large_write(
     sc.assert_converged(CONVERGE, "after a cut-short write was deleted while the operator was down")
 
 
+@pytest.mark.xfail(strict=True, reason=f"known operator bug: {KNOWN_BUGS['stale-registration']}")
 def test_operator_killed_during_consul_rename(
     stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
 ) -> None:
-    """Killed between registering a service's new ID and removing the old one.
+    """Killed between registering a service's new ID and recording it; renamed again meanwhile.
 
-    Then renamed once more while no operator runs: the restarted operator must
-    remove both earlier registrations, although its status names only the first.
+    Each round: ``spec.id`` a -> b, the operator SIGKILLed as soon as b is
+    registered (before its status names b), ``spec.id`` b -> c while no operator
+    runs, then the operator started again while Consul is slow to answer (paused
+    until the operator has the resources in its cache, a few seconds, less than
+    its request timeout). The restarted operator must leave only c: b is owned by
+    this resource (its meta says so) although no status ever named it.
     """
     rng = random.Random(seed)
     sc = make_scenario(
@@ -192,6 +199,7 @@ def test_operator_killed_during_consul_rename(
         for i in range(rounds)
     ]
     sc.wait_ready(decls, timeout=60)
+    exercised = 0
     for i, decl in enumerate(decls):
         second, third = f"{ns}-svc{i}-b", f"{ns}-svc{i}-c"
         sc.workload.update(decl, {"id": second, "port": 8000 + i}, "id a -> b")
@@ -202,18 +210,31 @@ def test_operator_killed_during_consul_rename(
             message=f"{second} registered",
         )
         operator.kill()
-        left = sorted(sid for sid in consul.services() if sid.startswith(f"{ns}-svc{i}-"))
+        recorded = ((sc.get(decl) or {}).get("status") or {}).get("serviceID")
+        held = sorted(sid for sid in consul.services() if sid.startswith(f"{ns}-svc{i}-"))
+        exercised += recorded != second
         sc.workload.update(decl, {"id": third, "port": 8000 + i}, "id b -> c while the operator is down")
-        log(f"{decl}: operator SIGKILLed right after {second} was registered; Consul held {left}")
-        _restart(sc, rng)
-        sc.wait_ready([decl], timeout=CONVERGE)
-        wait_for(
-            lambda i=i, third=third: (
-                sorted(sid for sid in consul.services() if sid.startswith(f"{ns}-svc{i}-")) == [third]
-            ),
-            timeout=30,
-            message=f"only {third} registered for {decl}",
+        log(
+            f"{decl}: operator SIGKILLed after {second} was registered; Consul held {held}, status {recorded}"
         )
+        stack.pause(CONSUL)
+        try:
+            operator.start()
+            wait_for(
+                lambda: operator.metrics().get('tether_managed_objects{kind="ConsulService"}', 0) >= rounds,
+                timeout=20,
+                interval=0.05,
+                message="the restarted operator to cache the resources",
+            )
+            time.sleep(0.5)
+        finally:
+            stack.resume(CONSUL)
+        sc.wait_ready([decl], timeout=CONVERGE)
+        time.sleep(rng.uniform(1.0, 3.0))  # the watcher's scans have happened by now
+        left = sorted(sid for sid in consul.services() if sid.startswith(f"{ns}-svc{i}-"))
+        log(f"{decl}: after the restart Consul holds {left}")
+        assert left == [third], f"{decl}: registrations {left} left, expected only {third}"
+    assert exercised, "no round killed the operator before it recorded the new ID"
     sc.assert_converged(CONVERGE, "after renames around operator kills")
     sc.delete_all()
     sc.assert_converged(CONVERGE, "after deleting everything")
