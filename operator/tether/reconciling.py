@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -243,7 +243,7 @@ class Controller:
             if res.deleting:
                 if FINALIZER not in res.finalizers:
                     return
-                outcome = await self.reconciler.release(res)
+                outcome = await self._guarded(self.reconciler.release, res)
                 if outcome.released:
                     await self._record(res, outcome.notes)
                     remaining = [f for f in res.finalizers if f != FINALIZER]
@@ -260,7 +260,7 @@ class Controller:
                     )
                     self._remember(body)
                     res = Resource.from_body(self.reconciler.plural, body)
-                outcome = await self.reconciler.apply(res)
+                outcome = await self._guarded(self.reconciler.apply, res)
             await self._finish(res, outcome)
         except KubeError as exc:
             if exc.status == 404:
@@ -274,6 +274,20 @@ class Controller:
             self.queue.add_after(ref, self.backoff.next_delay(ref))
         finally:
             metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+
+    async def _guarded(self, step: Callable[[Resource], Awaitable[Outcome]], res: Resource) -> Outcome:
+        """Run ``apply``/``release``; a bug there becomes an honest status, not silence."""
+        try:
+            return await step(res)
+        except (asyncio.CancelledError, KubeError):
+            raise
+        except Exception as exc:
+            log.exception("reconcile of %s failed unexpectedly; will retry", res.ref, extra=_fields(res.ref))
+            return Outcome(
+                "Unknown", conditions.RECONCILING,
+                f"reconcile failed unexpectedly ({type(exc).__name__}); retrying — see the operator log",
+                retry=True,
+            )
 
     async def _finish(self, res: Resource, outcome: Outcome) -> None:
         ref = res.ref

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tether import conditions
+from tether.api import FINALIZER, ObjectRef
 from tether.conditions import Condition
 from tether.queueing import Backoff, WorkQueue
-from tether.reconciling import Outcome, build_status
+from tether.reconciling import Controller, Outcome, Resource, build_status
 
 
 async def test_queue_collapses_duplicates() -> None:
@@ -96,3 +98,68 @@ def test_failed_outcomes_retry_only_when_waiting_helps() -> None:
     assert Outcome.failed(conditions.CONFLICT, "m").retry
     assert Outcome.failed(conditions.BACKEND_UNAVAILABLE, "m").retry
     assert not Outcome.failed(conditions.INVALID_SPEC, "m").retry
+
+
+class _RecordingKube:
+    """Stands in for the Kubernetes writes of one controller (unit level only)."""
+
+    def __init__(self) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self.finalizer_patches = 0
+        self.rv = 10
+
+    def _body(self, ref: ObjectRef, **extra: Any) -> dict[str, Any]:
+        self.rv += 1
+        meta = {
+            "namespace": ref.namespace,
+            "name": ref.name,
+            "resourceVersion": str(self.rv),
+            "generation": 1,
+            "finalizers": [FINALIZER],
+        }
+        return {"metadata": meta, **extra}
+
+    async def set_finalizers(
+        self, ref: ObjectRef, finalizers: list[str], *, resource_version: str
+    ) -> dict[str, Any]:
+        self.finalizer_patches += 1
+        return self._body(ref)
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> dict[str, Any]:
+        self.statuses.append(status)
+        return self._body(ref, status=status)
+
+    async def event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _Broken:
+    kind = "ConsulService"
+    plural = "consulservices"
+
+    async def apply(self, res: Resource) -> Outcome:
+        raise RuntimeError("a bug")
+
+    async def release(self, res: Resource) -> Outcome:
+        raise RuntimeError("a bug")
+
+    def forget(self, ref: ObjectRef) -> None:
+        pass
+
+
+async def test_a_bug_in_a_reconciler_becomes_an_honest_status_and_a_retry() -> None:
+    kube = _RecordingKube()
+    ctl = Controller(_Broken(), kube, workers=1)  # type: ignore[arg-type]
+    body = {"metadata": {"namespace": "ns", "name": "x", "resourceVersion": "5", "generation": 1}, "spec": {}}
+    ctl.observe("ADDED", body)
+    ref = await ctl.queue.get()
+    await ctl.process(ref)
+    ctl.queue.done(ref)
+    assert kube.finalizer_patches == 1
+    ready = kube.statuses[-1]["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("Unknown", "Reconciling")
+    assert "RuntimeError" in ready["message"]
+    assert ctl.backoff.failures(ref) == 1, "retried with backoff"
+    # The echo of our own patches does not trigger another reconcile.
+    ctl.observe("MODIFIED", {**body, "metadata": {**body["metadata"], "resourceVersion": str(kube.rv)}})
+    assert len(ctl.queue) == 0
