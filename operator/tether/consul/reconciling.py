@@ -262,12 +262,16 @@ class ConsulWatcher:
             index = max(new, 0)
 
     async def _scanner(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_scan = -self.min_scan_interval
         while True:
             await self._changed.wait()
             # Every registration, ours included, moves the index; listing and
-            # comparing everything costs O(resources), so scans are spaced out.
-            # Changes during the pause coalesce into the next scan.
-            await asyncio.sleep(self.min_scan_interval)
+            # comparing everything costs O(resources), so scans are at least
+            # min_scan_interval apart (a lone change is scanned at once). Changes
+            # during the pause coalesce into the next scan.
+            await asyncio.sleep(max(0.0, last_scan + self.min_scan_interval - loop.time()))
+            last_scan = loop.time()
             self._changed.clear()
             try:
                 services = await self.agent.services()
