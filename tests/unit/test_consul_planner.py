@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.api import InvalidSpec
+from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
 from tether.consul import planner
 
@@ -325,3 +325,21 @@ def test_any_port_change_is_detected(port: int, other: int) -> None:
     svc, checks = as_agent(body)
     svc["Port"] = other
     assert (planner.plan(body, OWNER, svc, checks, {}).register is None) == (port == other)
+
+
+def test_watcher_flags_a_resource_owning_a_stale_id() -> None:
+    """An ID move cut short by a crash leaves an owned registration the status never named."""
+    from tether.consul.reconciling import ConsulServices, _Tracked
+
+    services = ConsulServices(agent=None, cluster="kubernetes")  # type: ignore[arg-type]
+    current = planner.registration(spec(id="svc-c"), OWNER)
+    stale = planner.registration(spec(id="svc-b"), OWNER)
+    ref = ObjectRef("consulservices", "team-a", "web")
+    services._tracked[ref] = _Tracked("svc-c", planner.desired_signature(current), "passing")
+    agent_view = {sid: as_agent(body)[0] for sid, body in (("svc-c", current), ("svc-b", stale))}
+    assert services.drifted(agent_view, {}) == [ref]
+    del agent_view["svc-b"]
+    assert services.drifted(agent_view, {}) == []
+    foreign = planner.registration(spec(id="svc-x"), planner.Owner("other-cluster", "team-a", "web"))
+    agent_view["svc-x"] = as_agent(foreign)[0]
+    assert services.drifted(agent_view, {}) == [], "another cluster's registrations are not ours"

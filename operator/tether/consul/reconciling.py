@@ -207,6 +207,19 @@ class ConsulServices:
             health = planner.aggregate_health([str(c.get("Status", "")) for c in svc_checks])
             if health != tracked.health:
                 out.append(ref)
+        # A registration a resource owns under an ID it no longer declares (an
+        # ID move cut short by a crash, before the status named the new ID):
+        # its reconcile will find it in the snapshot and remove it.
+        flagged = set(out)
+        for sid, svc in services.items():
+            owner = planner.owner_of(svc.get("Meta"))
+            if owner is None or owner.cluster != self.cluster:
+                continue
+            ref = ObjectRef(self.plural, owner.namespace, owner.name)
+            current = self._tracked.get(ref)
+            if current is not None and current.service_id != sid and ref not in flagged:
+                flagged.add(ref)
+                out.append(ref)
         return out
 
 
