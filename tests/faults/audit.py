@@ -55,15 +55,7 @@ def without_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
 #: Each has a focused test that reproduces it deterministically and is marked
 #: ``xfail(strict=True)``: when the bug is fixed that test passes, fails as
 #: XPASS, and its entry here must go, so the audit counts the category again.
-KNOWN_BUGS = {
-    "stale-registration": (
-        "a Consul registration left behind under an ID its (live) resource no longer declares: "
-        "operator/tether/consul/reconciling.py ConsulServices.apply finds earlier IDs only in "
-        "status.serviceID and the watcher's snapshot, which is empty until the watcher's first scan "
-        "after a restart, and ConsulServices.drifted() never looks at owned IDs other than the "
-        "tracked one; see test_faults_operator.py::test_operator_killed_during_consul_rename"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

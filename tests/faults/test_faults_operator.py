@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-from audit import KNOWN_BUGS
 from faultkit import CONSUL, REDUCED, Consul, Etcd, FaultStack, Kube, Operator, is_ready, log, wait_for
 from generator import Decl, Limits
 from scenario import Scenario, make_scenario
@@ -175,7 +173,6 @@ def test_operator_killed_during_large_write(
     sc.assert_converged(CONVERGE, "after a cut-short write was deleted while the operator was down")
 
 
-@pytest.mark.xfail(strict=True, reason=f"known operator bug: {KNOWN_BUGS['stale-registration']}")
 def test_operator_killed_during_consul_rename(
     stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
 ) -> None:
