@@ -551,6 +551,16 @@ class Etcd:
     def delete(self, key: str) -> None:
         self.call("/v3/kv/deleterange", {"key": _b64(key.encode())})
 
+    def put_if_present(self, key: str, value: str, *, guard: str) -> bool:
+        """Put ``key`` only while both it and ``guard`` exist (one transaction)."""
+        compare = [
+            {"key": _b64(k.encode()), "target": "VERSION", "result": "GREATER", "version": "0"}
+            for k in (key, guard)
+        ]
+        put = {"request_put": {"key": _b64(key.encode()), "value": _b64(value.encode())}}
+        out = self.call("/v3/kv/txn", {"compare": compare, "success": [put]})
+        return bool(out.get("succeeded"))
+
     def compact(self, revision: int | None = None) -> int:
         """Compact history up to ``revision`` (default: the current one); return it."""
         rev = revision or self.revision()

@@ -254,8 +254,13 @@ class Injector:
             decl = self.rng.choice(candidates)
             rel = self.rng.choice(sorted(decl.spec["data"]))
             key = decl.spec["prefix"].rstrip("/") + "/" + rel
-            sc.etcd.put(key, "drifted-by-fault-injector")
-            drift = f"drifted {key} ({decl})"
+            # Drift only a key the operator already manages (written and
+            # claimed): writing one it has not written yet would plant a
+            # pre-existing foreign key, which Tether rightly refuses to take.
+            if sc.etcd.put_if_present(key, "drifted-by-fault-injector", guard=f"/tether/keys{key}"):
+                drift = f"drifted {key} ({decl})"
+            else:
+                drift = f"{key} ({decl}) not written by the operator yet: not drifted"
         revision = sc.etcd.compact()
         return f"{drift}; compacted to revision {revision}"
 
