@@ -196,10 +196,6 @@ class Controller:
         if ref in self.cache:
             self.queue.add(ref)
 
-    def enqueue_all(self) -> None:
-        for ref in list(self.cache):
-            self.queue.add(ref)
-
     # -- workers ----------------------------------------------------------
     def start(self) -> None:
         for i in range(self.workers):

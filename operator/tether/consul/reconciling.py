@@ -57,26 +57,28 @@ class ConsulServices:
         self.cluster = cluster
         self.agent_url = agent_url
         self._tracked: dict[ObjectRef, _Tracked] = {}
-        # The watcher's latest view of the agent: lets a reconcile find
-        # registrations a resource owns under an ID it no longer declares.
-        self.snapshot: dict[str, dict[str, Any]] = {}
+        # From the watcher's latest list of the agent's services: which IDs each
+        # owner holds, so a reconcile finds registrations a resource owns under
+        # an ID it no longer declares.
         self._ids_by_owner: dict[planner.Owner, set[str]] = {}
 
     def owner(self, ref: ObjectRef) -> planner.Owner:
         return planner.Owner(self.cluster, ref.namespace, ref.name)
 
-    def set_snapshot(self, services: Mapping[str, dict[str, Any]]) -> None:
-        """The watcher's newest list of the agent's services, indexed by owner once."""
-        self.snapshot = dict(services)
+    def set_snapshot(self, services: Mapping[str, Mapping[str, Any]]) -> None:
+        """Index the watcher's newest list of the agent's services by owner, once per scan."""
         index: dict[planner.Owner, set[str]] = {}
-        for sid, svc in self.snapshot.items():
+        for sid, svc in services.items():
             owner = planner.owner_of(svc.get("Meta"))
             if owner is not None:
                 index.setdefault(owner, set()).add(sid)
         self._ids_by_owner = index
 
     def _owned_ids(self, owner: planner.Owner) -> set[str]:
-        return {sid for sid in self._ids_by_owner.get(owner, ()) if sid in self.snapshot}
+        return set(self._ids_by_owner.get(owner, ()))
+
+    def _forget_id(self, owner: planner.Owner, service_id: str) -> None:
+        self._ids_by_owner.get(owner, set()).discard(service_id)
 
     async def apply(self, res: Resource) -> Outcome:
         try:
@@ -124,7 +126,7 @@ class ConsulServices:
                 checks = await self.agent.service_checks(spec.id)
             for sid in plan.deregister:
                 await self.agent.deregister(sid)
-                self.snapshot.pop(sid, None)
+                self._forget_id(owner, sid)
                 notes.append(Note("Normal", "Deregistered", f"Removed old registration {sid!r}"))
         except ConsulUnavailable as exc:
             return Outcome.failed(
@@ -167,7 +169,7 @@ class ConsulServices:
                 svc = await self.agent.service(sid)
                 if svc is not None and planner.owner_of(svc.get("Meta")) == owner:
                     await self.agent.deregister(sid)
-                    self.snapshot.pop(sid, None)
+                    self._forget_id(owner, sid)
                     removed.append(sid)
         except (ConsulUnavailable, ConsulRejected) as exc:
             reason = (
@@ -186,9 +188,6 @@ class ConsulServices:
 
     def forget(self, ref: ObjectRef) -> None:
         self._tracked.pop(ref, None)
-
-    def tracked_count(self) -> int:
-        return len(self._tracked)
 
     def drifted(
         self, services: Mapping[str, Mapping[str, Any]], checks: Mapping[str, Mapping[str, Any]]
@@ -209,7 +208,7 @@ class ConsulServices:
                 out.append(ref)
         # A registration a resource owns under an ID it no longer declares (an
         # ID move cut short by a crash, before the status named the new ID):
-        # its reconcile will find it in the snapshot and remove it.
+        # its reconcile will find it in the owner index and remove it.
         flagged = set(out)
         for sid, svc in services.items():
             owner = planner.owner_of(svc.get("Meta"))
@@ -236,7 +235,6 @@ class ConsulWatcher:
         self.wait = wait
         self.min_scan_interval = min_scan_interval
         self._changed = asyncio.Event()
-        self.scans = 0
 
     async def run(self) -> None:
         tasks = [
@@ -294,7 +292,6 @@ class ConsulWatcher:
                 await asyncio.sleep(1.0)
                 self._changed.set()
                 continue
-            self.scans += 1
             self.services.set_snapshot(services)
             for ref in self.services.drifted(services, checks):
                 self.enqueue(ref)
