@@ -8,6 +8,7 @@ annotations, so Kopf itself never writes to the resources.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import kopf
@@ -21,22 +22,18 @@ class Dependents(Protocol):
 
 
 def register(
-    registry: kopf.OperatorRegistry, *, consul: Controller, etcd: Controller, etcd_sources: Dependents
+    registry: kopf.OperatorRegistry, *, controllers: Sequence[Controller],
+    sources: Sequence[tuple[Dependents, Controller]],
 ) -> None:
-    """Attach Tether's handlers to ``registry``."""
-
-    @kopf.on.event(GROUP, VERSION, "consulservices", registry=registry)
-    def consul_service_event(event: kopf.RawEvent, **_: Any) -> None:
-        consul.observe(event.get("type"), event["object"])
-
-    @kopf.on.event(GROUP, VERSION, "etcdconfigs", registry=registry)
-    def etcd_config_event(event: kopf.RawEvent, **_: Any) -> None:
-        etcd.observe(event.get("type"), event["object"])
+    """Attach Tether's handlers to ``registry``: one per kind, one per source kind."""
+    for controller in controllers:
+        kopf.on.event(GROUP, VERSION, controller.reconciler.plural, registry=registry)(_feeder(controller))
 
     def source_changed(kind: str, event: kopf.RawEvent) -> None:
         meta = event["object"].get("metadata") or {}
-        for ref in etcd_sources.dependents(kind, meta.get("namespace", ""), meta.get("name", "")):
-            etcd.enqueue(ref)
+        for index, controller in sources:
+            for ref in index.dependents(kind, meta.get("namespace", ""), meta.get("name", "")):
+                controller.enqueue(ref)
 
     @kopf.on.event("", "v1", "configmaps", registry=registry)
     def config_map_event(event: kopf.RawEvent, **_: Any) -> None:
@@ -45,3 +42,11 @@ def register(
     @kopf.on.event("", "v1", "secrets", registry=registry)
     def secret_event(event: kopf.RawEvent, **_: Any) -> None:
         source_changed("secret", event)
+
+
+def _feeder(controller: Controller) -> Any:
+    def resource_event(event: kopf.RawEvent, **_: Any) -> None:
+        controller.observe(event.get("type"), event["object"])
+
+    resource_event.__name__ = f"{controller.reconciler.plural}_event"
+    return resource_event

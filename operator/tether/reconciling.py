@@ -10,7 +10,11 @@ the difference) and this module does the rest, the same way for both:
   calls ``apply`` (or ``release`` when the object is being deleted), and
   patches ``status`` only if the computed status differs from the stored one;
 * ``Conflict`` and ``BackendUnavailable`` outcomes are retried with capped
-  exponential backoff and jitter; ``InvalidSpec`` waits for the spec to change.
+  exponential backoff and jitter; ``InvalidSpec`` waits for the spec to change;
+* a backend's error becomes a condition in one place, :meth:`Outcome.from_error`,
+  and a failure is announced with one Warning event when the ``Ready``
+  condition turns to it, by the skeleton, not by each kind (a resource stuck
+  in the same failure posts nothing more: that would be an idle write).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from tether import conditions, metrics
-from tether.api import FINALIZER, ObjectRef
+from tether import conditions, errors, metrics
+from tether.api import FINALIZER, InvalidSpec, ObjectRef
 from tether.conditions import Condition, Status
 from tether.kube import Involved, KubeClient, KubeError
 from tether.queueing import Backoff, WorkQueue
@@ -93,12 +97,49 @@ class Outcome:
     @classmethod
     def failed(
         cls, reason: str, message: str, *, fields: Mapping[str, Any] | None = None,
-        notes: tuple[Note, ...] = (), retry: bool | None = None,
+        conditions: tuple[Condition, ...] = (), retry: bool | None = None,
     ) -> Outcome:
         """Ready=False with ``reason``; retried unless the reason says it is pointless."""
         if retry is None:
-            retry = reason in (conditions.CONFLICT, conditions.BACKEND_UNAVAILABLE)
-        return cls("False", reason, message, fields or {}, notes=notes, retry=retry)
+            retry = reason != _INVALID_SPEC
+        return cls("False", reason, message, fields or {}, conditions=conditions, retry=retry)
+
+    @classmethod
+    def from_error(
+        cls, exc: Exception, *, doing: str, fields: Mapping[str, Any] | None = None,
+        conditions: tuple[Condition, ...] = (),
+    ) -> Outcome:
+        """The one mapping of an error to the ``Ready`` condition, for every kind.
+
+        ``doing`` completes "cannot ...": what the reconcile was trying to do.
+        """
+        if isinstance(exc, InvalidSpec):
+            return cls.failed(_INVALID_SPEC, str(exc), fields=fields, conditions=conditions)
+        if isinstance(exc, errors.Contended):
+            reason = _CONFLICT
+        elif isinstance(exc, errors.BackendUnavailable):
+            reason = _UNAVAILABLE
+        elif isinstance(exc, KubeError):
+            # 401/403: the API server answered "no" (RBAC); anything else is transient.
+            reason = _REJECTED if exc.status in (401, 403) else _UNAVAILABLE
+        elif isinstance(exc, errors.BackendRejected):
+            reason = _REJECTED
+        else:
+            raise TypeError(f"not a backend error: {type(exc).__name__}") from exc
+        # Every one of these is retried with capped backoff: an outage ends, a
+        # fixed ACL policy or Role takes effect without a restart.
+        return cls.failed(
+            reason, f"cannot {doing}: {exc}; retrying", fields=fields, conditions=conditions, retry=True
+        )
+
+
+_INVALID_SPEC = conditions.INVALID_SPEC
+_CONFLICT = conditions.CONFLICT
+_UNAVAILABLE = conditions.BACKEND_UNAVAILABLE
+_REJECTED = conditions.BACKEND_REJECTED
+
+# Ready reasons announced with a Warning event when the condition turns to them.
+_WARNING_REASONS = frozenset({_INVALID_SPEC, _CONFLICT, _UNAVAILABLE, _REJECTED})
 
 
 class Reconciler(Protocol):
@@ -129,6 +170,18 @@ def build_status(
     )
     status["observedGeneration"] = generation
     return status
+
+
+def _announcement(old: Mapping[str, Any], outcome: Outcome) -> tuple[Note, ...]:
+    """A Warning event for a failure, once: when ``Ready`` turns to it (reason or message)."""
+    if outcome.ready != "False" or outcome.reason not in _WARNING_REASONS:
+        return ()
+    before = conditions.find(old.get("conditions"), conditions.READY) or {}
+    if (before.get("status"), before.get("reason"), before.get("message")) == (
+        "False", outcome.reason, outcome.message,
+    ):
+        return ()
+    return (Note("Warning", outcome.reason, outcome.message),)
 
 
 def _fields(ref: ObjectRef) -> dict[str, dict[str, str]]:
@@ -292,7 +345,7 @@ class Controller:
         )
         if status != dict(res.status):
             self._remember(await self.kube.patch_status(ref, status))
-        await self._record(res, outcome.notes)
+        await self._record(res, (*_announcement(res.status, outcome), *outcome.notes))
         result = outcome.reason if outcome.ready != "True" else "ready"
         metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
         if outcome.retry:

@@ -12,21 +12,30 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 
-from tether import handlers, kube, logs, metrics, settings
-from tether.consul.adapter import ConsulAgent
-from tether.consul.reconciling import ConsulServices, ConsulWatcher
-from tether.etcd.client import EtcdClient, EtcdConnection
-from tether.etcd.reconciling import EtcdConfigs, EtcdWatcher
+from tether import handlers, kube, logs, metrics
+from tether.config.expectations import Expectations
+from tether.config.sources import SourceIndex
+from tether.consul.client import ConsulClient
+from tether.consul.configs import ConsulConfigs
+from tether.consul.index import AgentIndex
+from tether.consul.kv import ConsulKVStore
+from tether.consul.kvwatching import KVWatcher
+from tether.consul.reconciling import ConsulServices
+from tether.consul.watching import ConsulWatcher
+from tether.etcd.client import EtcdClient
+from tether.etcd.configs import EtcdConfigs
+from tether.etcd.store import EtcdStore
+from tether.etcd.watching import EtcdWatcher
 from tether.health import Health
 from tether.leadership import LeaseElector
 from tether.reconciling import Controller
+from tether.settings import Settings
 
 log = logging.getLogger("tether")
 
@@ -37,10 +46,7 @@ def run(
 ) -> int:
     logs.configure(fmt=log_format, verbose=verbose)
     try:
-        consul_conn = settings.ConsulConnection.from_env()
-        etcd_conn = EtcdConnection.from_env(os.environ)
-        cluster = settings.cluster_name()
-        ownership_prefix = settings.etcd_ownership_prefix()
+        settings = Settings.from_env()
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
@@ -48,18 +54,15 @@ def run(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             _main(
-                namespaces=namespaces, metrics_port=metrics_port, health_port=health_port,
-                leader_elect=leader_elect, consul_conn=consul_conn, etcd_conn=etcd_conn,
-                cluster=cluster, ownership_prefix=ownership_prefix,
+                settings, namespaces=namespaces, metrics_port=metrics_port, health_port=health_port,
+                leader_elect=leader_elect,
             )
         )
     return 0
 
 
 async def _main(
-    *, namespaces: list[str], metrics_port: int, health_port: int, leader_elect: bool,
-    consul_conn: settings.ConsulConnection, etcd_conn: EtcdConnection, cluster: str,
-    ownership_prefix: str,
+    settings: Settings, *, namespaces: list[str], metrics_port: int, health_port: int, leader_elect: bool,
 ) -> None:
     if metrics_port:
         metrics.serve(metrics_port)
@@ -73,11 +76,10 @@ async def _main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if leader_elect:
-        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaseElector(
-            namespace=os.environ.get("POD_NAMESPACE") or "tether-system",
-            name=os.environ.get("TETHER_LEASE_NAME") or "tether-leader",
-            identity=identity,
+            namespace=settings.lease_namespace,
+            name=settings.lease_name,
+            identity=settings.identity,
             on_lost=lambda: os._exit(1),
         )
         health.state = "waiting for the leader Lease"
@@ -95,19 +97,39 @@ async def _main(
         holder = None
 
     kube_client = kube.KubeClient()
-    agent = ConsulAgent(consul_conn)
-    etcd_client = EtcdClient(etcd_conn)
-    consul_kind = ConsulServices(agent, cluster=cluster, agent_url=consul_conn.url)
-    etcd_kind = EtcdConfigs(
-        etcd_client, kube_client, cluster=cluster, ownership_prefix=ownership_prefix,
-        max_txn_ops=int(os.environ.get("TETHER_ETCD_MAX_TXN_OPS", "128")),
+    consul_client = ConsulClient(settings.consul)
+    etcd_client = EtcdClient(settings.etcd)
+    cluster = settings.cluster
+
+    # Each kind: a reconciler and what it shares with its backend's watcher.
+    agent_index = AgentIndex(cluster=cluster, plural="consulservices")
+    services = ConsulServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url)
+    etcd_expect, kv_expect = Expectations(), Expectations()
+    etcd_sources, kv_sources = SourceIndex(), SourceIndex()
+    etcd_configs = EtcdConfigs(
+        EtcdStore(etcd_client, max_txn_ops=settings.etcd_max_txn_ops), kube_client, cluster=cluster,
+        ownership_prefix=settings.etcd_ownership_prefix, expectations=etcd_expect, source_index=etcd_sources,
     )
-    workers = int(os.environ.get("TETHER_WORKERS", "16"))
-    consul_ctl = Controller(consul_kind, kube_client, workers=workers)
-    etcd_ctl = Controller(etcd_kind, kube_client, workers=workers)
+    consul_configs = ConsulConfigs(
+        ConsulKVStore(consul_client), kube_client, cluster=cluster,
+        ownership_prefix=settings.consul_ownership_prefix, expectations=kv_expect, source_index=kv_sources,
+    )
+    consul_ctl = Controller(services, kube_client, workers=settings.workers)
+    etcd_ctl = Controller(etcd_configs, kube_client, workers=settings.workers)
+    kv_ctl = Controller(consul_configs, kube_client, workers=settings.workers)
+    controllers = (consul_ctl, etcd_ctl, kv_ctl)
+    backend_watchers = {
+        "consul-watch": ConsulWatcher(consul_client, agent_index, consul_ctl.enqueue).run,
+        "etcd-watch": EtcdWatcher(etcd_client, etcd_expect, etcd_ctl.enqueue).run,
+        "consul-kv-watch": KVWatcher(
+            consul_client, kv_expect, kv_ctl.enqueue, ownership_prefix=settings.consul_ownership_prefix
+        ).run,
+    }
 
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, consul=consul_ctl, etcd=etcd_ctl, etcd_sources=etcd_kind)
+    handlers.register(
+        registry, controllers=controllers, sources=((etcd_sources, etcd_ctl), (kv_sources, kv_ctl))
+    )
 
     # A private registry does not carry Kopf's default login handlers.
     @kopf.on.login(registry=registry)
@@ -132,25 +154,22 @@ async def _main(
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-        await consul_ctl.stop()
-        await etcd_ctl.stop()
+        for controller in controllers:
+            await controller.stop()
         # Kopf replaced our signal handlers; its waiter on our stop flag would
         # otherwise count as a hung task and delay the exit.
         stop.set()
 
     health.progress = lambda: (
-        not (consul_ctl.queue.idle() and etcd_ctl.queue.idle()),
-        consul_ctl.processed + etcd_ctl.processed,
+        not all(c.queue.idle() for c in controllers),
+        sum(c.processed for c in controllers),
     )
     health.state = "ok"
 
-    consul_ctl.start()
-    etcd_ctl.start()
-    consul_watch = ConsulWatcher(agent, consul_kind, consul_ctl.enqueue)
-    etcd_watch = EtcdWatcher(etcd_client, etcd_kind, etcd_ctl.enqueue)
+    for controller in controllers:
+        controller.start()
     watchers += [
-        asyncio.create_task(_supervise("consul-watch", consul_watch.run), name="consul-watch"),
-        asyncio.create_task(_supervise("etcd-watch", etcd_watch.run), name="etcd-watch"),
+        asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
     ]
     try:
         await kopf.operator(
@@ -165,10 +184,10 @@ async def _main(
             task.cancel()
         if holder is not None:
             holder.cancel()
-        await consul_ctl.stop()
-        await etcd_ctl.stop()
+        for controller in controllers:
+            await controller.stop()
         await asyncio.gather(*watchers, return_exceptions=True)
-        await agent.close()
+        await consul_client.close()
         await etcd_client.close()
         kube_client.close()
         if health_runner is not None:

@@ -1,11 +1,21 @@
-"""Connection settings, read from each ecosystem's own environment variables."""
+"""Settings, read once from the environment and validated before anything starts.
+
+Connection settings use each ecosystem's own variable names (``CONSUL_*``,
+``ETCD_*``); Tether's own are ``TETHER_*``. :meth:`Settings.from_env` raises
+``ValueError`` naming the variable that is wrong, so a bad value is a clear
+error at start, never a crash after the leader Lease is won.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from tether.etcd.connection import EtcdConnection
 
 
 @dataclass(frozen=True)
@@ -53,14 +63,35 @@ class ConsulConnection:
             ca_cert=env.get("CONSUL_CACERT") or None,
             client_cert=cert,
             client_key=key,
-            timeout=float(env.get("TETHER_CONSUL_TIMEOUT", "5")),
+            timeout=_seconds(env, "TETHER_CONSUL_TIMEOUT", 5.0),
         )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not 0 < value <= 300:
+        raise ValueError(f"{name}={value}: must be more than 0 and at most 300 seconds")
+    return value
 
 
 def cluster_name(env: Mapping[str, str] | None = None) -> str:
     """The ownership marker that tells this cluster's objects from another's."""
     env = os.environ if env is None else env
-    return env.get("TETHER_CLUSTER_NAME") or "kubernetes"
+    name = env.get("TETHER_CLUSTER_NAME") or "kubernetes"
+    # It is written into Consul meta, etcd and Consul KV ownership records and
+    # the synthetic node's name: keep it to a DNS-label-like shape.
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?", name):
+        raise ValueError(
+            f"TETHER_CLUSTER_NAME={name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
 
 
 def etcd_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
@@ -70,3 +101,60 @@ def etcd_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
     if not prefix.startswith("/"):
         raise ValueError(f"TETHER_ETCD_OWNERSHIP_PREFIX={prefix!r} must start with '/'")
     return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def consul_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
+    """Where Tether records in Consul KV which resource owns which key."""
+    env = os.environ if env is None else env
+    prefix = env.get("TETHER_CONSUL_OWNERSHIP_PREFIX") or "tether/"
+    if prefix.startswith("/") or not prefix.strip("/"):
+        raise ValueError(
+            f"TETHER_CONSUL_OWNERSHIP_PREFIX={prefix!r} must be a Consul KV path without a leading '/'"
+        )
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name}={value}: must be between {minimum} and {maximum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``tether run`` reads from the environment, validated."""
+
+    consul: ConsulConnection
+    etcd: EtcdConnection
+    cluster: str
+    etcd_ownership_prefix: str
+    consul_ownership_prefix: str
+    workers: int
+    etcd_max_txn_ops: int
+    lease_namespace: str
+    lease_name: str
+    identity: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            consul=ConsulConnection.from_env(env),
+            etcd=EtcdConnection.from_env(env),
+            cluster=cluster_name(env),
+            etcd_ownership_prefix=etcd_ownership_prefix(env),
+            consul_ownership_prefix=consul_ownership_prefix(env),
+            # Workers per kind: reconciles are I/O-bound, so more than cores.
+            workers=_int(env, "TETHER_WORKERS", 16, minimum=1, maximum=256),
+            etcd_max_txn_ops=_int(env, "TETHER_ETCD_MAX_TXN_OPS", 128, minimum=2, maximum=1_000_000),
+            lease_namespace=env.get("POD_NAMESPACE") or "tether-system",
+            lease_name=env.get("TETHER_LEASE_NAME") or "tether-leader",
+            identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        )

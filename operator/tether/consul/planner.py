@@ -260,3 +260,16 @@ def plan(
             return Plan(deregister=deregister)
         return Plan(register=desired, deregister=deregister, changes=tuple(diff))
     return Plan(register=desired, deregister=deregister, changes=("not registered",), created=True)
+
+
+def release(owner: Owner, observed: Mapping[str, Mapping[str, Any] | None]) -> tuple[str, ...]:
+    """The service IDs to deregister when the resource is deleted (``Delete`` policy).
+
+    ``observed`` maps every ID the resource may have registered (its status,
+    its spec, the owner index) to what the agent holds there now. Exactly the
+    registrations whose meta names this owner go; a foreign one under the
+    same ID is never touched.
+    """
+    return tuple(
+        sorted(sid for sid, svc in observed.items() if svc is not None and owner_of(svc.get("Meta")) == owner)
+    )

@@ -24,19 +24,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Self
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import Any, Final, Self
 
 import grpc
 import grpc.aio
 from aetcd import rpc
 
-logger = logging.getLogger(__name__)
+from tether.etcd.connection import EtcdConnection, split_endpoint
+from tether.etcd.errors import Compacted, EtcdError, EtcdRejected, EtcdUnavailable
+from tether.etcd.values import Compare, Delete, KeyValue, Put, TxnResult, WatchEvent, prefix_range_end
+from tether.etcd.wire import (
+    FAILOVER_CODES,
+    error_from_status,
+    event_from_pb,
+    keyvalue_from_pb,
+    needs_reauth,
+    txn_to_pb,
+)
 
-DEFAULT_ENDPOINT: Final = "http://127.0.0.1:2379"
+logger = logging.getLogger(__name__)
 
 #: Keys per Range page in :meth:`EtcdClient.get_prefix`. Small enough that a
 #: page of large values stays far from any message limit, large enough that
@@ -51,9 +58,6 @@ _LIST_RESTARTS: Final = 3
 # the deadline is the real bound, this only guards against a flapping channel.
 _MAX_STATE_WAITS: Final = 64
 
-# Bytes of a server message kept in an error; etcd's messages are short, but
-# a proxy in between could return anything.
-_MAX_DETAIL: Final = 300
 
 # Channel options. Reconnect backoff is capped at one second (gRPC's default
 # grows to two minutes) so a restarted etcd is used again promptly. Keepalive
@@ -74,409 +78,6 @@ _CHANNEL_OPTIONS: Final = (
 )
 
 _Metadata = tuple[tuple[str, str], ...]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class EtcdError(Exception):
-    """Base class of every error this client raises for etcd's sake."""
-
-
-class EtcdUnavailable(EtcdError):
-    """etcd could not be reached or could not serve the request now; retry later."""
-
-
-class EtcdRejected(EtcdError):
-    """etcd refused the request itself (permissions, credentials, invalid request)."""
-
-
-class TooManyOps(EtcdRejected):
-    """The transaction has more operations than the server's ``--max-txn-ops``."""
-
-
-class RequestTooLarge(EtcdRejected):
-    """The request is larger than the server's ``--max-request-bytes``."""
-
-
-class Compacted(EtcdError):
-    """The requested revision was compacted; list again and watch from the new revision."""
-
-    def __init__(self, compact_revision: int, message: str | None = None) -> None:
-        self.compact_revision = compact_revision
-        super().__init__(message or f"etcd revision has been compacted (compact revision {compact_revision})")
-
-
-# --------------------------------------------------------------------------- connection
-
-
-@dataclass(frozen=True)
-class EtcdConnection:
-    """Where and how to reach etcd: endpoints, TLS files, credentials, deadline.
-
-    Endpoints are ``http://host:port`` or ``https://host:port`` URLs. An https
-    endpoint without ``ca_cert`` verifies the server against the system roots.
-    """
-
-    endpoints: tuple[str, ...]
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise ValueError("etcd: at least one endpoint is required")
-        for endpoint in self.endpoints:
-            _split_endpoint(endpoint)
-        if (self.cert is None) != (self.key is None):
-            raise ValueError(
-                "etcd: a client certificate needs its key and a key needs its certificate "
-                "(set both ETCD_CERT and ETCD_KEY, or neither)"
-            )
-        if (self.username is None) != (self.password is None):
-            raise ValueError(
-                "etcd: username and password go together "
-                "(set both ETCD_USERNAME and ETCD_PASSWORD, or neither)"
-            )
-        if not self.timeout > 0:
-            raise ValueError(f"etcd: timeout must be a positive number of seconds, not {self.timeout}")
-        tls_files = self.ca_cert is not None or self.cert is not None
-        plain = [e for e in self.endpoints if e.startswith("http://")]
-        if tls_files and plain:
-            # A CA or client certificate next to a plaintext endpoint means the
-            # operator believes traffic is protected when it is not.
-            raise ValueError(
-                f"etcd: TLS files are configured but endpoint {plain[0]} is plaintext; use https:// endpoints"
-            )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> EtcdConnection:
-        """Read etcd's own variable names: ``ETCD_ENDPOINTS``, ``ETCD_CACERT``, ...
-
-        ``ETCD_ENDPOINTS`` is comma-separated; an endpoint without a scheme uses
-        https when TLS files are configured and http otherwise, as etcd's own
-        client does. Raises ``ValueError`` naming the variable that is wrong.
-        """
-
-        def text(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        ca_cert = text("ETCD_CACERT")
-        cert = text("ETCD_CERT")
-        key = text("ETCD_KEY")
-        for name, path in (("ETCD_CACERT", ca_cert), ("ETCD_CERT", cert), ("ETCD_KEY", key)):
-            if path is not None and not os.path.isfile(path):
-                raise ValueError(f"{name}={path}: no such file")
-        # Passwords are taken verbatim (spaces may be part of them); empty means unset.
-        password = env.get("ETCD_PASSWORD") or None
-
-        raw = env.get("ETCD_ENDPOINTS", "")
-        if not raw.strip():
-            endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
-        else:
-            default_scheme = "https" if ca_cert is not None or cert is not None else "http"
-            items = [item.strip() for item in raw.split(",")]
-            if any(not item for item in items):
-                raise ValueError(f"ETCD_ENDPOINTS={raw!r}: empty entry in the comma-separated list")
-            try:
-                endpoints = tuple(normalize_endpoint(item, default_scheme) for item in items)
-            except ValueError as exc:
-                raise ValueError(f"ETCD_ENDPOINTS: {exc}") from None
-        try:
-            return cls(
-                endpoints=endpoints,
-                ca_cert=ca_cert,
-                cert=cert,
-                key=key,
-                username=text("ETCD_USERNAME"),
-                password=password,
-            )
-        except ValueError as exc:
-            raise ValueError(str(exc).removeprefix("etcd: ")) from None
-
-
-def normalize_endpoint(endpoint: str, default_scheme: str = "http") -> str:
-    """Return ``scheme://host:port`` for ``endpoint``; ``host:port`` gets ``default_scheme``."""
-    candidate = endpoint if "://" in endpoint else f"{default_scheme}://{endpoint}"
-    scheme, host, port = _split_endpoint(candidate)
-    return f"{scheme}://{host}:{port}"
-
-
-def _split_endpoint(endpoint: str) -> tuple[str, str, int]:
-    """Parse ``scheme://host:port`` into its parts, or raise ``ValueError`` saying why not."""
-    try:
-        parts = urlsplit(endpoint)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"{endpoint!r} is not a valid endpoint: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{endpoint!r}: endpoint scheme must be http:// or https://")
-    if not parts.hostname:
-        raise ValueError(f"{endpoint!r}: endpoint has no host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            f"{parts.scheme}://{parts.hostname}: credentials belong in "
-            "ETCD_USERNAME/ETCD_PASSWORD, not in the endpoint"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{endpoint!r}: endpoint must be scheme://host:port with no path")
-    if port is None:
-        raise ValueError(f"{endpoint!r}: endpoint needs a port (etcd listens on 2379 by default)")
-    if port == 0:
-        raise ValueError(f"{endpoint!r}: port 0 is not a valid endpoint port")
-    host = parts.hostname
-    if ":" in host:
-        host = f"[{host}]"  # IPv6 literal: keep the brackets gRPC expects
-    return parts.scheme, host, port
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    """One key as etcd stores it. ``value`` is left out of the repr: it may be a secret."""
-
-    key: bytes
-    value: bytes = field(repr=False)
-    create_revision: int
-    mod_revision: int
-    version: int
-
-
-CompareTarget = Literal["version", "create", "mod", "value"]
-CompareOp = Literal["=", "!=", "<", ">"]
-
-
-@dataclass(frozen=True)
-class Compare:
-    """A transaction guard: ``target`` of ``key`` compared with ``value`` by ``op``.
-
-    ``version``, ``create`` and ``mod`` compare integers (``version = 0`` and
-    ``create = 0`` mean "the key does not exist"); ``value`` compares bytes.
-    """
-
-    key: bytes
-    target: CompareTarget
-    op: CompareOp
-    value: int | bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if self.target not in _COMPARE_TARGETS:
-            raise ValueError(f"compare on {self.key!r}: unknown target {self.target!r}")
-        if self.op not in _COMPARE_OPS:
-            raise ValueError(f"compare on {self.key!r}: unknown operator {self.op!r}")
-        if self.target == "value":
-            if not isinstance(self.value, bytes):
-                raise TypeError(f"compare on {self.key!r}: a value compare needs bytes")
-        elif isinstance(self.value, bool) or not isinstance(self.value, int):
-            # bool is an int subclass; True as a revision is always a mistake.
-            raise TypeError(f"compare on {self.key!r}: a {self.target} compare needs an int")
-
-
-@dataclass(frozen=True)
-class Put:
-    """Set ``key`` to ``value`` inside a transaction."""
-
-    key: bytes
-    value: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Delete:
-    """Delete ``key`` (one key, not a range) inside a transaction."""
-
-    key: bytes
-
-
-@dataclass(frozen=True)
-class TxnResult:
-    """Whether the compares held, and the store revision after the transaction."""
-
-    succeeded: bool
-    revision: int
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """A change under a watched prefix.
-
-    For ``delete``, ``kv.value`` is empty and ``kv.mod_revision`` is the
-    revision of the deletion.
-    """
-
-    type: Literal["put", "delete"]
-    kv: KeyValue
-
-
-# --------------------------------------------------------------------------- pure conversions
-
-_COMPARE_TARGETS: Final[Mapping[str, tuple[int, str]]] = {
-    # target -> (protobuf enum value, protobuf field holding the operand)
-    "version": (rpc.Compare.VERSION, "version"),
-    "create": (rpc.Compare.CREATE, "create_revision"),
-    "mod": (rpc.Compare.MOD, "mod_revision"),
-    "value": (rpc.Compare.VALUE, "value"),
-}
-
-_COMPARE_OPS: Final[Mapping[str, int]] = {
-    "=": rpc.Compare.EQUAL,
-    "!=": rpc.Compare.NOT_EQUAL,
-    "<": rpc.Compare.LESS,
-    ">": rpc.Compare.GREATER,
-}
-
-
-def compare_to_pb(compare: Compare) -> Any:
-    """Build the ``etcdserverpb.Compare`` message for ``compare``."""
-    target, operand_field = _COMPARE_TARGETS[compare.target]
-    return rpc.Compare(
-        key=compare.key,
-        target=target,
-        result=_COMPARE_OPS[compare.op],
-        **{operand_field: compare.value},
-    )
-
-
-def op_to_pb(op: Put | Delete) -> Any:
-    """Build the ``etcdserverpb.RequestOp`` message for a transaction operation."""
-    if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key, value=op.value))
-    if isinstance(op, Delete):
-        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key))
-    raise TypeError(f"not a transaction operation: {type(op).__name__}")
-
-
-def txn_to_pb(
-    compares: Sequence[Compare], success: Sequence[Put | Delete], failure: Sequence[Put | Delete]
-) -> Any:
-    """Build the ``etcdserverpb.TxnRequest`` message."""
-    return rpc.TxnRequest(
-        compare=[compare_to_pb(c) for c in compares],
-        success=[op_to_pb(op) for op in success],
-        failure=[op_to_pb(op) for op in failure],
-    )
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """The ``range_end`` that makes a Range or Watch cover every key starting with ``prefix``.
-
-    That is the prefix with its last byte below 0xff incremented and what
-    follows dropped; with no such byte (empty prefix, all 0xff) etcd's ``\\0``
-    means "to the end of the keyspace".
-    """
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"
-
-
-def keyvalue_from_pb(kv: Any) -> KeyValue:
-    """Convert an ``mvccpb.KeyValue`` message."""
-    return KeyValue(
-        key=bytes(kv.key),
-        value=bytes(kv.value),
-        create_revision=int(kv.create_revision),
-        mod_revision=int(kv.mod_revision),
-        version=int(kv.version),
-    )
-
-
-def event_from_pb(event: Any) -> WatchEvent:
-    """Convert an ``mvccpb.Event`` message."""
-    kind: Literal["put", "delete"] = "delete" if event.type == rpc.Event.DELETE else "put"
-    return WatchEvent(type=kind, kv=keyvalue_from_pb(event.kv))
-
-
-# etcd's messages (api/v3rpc/rpctypes) that mean "authenticate again and retry":
-# the simple token expired, the auth store changed under the token, or no token
-# was sent because none was held yet.
-_REAUTH_MARKERS: Final = (
-    "invalid auth token",
-    "revision of auth store is old",
-    "user name is empty",
-)
-
-# Refusals that retrying cannot fix; used where there is no status code (a
-# watch cancel reason) and for codes that are otherwise transient.
-_REJECTED_MARKERS: Final = (
-    "permission denied",
-    "invalid auth token",
-    "user name is empty",
-    "authentication failed",
-    "authentication is not enabled",
-)
-
-# Codes meaning "this endpoint cannot serve now": try another, or later.
-_FAILOVER_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-# Codes meaning a transient failure of the server or the connection; everything
-# else (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, ...) is a refusal.
-_TRANSIENT_CODES: Final = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DATA_LOSS,
-        # "too many requests" and "database space exceeded" (NOSPACE alarm):
-        # the cluster cannot take writes now, an operator or time fixes it.
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
-
-def needs_reauth(details: str) -> bool:
-    """Whether etcd's error message says the auth token must be renewed."""
-    lowered = details.lower()
-    return any(marker in lowered for marker in _REAUTH_MARKERS)
-
-
-def error_from_status(code: grpc.StatusCode | None, details: str, *, endpoint: str) -> EtcdError:
-    """Map a gRPC status (or, with ``code=None``, a bare etcd message) to an exception.
-
-    The message names the endpoint and keeps etcd's own words, which never
-    contain values.
-    """
-    text = " ".join(details.split())[:_MAX_DETAIL] or (code.name if code else "unknown error")
-    lowered = text.lower()
-    where = f"etcd {endpoint}"
-    if "too many operations in txn request" in lowered:
-        return TooManyOps(
-            f"{where}: the transaction has more operations than the server allows "
-            f"(--max-txn-ops, 128 by default): {text}"
-        )
-    if "request is too large" in lowered or (
-        code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in lowered
-    ):
-        return RequestTooLarge(
-            f"{where}: the request is larger than the server accepts "
-            f"(--max-request-bytes, 1.5 MiB by default): {text}"
-        )
-    if "compacted" in lowered and code in (None, grpc.StatusCode.OUT_OF_RANGE):
-        return Compacted(0, f"{where}: {text}")
-    if "not leader" in lowered or "no leader" in lowered or "leader changed" in lowered:
-        # FAILED_PRECONDITION "not leader" is a transient election state.
-        return EtcdUnavailable(f"{where}: {text}")
-    if code is None:
-        if any(marker in lowered for marker in _REJECTED_MARKERS):
-            return EtcdRejected(f"{where}: {text}")
-        return EtcdUnavailable(f"{where}: {text}")
-    if code in _TRANSIENT_CODES:
-        return EtcdUnavailable(f"{where}: {code.name}: {text}")
-    return EtcdRejected(f"{where}: {code.name}: {text}")
-
-
-# --------------------------------------------------------------------------- client
 
 
 class _Endpoint:
@@ -725,7 +326,7 @@ class EtcdClient:
             credentials = await self._credentials()
             endpoints = []
             for index, url in enumerate(self._conn.endpoints):
-                scheme, host, port = _split_endpoint(url)
+                scheme, host, port = split_endpoint(url)
                 target = f"{host}:{port}"
                 if scheme == "https":
                     channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
@@ -894,7 +495,7 @@ class EtcdClient:
                     self._forget_token(metadata)
                     continue
                 error = error_from_status(code, details, endpoint=endpoint.url)
-                if code not in _FAILOVER_CODES:
+                if code not in FAILOVER_CODES:
                     raise error from exc
                 self._advance(endpoint)
                 if not idempotent:

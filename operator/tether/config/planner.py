@@ -1,14 +1,19 @@
-"""Pure planning for EtcdConfig: desired keys + what etcd holds → guarded transactions.
+"""Pure planning for EtcdConfig and ConsulConfig: desired keys + what the store holds
+→ guarded transactions.
 
-Nothing here does I/O. The reconciler resolves the spec into ``{full key:
-value}``, reads etcd, and hands both in; the planner answers either *conflict*
-(nothing may be written) or the exact guarded operations that bring etcd to the
+Nothing here does I/O, and nothing here knows which store it plans for: etcd
+and Consul KV are both key-value stores with guarded multi-key transactions,
+described by :mod:`tether.config.values`. The reconciler resolves the spec
+into ``{full key: value}``, reads the store, and hands both in; the planner answers either *conflict*
+(nothing may be written) or the exact guarded operations that bring the store to the
 desired state, packed into as few transactions as the server's limits allow.
 
-Ownership lives in etcd itself, under a reserved prefix ``P`` (``/tether/``
-by default), so that it survives restarts and is shared by replicas:
+Ownership lives in the store itself, under a reserved prefix ``P`` (``/tether/``
+in etcd, ``tether/`` in Consul KV by default), so that it survives restarts and
+is shared by replicas:
 
-* a **claim** per key, ``P + "keys" + full_key``, whose value is the owner id
+* a **claim** per key, ``P + "keys/" + full_key`` (without the full key's
+  leading ``/`` in etcd), whose value is the owner id
   ``<cluster>/<namespace>/<name>``. Claims are the truth: a key is owned by a
   resource exactly when its claim names that resource;
 * an **index** per resource, ``P + "owners/" + owner_id``, holding
@@ -18,9 +23,9 @@ by default), so that it survives restarts and is shared by replicas:
   of a write too large for one transaction.
 
 Every operation is guarded by a compare on exactly the state it was planned
-from (a data key's ``mod_revision`` or its absence, a claim's absence or
-``mod_revision``), and every transaction also guards the index record, which
-any change to the owned set rewrites. Two writers, two replicas or an
+from (a data key's revision or its absence, a claim's absence or revision),
+and every transaction also guards the index record, which any change to the
+owned set rewrites. Two writers, two replicas or an
 out-of-band edit can therefore never interleave silently: the transaction
 fails, the reconciler re-reads and plans again.
 
@@ -33,19 +38,26 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tether.etcd.client import Compare, Delete, KeyValue, Put
+from tether.config.values import Delete, Entry, Guard, Op, Put
 
-#: The server's ``--max-txn-ops`` default; counts success ops and compares separately.
-DEFAULT_MAX_TXN_OPS = 128
 
-#: Budget for one transaction's estimated size. etcd refuses requests above
-#: ``--max-request-bytes`` (1.5 MiB by default); the estimate below is rough,
-#: so a third of a MiB stays free for protobuf framing and the index record.
-MAX_TXN_BYTES = 1024 * 1024
+@dataclass(frozen=True)
+class Limits:
+    """What one store accepts: operations and bytes per transaction, bytes per key.
 
-#: Largest key + value Tether will try to write: it must fit one request of
-#: 1.5 MiB together with its guard and the index guard.
-MAX_VALUE_BYTES = 1_400 * 1024
+    ``max_ops`` bounds the operations *and* the guards of one transaction
+    (etcd counts compares and operations separately against ``--max-txn-ops``;
+    Consul counts check-and-set operations, one per item, plus the index
+    guard). ``max_txn_bytes`` is a budget for a rough size estimate, well under
+    the server's request limit; ``max_value_bytes`` is the largest key plus
+    value Tether tries to write at all.
+    """
+
+    store: str  # named in messages: "etcd", "Consul KV"
+    max_ops: int
+    max_txn_bytes: int
+    max_value_bytes: int
+
 
 # Fixed cost estimated per operation or compare on top of its key and value:
 # protobuf tags, lengths and revision fields.
@@ -54,7 +66,6 @@ _OP_OVERHEAD = 16
 # How many keys a conflict message names before summarising the rest.
 _CONFLICTS_SHOWN = 3
 
-TxnOp = Put | Delete
 
 
 # --------------------------------------------------------------------------- layout
@@ -67,29 +78,38 @@ def owner_id(cluster: str, namespace: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the ownership records live, for one reserved prefix ``P``."""
+    """Where the ownership records live, for one reserved prefix ``P``.
+
+    ``rooted`` stores (etcd) have keys that start with ``/``; Consul KV keys
+    do not. A claim drops the full key's leading ``/`` so that both read
+    ``P + "keys/" + path``.
+    """
 
     ownership_prefix: str
+    rooted: bool = True
 
     def __post_init__(self) -> None:
-        if not self.ownership_prefix.startswith("/") or not self.ownership_prefix.endswith("/"):
+        if not self.ownership_prefix.endswith("/") or self.ownership_prefix == "/":
+            raise ValueError(f"ownership prefix {self.ownership_prefix!r} must end with '/'")
+        if self.rooted != self.ownership_prefix.startswith("/"):
             raise ValueError(
-                f"ownership prefix {self.ownership_prefix!r} must start and end with '/'"
+                f"ownership prefix {self.ownership_prefix!r} must "
+                + ("start with '/'" if self.rooted else "not start with '/'")
             )
 
     @property
     def claims_root(self) -> str:
-        # No separator after "keys": full keys start with "/" themselves.
-        return self.ownership_prefix + "keys"
+        return self.ownership_prefix + "keys/"
 
     def claim_key(self, full_key: str) -> str:
-        return self.claims_root + full_key
+        return self.claims_root + full_key.removeprefix("/")
 
     def full_key_of_claim(self, claim_key: str) -> str | None:
         """The data key a claim is about, or None if ``claim_key`` is no claim."""
-        if not claim_key.startswith(self.claims_root + "/"):
+        if not claim_key.startswith(self.claims_root) or claim_key == self.claims_root:
             return None
-        return claim_key[len(self.claims_root):]
+        path = claim_key[len(self.claims_root):]
+        return "/" + path if self.rooted else path
 
     def index_key(self, owner: str) -> str:
         return self.ownership_prefix + "owners/" + owner
@@ -97,6 +117,10 @@ class Layout:
     def reserved(self, key: str) -> bool:
         """True for keys inside the reserved prefix, which no resource may declare."""
         return key.startswith(self.ownership_prefix)
+
+    def valid_key(self, key: str) -> bool:
+        """Whether ``key`` has this store's shape (what an index record may list)."""
+        return bool(key) and key.startswith("/") == self.rooted
 
 
 def directory(prefix: str) -> str:
@@ -120,7 +144,7 @@ def encode_index(keys: Iterable[str]) -> bytes | None:
     return json.dumps({"keys": ordered}, separators=(",", ":")).encode()
 
 
-def decode_index(value: bytes | None) -> tuple[str, ...]:
+def decode_index(value: bytes | None, layout: Layout) -> tuple[str, ...]:
     """The keys an index record lists; a damaged record lists nothing.
 
     A damaged record cannot hide a key from pruning for good: claims under
@@ -135,10 +159,10 @@ def decode_index(value: bytes | None) -> tuple[str, ...]:
     keys = body.get("keys") if isinstance(body, dict) else None
     if not isinstance(keys, list):
         return ()
-    return tuple(sorted({k for k in keys if isinstance(k, str) and k.startswith("/")}))
+    return tuple(sorted({k for k in keys if isinstance(k, str) and layout.valid_key(k)}))
 
 
-def describe_owner(raw: bytes, *, cluster: str) -> str:
+def describe_owner(raw: bytes, *, cluster: str, kind: str) -> str:
     """Who a claim names, for a person; never echoes bytes that are not an owner id."""
     try:
         text = raw.decode("utf-8")
@@ -149,7 +173,7 @@ def describe_owner(raw: bytes, *, cluster: str) -> str:
         return "an unrecognised ownership record"
     their_cluster, namespace, name = parts
     where = "" if their_cluster == cluster else f" in cluster {their_cluster}"
-    return f"EtcdConfig {namespace}/{name}{where}"
+    return f"{kind} {namespace}/{name}{where}"
 
 
 # --------------------------------------------------------------------------- validation
@@ -165,7 +189,7 @@ def prefix_problem(prefix: str, layout: Layout) -> str | None:
     return None
 
 
-def desired_problem(desired: Mapping[str, bytes], layout: Layout) -> str | None:
+def desired_problem(desired: Mapping[str, bytes], layout: Layout, limits: Limits, *, kind: str) -> str | None:
     """Why the resolved keys cannot be written as they are; None if they can.
 
     Names keys, never values (a size is fine: Kubernetes itself shows sizes
@@ -177,18 +201,19 @@ def desired_problem(desired: Mapping[str, bytes], layout: Layout) -> str | None:
                 f"key {key} is inside {layout.ownership_prefix!r}, where Tether keeps its "
                 "ownership records; choose another prefix or key"
             )
-        size = len(key.encode()) + len(desired[key])
-        if size > MAX_VALUE_BYTES:
+        size = len(_encode(key)) + len(desired[key])
+        if size > limits.max_value_bytes:
             return (
-                f"key {key}: its value is {len(desired[key])} bytes, more than etcd accepts in "
-                f"one request (about {MAX_VALUE_BYTES // 1024} KiB including the key); "
+                f"key {key}: its value is {len(desired[key])} bytes, more than {limits.store} "
+                f"accepts (about {limits.max_value_bytes // 1024} KiB including the key); "
                 "store large data elsewhere"
             )
     index = encode_index(desired)
-    if index is not None and len(index) > MAX_VALUE_BYTES:
+    if index is not None and len(index) > limits.max_value_bytes:
         return (
-            f"{len(desired)} keys are too many for one EtcdConfig: their ownership record "
-            "would exceed etcd's request size; split the keys over several resources"
+            f"{len(desired)} keys are too many for one {kind}: their ownership record "
+            f"would exceed what {limits.store} accepts for one value; split the keys over "
+            "several resources"
         )
     return None
 
@@ -200,12 +225,12 @@ def desired_problem(desired: Mapping[str, bytes], layout: Layout) -> str | None:
 class Item:
     """One operation and the compare that makes it safe: nothing changed since the read."""
 
-    op: TxnOp
-    guard: Compare
+    op: Op
+    guard: Guard
 
     def size(self) -> int:
         value = self.op.value if isinstance(self.op, Put) else b""
-        return len(self.op.key) + len(value) + len(self.guard.key) + 2 * _OP_OVERHEAD
+        return 2 * len(_encode(self.op.key)) + len(value) + 2 * _OP_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -219,7 +244,7 @@ class Plan:
     """
 
     index_key: str
-    index_revision: int  # observed mod_revision of the index record; 0 when absent
+    index_revision: int  # observed revision of the index record; 0 when absent
     index_before: bytes | None  # observed value of the index record
     index_after: bytes | None  # value it must have afterwards; None: no record
     owned_before: frozenset[str] = frozenset()
@@ -234,8 +259,16 @@ class Plan:
 
     @property
     def noop(self) -> bool:
-        """Nothing to write: etcd already matches (or a conflict forbids writing)."""
+        """Nothing to write: the store already matches (or a conflict forbids writing)."""
         return not self.writes and not self.deletes and self.index_before == self.index_after
+
+
+def _listed(value: bytes | None) -> tuple[str, ...]:
+    """Every key an index record this planner wrote lists (no shape filter needed)."""
+    if not value:
+        return ()
+    body = json.loads(value)
+    return tuple(body.get("keys", ()))
 
 
 def _encode(key: str) -> bytes:
@@ -243,12 +276,12 @@ def _encode(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
-def _absent(key: str) -> Compare:
-    return Compare(_encode(key), "version", "=", 0)
+def _absent(key: str) -> Guard:
+    return Guard(key, 0)
 
 
-def _unchanged(key: str, kv: KeyValue) -> Compare:
-    return Compare(_encode(key), "mod", "=", kv.mod_revision)
+def _unchanged(key: str, entry: Entry) -> Guard:
+    return Guard(key, entry.revision)
 
 
 def plan(
@@ -256,16 +289,17 @@ def plan(
     owner: str,
     layout: Layout,
     desired: Mapping[str, bytes],
-    data: Mapping[str, KeyValue],
-    claims: Mapping[str, KeyValue],
-    index: KeyValue | None,
+    data: Mapping[str, Entry],
+    claims: Mapping[str, Entry],
+    index: Entry | None,
     prune: bool,
     adopt: bool,
+    kind: str,
 ) -> Plan:
     """Decide the guarded writes for one resource.
 
     ``data`` and ``claims`` are keyed by full key and must cover every desired
-    key and every key the index lists (absent from the map: absent in etcd);
+    key and every key the index lists (absent from the map: absent in the store);
     they may hold more (foreign keys under the prefix), which are ignored.
     ``desired`` must already have passed :func:`desired_problem`.
 
@@ -278,7 +312,7 @@ def plan(
     owner_bytes = owner.encode()
     cluster = owner.rsplit("/", 2)[0]
     index_key = layout.index_key(owner)
-    listed = decode_index(index.value if index else None)
+    listed = decode_index(index.value if index else None, layout)
     # Claims are the truth; the index only says where to look. A claim naming
     # this owner that the index misses (a damaged index) is still owned.
     owned = frozenset(
@@ -286,14 +320,16 @@ def plan(
         for key in (*listed, *claims)
         if (claim := claims.get(key)) is not None and claim.value == owner_bytes
     )
-    index_revision = index.mod_revision if index else 0
+    index_revision = index.revision if index else 0
     index_before = index.value if index else None
 
     conflicts: list[str] = []
     for key in sorted(desired):
         claim = claims.get(key)
         if claim is not None and claim.value != owner_bytes:
-            conflicts.append(f"key {key} is owned by {describe_owner(claim.value, cluster=cluster)}")
+            conflicts.append(
+                f"key {key} is owned by {describe_owner(claim.value, cluster=cluster, kind=kind)}"
+            )
         elif claim is None and key in data and not adopt:
             conflicts.append(
                 f"key {key} exists and is not managed by Tether; set adopt: true to take it over"
@@ -316,12 +352,12 @@ def plan(
         claim_key = layout.claim_key(key)
         if key not in owned:
             claimed.append(key)
-            writes.append(Item(Put(_encode(claim_key), owner_bytes), _absent(claim_key)))
+            writes.append(Item(Put(claim_key, owner_bytes), _absent(claim_key)))
         current = data.get(key)
         if current is None or current.value != value:
             put_keys.append(key)
             guard = _absent(key) if current is None else _unchanged(key, current)
-            writes.append(Item(Put(_encode(key), value), guard))
+            writes.append(Item(Put(key, value), guard))
 
     deletes: list[Item] = []
     deleted: list[str] = []
@@ -330,11 +366,11 @@ def plan(
         current = data.get(key)
         if prune and current is not None:
             deleted.append(key)
-            deletes.append(Item(Delete(_encode(key)), _unchanged(key, current)))
+            deletes.append(Item(Delete(key), _unchanged(key, current)))
         elif not prune and current is not None:
             released.append(key)
         claim_key = layout.claim_key(key)
-        deletes.append(Item(Delete(_encode(claim_key)), _unchanged(claim_key, claims[key])))
+        deletes.append(Item(Delete(claim_key), _unchanged(claim_key, claims[key])))
 
     return Plan(
         index_key=index_key,
@@ -396,7 +432,7 @@ class _Packer:
         if ops > self.max_ops or compares > self.max_ops:
             return False
         empty = not self.items and not self.wrote_index
-        # One oversized item still goes out, alone: it was vetted against etcd's
+        # One oversized item still goes out, alone: it was vetted against the store's
         # real request limit by desired_problem().
         return empty or self._size() + extra_bytes <= self.max_bytes
 
@@ -407,7 +443,7 @@ class _Packer:
 
     def add_index(self, value: bytes | None) -> None:
         size = (len(value) if value is not None else 0) + self.index_key_size + _OP_OVERHEAD
-        # Two writes of the record cannot share a transaction (etcd refuses a
+        # Two writes of the record cannot share a transaction (both stores refuse a
         # key twice), and the union must be committed before what it covers.
         if self.wrote_index or not self._fits(0, 1, size):
             self.flush()
@@ -419,7 +455,7 @@ class _Packer:
         self.items, self.index, self.delete_index, self.wrote_index = [], None, False, False
 
 
-def steps(plan: Plan, *, max_ops: int = DEFAULT_MAX_TXN_OPS, max_bytes: int = MAX_TXN_BYTES) -> list[Step]:
+def steps(plan: Plan, *, max_ops: int, max_bytes: int) -> list[Step]:
     """The transactions that carry out ``plan``, in order.
 
     One transaction when everything fits. Otherwise ordered chunks: the index
@@ -445,10 +481,10 @@ def steps(plan: Plan, *, max_ops: int = DEFAULT_MAX_TXN_OPS, max_bytes: int = MA
         return single.steps
 
     packer = _Packer(max_ops, max_bytes, index_key_size)
-    before = set(decode_index(plan.index_before))
+    before = set(_listed(plan.index_before))
     # Owned keys the record failed to list (a damaged record) join the union
     # too, so that the invariant holds from the first chunk on.
-    union = before | set(decode_index(plan.index_after)) | plan.owned_before
+    union = before | set(_listed(plan.index_after)) | plan.owned_before
     current = plan.index_before
     if union != before:
         current = encode_index(union)
@@ -461,29 +497,13 @@ def steps(plan: Plan, *, max_ops: int = DEFAULT_MAX_TXN_OPS, max_bytes: int = MA
     return packer.steps
 
 
-def index_guard(index_key: str, index_revision: int) -> Compare:
-    """The compare every step carries: the index record is as this plan last left it."""
-    if index_revision == 0:
-        return _absent(index_key)
-    return Compare(_encode(index_key), "mod", "=", index_revision)
-
-
-def transaction(
-    step: Step, *, index_key: str, index_revision: int
-) -> tuple[list[Compare], list[TxnOp]]:
-    """Compares and operations of one step, given the index record's current revision."""
-    compares = [item.guard for item in step.items]
-    compares.append(index_guard(index_key, index_revision))
-    ops: list[TxnOp] = [item.op for item in step.items]
-    if step.index is not None:
-        ops.append(Put(_encode(index_key), step.index))
-    elif step.delete_index:
-        ops.append(Delete(_encode(index_key)))
-    return compares, ops
+def index_guard(index_key: str, index_revision: int) -> Guard:
+    """The guard every step carries: the index record is as this plan last left it."""
+    return Guard(index_key, index_revision)
 
 
 def index_revision_after(step: Step, index_revision: int, txn_revision: int) -> int:
-    """The index record's ``mod_revision`` once ``step`` committed at ``txn_revision``.
+    """The index record's revision once ``step`` committed at ``txn_revision``.
 
     Every operation of one transaction carries the transaction's revision, so
     the next step can guard the record without reading it again.

@@ -1,8 +1,10 @@
-"""Consul agent I/O through py-consul's asyncio client.
+"""Consul I/O through py-consul's asyncio client: the agent API and the KV store.
 
 Every call has a deadline, so a hung agent cannot stall the operator; failures
 are sorted into *unavailable* (retry with backoff) and *rejected* (ACL denied,
-bad request: a person must act). py-consul's quirks stay in this module.
+bad request: a person must act), subclasses of Tether's one error vocabulary.
+py-consul's quirks stay in this module, as do the backend-up gauge and the
+write counter.
 """
 
 from __future__ import annotations
@@ -18,22 +20,31 @@ import consul.aio
 from consul import exceptions as consul_errors
 from consul.callback import CB
 
-from tether import metrics
+from tether import errors, metrics
+from tether.errors import BackendError, BackendRejected, BackendUnavailable
 from tether.settings import ConsulConnection
 
 T = TypeVar("T")
 
 
-class ConsulError(Exception):
+class ConsulError(BackendError):
     """Base of Consul failures."""
 
 
-class ConsulUnavailable(ConsulError):
+class ConsulUnavailable(ConsulError, BackendUnavailable):
     """The agent did not answer (refused, timed out, 5xx): retry later."""
 
 
-class ConsulRejected(ConsulError):
-    """The agent answered no (ACL denied, invalid request): retrying will not help."""
+class ConsulRejected(ConsulError, BackendRejected):
+    """The agent answered no (ACL denied, invalid request): a person must act."""
+
+
+class ConsulTooManyOps(ConsulRejected, errors.TooManyOperations):
+    """A KV transaction had more operations than the server allows."""
+
+
+class ConsulRequestTooLarge(ConsulRejected, errors.RequestTooLarge):
+    """A request body was larger than the server allows (``txn_max_req_len``)."""
 
 
 class Agent(Protocol):
@@ -56,7 +67,7 @@ class Agent(Protocol):
     async def wait_health(self, index: int, wait: str) -> int: ...
 
 
-class ConsulAgent:
+class ConsulClient:
     """The agent at ``CONSUL_HTTP_ADDR``, via py-consul's aiohttp client."""
 
     def __init__(self, conn: ConsulConnection) -> None:
@@ -190,6 +201,81 @@ class ConsulAgent:
     async def wait_health(self, index: int, wait: str) -> int:
         """Block until any check changes state after ``index``; return the new index."""
         return await self._wait("/v1/health/state/any", index, wait, "watch of checks")
+
+    # -- the KV store -------------------------------------------------------------
+
+    async def _kv_request(
+        self, method: str, path: str, *, what: str, params: list[tuple[str, str]] | None = None,
+        data: str = "", deadline: float | None = None,
+    ) -> tuple[int, Mapping[str, str], str]:
+        """One raw KV/txn call: status, headers, body; statuses are interpreted here."""
+        def raw(response: Any) -> tuple[int, Mapping[str, str], str]:
+            return int(response.code), response.headers, str(response.body or "")
+
+        if method == "GET":
+            call = lambda: self._http.get(raw, path, params=params, headers=self._headers())  # noqa: E731
+        else:
+            call = lambda: self._http.put(raw, path, params=params, data=data, headers=self._headers())  # noqa: E731
+        code, headers, body = await self._call(call, what=what, deadline=deadline)
+        text = " ".join(body.split())[:300]
+        if code in (401, 403):
+            raise ConsulRejected(
+                f"Consul refused {what}: {code} {text} (check CONSUL_HTTP_TOKEN and its policy)"
+            )
+        if code == 413:
+            if "too many operations" in text.lower():
+                raise ConsulTooManyOps(f"Consul refused {what}: {text}")
+            raise ConsulRequestTooLarge(f"Consul refused {what}: {text}")
+        if code == 400:
+            raise ConsulRejected(f"Consul rejected {what}: {text}")
+        if code >= 500:
+            self._down()
+            raise ConsulUnavailable(f"Consul failed {what}: {code} {text}")
+        return code, headers, body
+
+    async def kv_get(self, key: str) -> dict[str, Any] | None:
+        """One KV entry as Consul returns it, or None."""
+        code, _, body = await self._kv_request(
+            "GET", f"/v1/kv/{quote(key, safe='/')}", what=f"read of KV key {key!r}"
+        )
+        if code == 404:
+            return None
+        entries = json.loads(body) or []
+        return dict(entries[0]) if entries else None
+
+    async def kv_tree(
+        self, prefix: str, *, index: int = 0, wait: str = ""
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Every entry under ``prefix`` and Consul's index; with ``index``, a blocking query."""
+        params = [("recurse", "true")]
+        deadline = None
+        if index:
+            params += [("index", str(index)), ("wait", wait)]
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            deadline = float(wait.rstrip("s")) * 1.1 + self.conn.timeout
+        code, headers, body = await self._kv_request(
+            "GET", f"/v1/kv/{quote(prefix, safe='/')}", params=params,
+            what=f"list of KV keys under {prefix!r}", deadline=deadline,
+        )
+        new_index = int(headers.get("X-Consul-Index") or 0)
+        if code == 404:
+            return new_index, []
+        return new_index, [dict(e) for e in json.loads(body) or []]
+
+    async def kv_txn(self, ops: list[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]]]:
+        """Run one KV transaction: (True, results) when applied, (False, []) when rolled back."""
+        metrics.WRITES.labels(system="consul").inc()
+        code, _, body = await self._kv_request(
+            "PUT", "/v1/txn", data=json.dumps(ops), what=f"KV transaction of {len(ops)} operations"
+        )
+        if code == 409:
+            # A guard failed and Consul rolled the whole transaction back.
+            return False, []
+        if code != 200:
+            text = " ".join(body.split())[:300]
+            raise ConsulRejected(f"Consul answered {code} to a KV transaction: {text}")
+        results = (json.loads(body) or {}).get("Results") or []
+        return True, [dict(r.get("KV") or {}) for r in results]
 
     async def close(self) -> None:
         session = getattr(self._http, "_session", None)

@@ -1,4 +1,9 @@
-"""The EtcdConfig resource: its spec as a typed, validated model."""
+"""EtcdConfig and ConsulConfig: one spec (prefix, data, from, prune, adopt,
+deletionPolicy) as a typed, validated model, for two stores.
+
+The kinds differ only in the shape of a key: etcd keys start with ``/``,
+Consul KV keys do not (Consul's own convention, ``shop/payments``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,24 @@ from typing import Any, Literal
 
 from tether.api import InvalidSpec
 
-PLURAL = "etcdconfigs"
-KIND = "EtcdConfig"
-
 SourceKind = Literal["configMap", "secret"]
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What tells the config kinds apart."""
+
+    kind: str
+    plural: str
+    store: str  # for messages: "etcd", "Consul KV"
+    rooted: bool  # keys start with "/"
+    revision_field: str  # the status field naming the store's stamp of the last write
+
+
+ETCD = Flavor("EtcdConfig", "etcdconfigs", store="etcd", rooted=True, revision_field="revision")
+CONSUL = Flavor(
+    "ConsulConfig", "consulconfigs", store="Consul KV", rooted=False, revision_field="modifyIndex"
+)
 
 
 @dataclass(frozen=True)
@@ -24,8 +43,8 @@ class Source:
 
 
 @dataclass(frozen=True)
-class EtcdConfigSpec:
-    """What an EtcdConfig asks etcd to hold (before ``from`` is resolved)."""
+class ConfigSpec:
+    """What a config resource asks its store to hold (before ``from`` is resolved)."""
 
     prefix: str
     data: tuple[tuple[str, str], ...] = ()
@@ -57,11 +76,18 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def parse(spec: Mapping[str, Any]) -> EtcdConfigSpec:
+def parse(spec: Mapping[str, Any], flavor: Flavor) -> ConfigSpec:
     """Validate ``spec`` (as the API server stored it) and return the typed model."""
     prefix = spec.get("prefix")
-    if not isinstance(prefix, str) or not prefix.startswith("/"):
+    if not isinstance(prefix, str):
+        raise InvalidSpec(f"spec.prefix: {prefix!r} must be a string")
+    if flavor.rooted and not prefix.startswith("/"):
         raise InvalidSpec(f"spec.prefix: {prefix!r} must be a string starting with '/'")
+    if not flavor.rooted and (prefix.startswith("/") or not prefix.strip("/")):
+        raise InvalidSpec(
+            f"spec.prefix: {prefix!r} must be a non-empty string without a leading '/' "
+            "(Consul KV keys do not start with '/', e.g. shop/payments)"
+        )
     if "//" in prefix or any(s in (".", "..") for s in prefix.strip("/").split("/") if s):
         raise InvalidSpec(f"spec.prefix: {prefix!r} has an empty, '.' or '..' segment")
     raw_data = spec.get("data") or {}
@@ -95,7 +121,7 @@ def parse(spec: Mapping[str, Any]) -> EtcdConfigSpec:
     policy = spec.get("deletionPolicy", "Delete")
     if policy not in ("Delete", "Orphan"):
         raise InvalidSpec(f"spec.deletionPolicy: {policy!r} must be Delete or Orphan")
-    return EtcdConfigSpec(
+    return ConfigSpec(
         prefix=prefix,
         data=tuple(data),
         sources=tuple(sources),

@@ -1,0 +1,1 @@
+"""The configuration engine shared by EtcdConfig and ConsulConfig (values, planner, reconciler)."""

@@ -1,0 +1,125 @@
+"""etcd as a store of the configuration engine: :mod:`tether.config.values` ↔ etcd's API.
+
+A guard becomes a compare (absent: ``version = 0``; unchanged: ``mod_revision
+= r``), a step becomes one ``Txn``. etcd keys are bytes: a foreign key need
+not be UTF-8 and must still round-trip exactly when it is guarded or
+deleted, hence ``surrogateescape``. The backend-up gauge and the error
+counter are kept here, where the calls are made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Final, Protocol, TypeVar
+
+from tether import metrics
+from tether.config import planner
+from tether.config.values import Committed, Delete, Entry, Guard, Op, Put
+from tether.etcd import values as etcd
+from tether.etcd.errors import EtcdUnavailable
+
+T = TypeVar("T")
+
+#: The server's ``--max-txn-ops`` default; counts operations and compares separately.
+DEFAULT_MAX_TXN_OPS: Final = 128
+
+#: Budget for one transaction's estimated size. etcd refuses requests above
+#: ``--max-request-bytes`` (1.5 MiB by default); the estimate is rough, so a
+#: third of a MiB stays free for protobuf framing and the index record.
+MAX_TXN_BYTES: Final = 1024 * 1024
+
+#: Largest key + value Tether will try to write: it must fit one request of
+#: 1.5 MiB together with its guard and the index guard.
+MAX_VALUE_BYTES: Final = 1_400 * 1024
+
+
+class Client(Protocol):
+    """The parts of :class:`tether.etcd.client.EtcdClient` the store and the watcher use."""
+
+    async def get_prefix(self, prefix: bytes) -> tuple[int, list[etcd.KeyValue]]: ...
+
+    async def get(self, key: bytes) -> etcd.KeyValue | None: ...
+
+    async def txn(
+        self, compares: Sequence[etcd.Compare], success: Sequence[etcd.Put | etcd.Delete],
+        failure: Sequence[etcd.Put | etcd.Delete] = (),
+    ) -> etcd.TxnResult: ...
+
+    def watch_prefix(
+        self, prefix: bytes, start_revision: int
+    ) -> AsyncIterator[tuple[int, list[etcd.WatchEvent]]]: ...
+
+    async def status(self) -> int: ...
+
+
+def encode(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
+
+
+def decode(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+def entry(kv: etcd.KeyValue) -> Entry:
+    return Entry(decode(kv.key), kv.value, kv.mod_revision)
+
+
+def compare(guard: Guard) -> etcd.Compare:
+    if guard.absent:
+        return etcd.Compare(encode(guard.key), "version", "=", 0)
+    return etcd.Compare(encode(guard.key), "mod", "=", guard.revision)
+
+
+def operation(op: Op) -> etcd.Put | etcd.Delete:
+    if isinstance(op, Put):
+        return etcd.Put(encode(op.key), op.value)
+    return etcd.Delete(encode(op.key))
+
+
+def transaction(
+    step: planner.Step, *, index_key: str, index_revision: int
+) -> tuple[list[etcd.Compare], list[etcd.Put | etcd.Delete]]:
+    """Compares and operations of one step, given the index record's current revision."""
+    compares = [compare(item.guard) for item in step.items]
+    compares.append(compare(planner.index_guard(index_key, index_revision)))
+    ops = [operation(item.op) for item in step.items]
+    if step.index is not None:
+        ops.append(operation(Put(index_key, step.index)))
+    elif step.delete_index:
+        ops.append(operation(Delete(index_key)))
+    return compares, ops
+
+
+class EtcdStore:
+    """The configuration engine's view of etcd."""
+
+    def __init__(self, client: Client, *, max_txn_ops: int = DEFAULT_MAX_TXN_OPS) -> None:
+        self.client = client
+        # Lowered by the engine when the server proves to allow less (a smaller
+        # --max-txn-ops or --max-request-bytes); a property of the server, so shared.
+        self.limits = planner.Limits(
+            store="etcd", max_ops=max_txn_ops, max_txn_bytes=MAX_TXN_BYTES, max_value_bytes=MAX_VALUE_BYTES
+        )
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except EtcdUnavailable:
+            metrics.BACKEND_UP.labels(backend="etcd").set(0)
+            metrics.BACKEND_ERRORS.labels(backend="etcd").inc()
+            raise
+        metrics.BACKEND_UP.labels(backend="etcd").set(1)
+        return result
+
+    async def read(self, key: str) -> Entry | None:
+        kv = await self._call(self.client.get(encode(key)))
+        return None if kv is None else entry(kv)
+
+    async def read_tree(self, directory: str) -> list[Entry]:
+        _, kvs = await self._call(self.client.get_prefix(encode(directory)))
+        return [entry(kv) for kv in kvs]
+
+    async def commit(self, step: planner.Step, *, index_key: str, index_revision: int) -> Committed:
+        compares, ops = transaction(step, index_key=index_key, index_revision=index_revision)
+        result = await self._call(self.client.txn(compares, ops))
+        return Committed(result.succeeded, result.revision)
