@@ -6,7 +6,7 @@
 #   make e2e          end-to-end tests only (starts the dev stack if needed)
 #   make test-faults  fault-injection suite (kills/pauses Consul, etcd, kube-apiserver, operator)
 #   make bench        benchmarks; prints a table, writes benchmarks/results/latest.json
-#   make lint         ruff + mypy --strict
+#   make lint         ruff + mypy --strict + import-linter layer contracts
 #   make binaries     build/locate kube-apiserver, kubectl, etcd, consul (cached outside the repo)
 #   make dev-up / dev-down / dev-status
 #   make image        docker build (needs a Docker engine)
@@ -33,6 +33,7 @@ run: venv
 lint: venv
 	$(VENV)/bin/ruff check operator tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: venv
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)

@@ -21,8 +21,8 @@ from consul import exceptions as consul_errors
 from consul.callback import CB
 
 from tether import errors, metrics
+from tether.consul.connection import ConsulConnection
 from tether.errors import BackendError, BackendRejected, BackendUnavailable
-from tether.settings import ConsulConnection
 
 T = TypeVar("T")
 
