@@ -30,6 +30,10 @@ out-of-band edit can therefore never interleave silently: the transaction
 fails, the reconciler re-reads and plans again.
 
 Values are bytes and may be Secret data: they never appear in any message.
+
+(Over 500 lines on purpose: ownership layout, validation, the plan and its
+packing into transactions are one invariant — every claim covered by the
+index at every moment — and read best in one place.)
 """
 
 from __future__ import annotations

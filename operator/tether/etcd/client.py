@@ -17,6 +17,10 @@ Contract in short:
 - gRPC failures become :class:`EtcdUnavailable` (retry later) or
   :class:`EtcdRejected` (the server refused the request as such);
 - values never appear in messages, logs or reprs: they may be secrets.
+
+(Over 500 lines on purpose: endpoints, failover, authentication and the watch
+stream share one channel state; the pure parts live in ``values``, ``wire``,
+``errors`` and ``connection``.)
 """
 
 from __future__ import annotations
