@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import delete_namespace, kubectl, wait_for
+
+from tests.support.kube import delete_namespace, kubectl
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from helpers import kubectl, wait_for
-from opfixture import OperatorProcess, apply, get, wait_condition
+from tests.support.kube import apply, get, kubectl, wait_condition
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 
 def _resources(count: int, prefix: str) -> list[dict[str, Any]]:
@@ -50,6 +51,7 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
             tmp_path / f"{name}.log",
             args=("-n", ns, "--leader-elect"),
             extra_env={"POD_NAME": name, "POD_NAMESPACE": ns, "TETHER_LEASE_NAME": lease_name},
+            verbose=True,
         ).start()
 
     first = operator("first")
@@ -125,7 +127,7 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
         standby.stop()
         leader.stop()
     # Clean up with a plain operator so finalizers are released.
-    cleaner = OperatorProcess(dev_env, tmp_path / "cleaner.log", args=("-n", ns)).start()
+    cleaner = OperatorProcess(dev_env, tmp_path / "cleaner.log", args=("-n", ns), verbose=True).start()
     try:
         kubectl(dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", ns, "--timeout=60s")
         assert get(dev_env, ns, "consulservice", "after") is None

@@ -7,8 +7,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from helpers import kubectl
-from opfixture import OperatorProcess, apply, wait_condition
+from tests.support.kube import apply, kubectl, wait_condition
+from tests.support.operator import OperatorProcess
 
 
 def test_metrics_and_healthz(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
@@ -38,7 +38,7 @@ def test_json_logs_name_the_resource(dev_env: dict[str, str], tmp_path: Path) ->
     ns = f"x-log-{uuid.uuid4().hex[:6]}"
     kubectl(dev_env, "create", "namespace", ns)
     log = tmp_path / "op.log"
-    op = OperatorProcess(dev_env, log, args=("-n", ns, "--log-format", "json")).start()
+    op = OperatorProcess(dev_env, log, args=("-n", ns, "--log-format", "json"), verbose=True).start()
     try:
         apply(
             dev_env,
