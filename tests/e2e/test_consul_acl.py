@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.consul import Consul
-from tests.support.kube import apply, condition, kubectl, wait_condition
+from tests.support.kube import apply, condition, kubectl, resource, wait_condition
 from tests.support.operator import OperatorProcess
 from tether.devstack import stack
 
@@ -47,13 +47,8 @@ def scoped_token(env: dict[str, str]) -> str:
     return str(token["SecretID"])
 
 
-def csvc(resource: str, **spec: object) -> dict[str, object]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "ConsulService",
-        "metadata": {"name": resource},
-        "spec": spec,
-    }
+def csvc(name: str, **spec: object) -> dict[str, object]:
+    return resource("ConsulService", name, spec)
 
 
 def test_scoped_token_works_and_wrong_token_is_reported(

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.support.consul import Consul
-from tests.support.kube import apply, condition, events, get, kubectl, wait_condition, wait_gone
+from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
 from tests.support.operator import OperatorProcess
 from tests.support.waiting import wait_for
 
@@ -19,12 +19,7 @@ KIND = "consulservice"
 
 
 def csvc(resource_name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "ConsulService",
-        "metadata": {"name": resource_name},
-        "spec": spec,
-    }
+    return resource("ConsulService", resource_name, spec)
 
 
 class _Probe(BaseHTTPRequestHandler):

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from tests.support.etcd import Etcd
-from tests.support.kube import apply, condition, events, get, kubectl, wait_condition, wait_gone
+from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
 from tests.support.operator import OperatorProcess
 from tests.support.waiting import wait_for
 
@@ -17,12 +17,7 @@ KIND = "etcdconfig"
 
 
 def ecfg(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "EtcdConfig",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
+    return resource("EtcdConfig", name, spec)
 
 
 def unique_prefix() -> str:

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support.kube import apply, get, kubectl, wait_condition
+from tests.support.kube import apply, get, kubectl, resource, wait_condition
 from tests.support.operator import OperatorProcess
 from tests.support.waiting import wait_for
 
@@ -17,22 +17,8 @@ from tests.support.waiting import wait_for
 def _resources(count: int, prefix: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i in range(count):
-        out.append(
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "ConsulService",
-                "metadata": {"name": f"svc-{i}"},
-                "spec": {"port": 1000 + i},
-            }
-        )
-        out.append(
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "EtcdConfig",
-                "metadata": {"name": f"cfg-{i}"},
-                "spec": {"prefix": f"{prefix}/{i}", "data": {"k": str(i)}},
-            }
-        )
+        out.append(resource("ConsulService", f"svc-{i}", {"port": 1000 + i}))
+        out.append(resource("EtcdConfig", f"cfg-{i}", {"prefix": f"{prefix}/{i}", "data": {"k": str(i)}}))
     return out
 
 
@@ -80,12 +66,7 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
         apply(
             dev_env,
             ns,
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "ConsulService",
-                "metadata": {"name": "after"},
-                "spec": {"port": 2000},
-            },
+            resource("ConsulService", "after", {"port": 2000}),
         )
         wait_condition(dev_env, ns, "consulservice", "after", timeout=20, op=second)
         print(f"failover: follower led {takeover:.1f}s after the leader was SIGKILLed")

@@ -7,7 +7,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.support.kube import apply, kubectl, wait_condition
+from tests.support.kube import apply, kubectl, resource, wait_condition
 from tests.support.operator import OperatorProcess
 
 
@@ -15,12 +15,7 @@ def test_metrics_and_healthz(dev_env: dict[str, str], operator: OperatorProcess,
     apply(
         dev_env,
         namespace,
-        {
-            "apiVersion": "tether.dev/v1alpha1",
-            "kind": "ConsulService",
-            "metadata": {"name": "m"},
-            "spec": {"port": 80},
-        },
+        resource("ConsulService", "m", {"port": 80}),
     )
     wait_condition(dev_env, namespace, "consulservice", "m", op=operator)
     metrics = operator.metrics()
@@ -43,12 +38,7 @@ def test_json_logs_name_the_resource(dev_env: dict[str, str], tmp_path: Path) ->
         apply(
             dev_env,
             ns,
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "ConsulService",
-                "metadata": {"name": "logged"},
-                "spec": {"port": 80},
-            },
+            resource("ConsulService", "logged", {"port": 80}),
         )
         wait_condition(dev_env, ns, "consulservice", "logged", op=op)
         kubectl(dev_env, "delete", "consulservice", "logged", "-n", ns, "--timeout=30s")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.support import devstack
-from tests.support.kube import apply, condition, delete_namespace, events, kubectl, wait_condition
+from tests.support.kube import apply, condition, delete_namespace, events, kubectl, resource, wait_condition
 from tests.support.operator import OperatorProcess
 from tests.support.waiting import wait_for
 
@@ -55,29 +55,9 @@ def token_kubeconfig(env: dict[str, str], service_account: str, path: Path) -> P
 def workload(env: dict[str, str], ns: str, prefix: str) -> None:
     kubectl(env, "create", "configmap", "app-config", "-n", ns, "--from-literal=mode=blue")
     kubectl(env, "create", "secret", "generic", "app-secret", "-n", ns, "--from-literal=password=hunter2")
-    apply(
-        env,
-        ns,
-        {
-            "apiVersion": "tether.dev/v1alpha1",
-            "kind": "ConsulService",
-            "metadata": {"name": "web"},
-            "spec": {"port": 80},
-        },
-    )
-    apply(
-        env,
-        ns,
-        {
-            "apiVersion": "tether.dev/v1alpha1",
-            "kind": "EtcdConfig",
-            "metadata": {"name": "cfg"},
-            "spec": {
-                "prefix": prefix,
-                "from": [{"configMapRef": {"name": "app-config"}}, {"secretRef": {"name": "app-secret"}}],
-            },
-        },
-    )
+    apply(env, ns, resource("ConsulService", "web", {"port": 80}))
+    sources = [{"configMapRef": {"name": "app-config"}}, {"secretRef": {"name": "app-secret"}}]
+    apply(env, ns, resource("EtcdConfig", "cfg", {"prefix": prefix, "from": sources}))
 
 
 def run_as(env: dict[str, str], kubeconfig: Path, ns: str, log: Path, *extra: str) -> OperatorProcess:

@@ -25,6 +25,8 @@ from tests.support.waiting import wait_for
 
 #: Bound on one kubectl call; `kubectl wait` callers pass their own --timeout below it.
 KUBECTL_TIMEOUT = 120.0
+#: Tether's API group and version, as the CRDs in crds/ serve them.
+API_VERSION = "tether.dev/v1alpha1"
 
 
 class KubectlError(AssertionError):
@@ -94,6 +96,14 @@ def delete_namespace(env: Mapping[str, str], name: str) -> None:
         timeout=30,
         message=f"namespace {name} to disappear",
     )
+
+
+def resource(kind: str, name: str, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A Tether object (``ConsulService``, ``EtcdConfig``) as a manifest; no ``spec`` key if None."""
+    obj: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}}
+    if spec is not None:
+        obj["spec"] = dict(spec)
+    return obj
 
 
 def apply(env: Mapping[str, str], namespace: str, obj: dict[str, Any]) -> None:
