@@ -47,8 +47,9 @@ def scoped_token(env: dict[str, str]) -> str:
     return str(token["SecretID"])
 
 
-def csvc(name: str, **spec: object) -> dict[str, object]:
-    return resource("ConsulService", name, spec)
+def csvc(resource_name: str, **spec: object) -> dict[str, object]:
+    # Not `name`: that is a spec field (the Consul service name).
+    return resource("ConsulService", resource_name, spec)
 
 
 def test_scoped_token_works_and_wrong_token_is_reported(
