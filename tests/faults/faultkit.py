@@ -152,8 +152,8 @@ class Kube:
     retry a careful client uses while the API server restarts.
     """
 
-    PLURALS = {"cs": "consulservices", "ec": "etcdconfigs"}
-    KINDS = {"cs": "ConsulService", "ec": "EtcdConfig"}
+    PLURALS = {"cs": "consulservices", "ec": "etcdconfigs", "cc": "consulconfigs"}
+    KINDS = {"cs": "ConsulService", "ec": "EtcdConfig", "cc": "ConsulConfig"}
 
     def __init__(self, kubeconfig: str) -> None:
         self.kubeconfig = kubeconfig
