@@ -33,6 +33,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from tests.support import devstack, kube  # noqa: E402
 from tests.support.consul import Consul  # noqa: E402
+from tests.support.consulkv import ConsulKV  # noqa: E402
 from tests.support.etcd import Etcd  # noqa: E402
 from tests.support.operator import OperatorProcess  # noqa: E402
 from tests.support.waiting import timed as wait  # noqa: E402
@@ -87,10 +88,12 @@ def main() -> int:
     log = Path(f"/tmp/tether-medians-{ns}.log")
     op = OperatorProcess(env, log, args=("-n", ns)).start()
     consul, etcd = Consul.from_env(env, timeout=5), Etcd.from_env(env, timeout=5)
+    kv = ConsulKV.from_env(env, timeout=5)
     prefix = f"/bench/{ns}"
+    kv_prefix = f"bench/{ns}"
     results: dict[str, Any] = {"namespace": ns}
     try:
-        apply_c, apply_e, drift_c, drift_e = [], [], [], []
+        apply_c, apply_e, apply_k, drift_c, drift_e, drift_k = [], [], [], [], [], []
         for i in range(args.runs):
             start = time.monotonic()
             bench.create("consulservices", "ConsulService", f"lat-{i}", {"port": 1000 + i})
@@ -102,6 +105,15 @@ def main() -> int:
             )
             wait(lambda i=i: bench.ready("etcdconfigs", f"lat-{i}"), 30)
             apply_e.append(time.monotonic() - start)
+            start = time.monotonic()
+            bench.create(
+                "consulconfigs",
+                "ConsulConfig",
+                f"lat-{i}",
+                {"prefix": f"{kv_prefix}/lat-{i}", "data": {"k": "v"}},
+            )
+            wait(lambda i=i: bench.ready("consulconfigs", f"lat-{i}"), 30)
+            apply_k.append(time.monotonic() - start)
         for i in range(args.runs):
             # Drifts are measured one at a time, as they happen in practice: the
             # Consul watcher spaces its full scans 0.25 s apart under churn.
@@ -116,19 +128,34 @@ def main() -> int:
             etcd.put(key, "tampered")
             wait(lambda key=key: etcd.get(key) == "v", timeout=15)
             drift_e.append(time.monotonic() - start)
+            kv_key = f"{kv_prefix}/lat-{i}/k"
+            start = time.monotonic()
+            kv.put(kv_key, "tampered")
+            wait(lambda kv_key=kv_key: kv.get(kv_key) == "v", timeout=15)
+            drift_k.append(time.monotonic() - start)
         results["consul_apply_to_ready"] = summary(apply_c)
         results["etcd_apply_to_ready"] = summary(apply_e)
+        results["consulconfig_apply_to_ready"] = summary(apply_k)
         results["consul_drift_repair"] = summary(drift_c)
         results["etcd_drift_repair"] = summary(drift_e)
+        results["consulconfig_drift_repair"] = summary(drift_k)
         for i in range(args.runs, args.count):
             bench.create("consulservices", "ConsulService", f"lat-{i}", {"port": 1000 + i})
             bench.create(
                 "etcdconfigs", "EtcdConfig", f"lat-{i}", {"prefix": f"{prefix}/lat-{i}", "data": {"k": "v"}}
             )
+            bench.create(
+                "consulconfigs",
+                "ConsulConfig",
+                f"lat-{i}",
+                {"prefix": f"{kv_prefix}/lat-{i}", "data": {"k": "v"}},
+            )
         for i in range(args.count):
             wait(
                 lambda i=i: (
-                    bench.ready("consulservices", f"lat-{i}") and bench.ready("etcdconfigs", f"lat-{i}")
+                    bench.ready("consulservices", f"lat-{i}")
+                    and bench.ready("etcdconfigs", f"lat-{i}")
+                    and bench.ready("consulconfigs", f"lat-{i}")
                 ),
                 120,
                 0.05,
@@ -144,7 +171,14 @@ def main() -> int:
         }
     finally:
         kube.kubectl(
-            env, "delete", "consulservices,etcdconfigs", "--all", "-n", ns, "--timeout=110s", check=False
+            env,
+            "delete",
+            "consulservices,etcdconfigs,consulconfigs",
+            "--all",
+            "-n",
+            ns,
+            "--timeout=110s",
+            check=False,
         )
         op.stop()
     print(json.dumps(results, indent=2))
