@@ -38,8 +38,8 @@ def etcd_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
     prefix = env.get("TETHER_ETCD_OWNERSHIP_PREFIX") or "/tether/"
     if not prefix.startswith("/") or not prefix.strip("/"):
         raise ValueError(
-            f"TETHER_ETCD_OWNERSHIP_PREFIX={prefix!r} must be a path below the root, starting with '/' "
-            "(e.g. /tether/)"
+            f"TETHER_ETCD_OWNERSHIP_PREFIX={prefix!r} must start with '/' and name a path below "
+            "the root (e.g. /tether/)"
         )
     return prefix if prefix.endswith("/") else prefix + "/"
 
