@@ -38,7 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dir", type=Path, default=None, help="state directory (default: ./.tether/dev)"
     )
     dsub = dev.add_subparsers(dest="dev_command", required=True)
-    dsub.add_parser("up", help="start (or restart) every component that is down")
+    up = dsub.add_parser("up", help="start (or restart) every component that is down")
+    up.add_argument(
+        "--ha",
+        action="store_true",
+        help="highly available variant: 3 etcd members, 3 Consul servers and a client agent",
+    )
     status = dsub.add_parser("status", help="show the components")
     status.add_argument("--json", action="store_true")
     dsub.add_parser("env", help="print the environment file (source it)")
@@ -73,7 +78,7 @@ def _dev(args: argparse.Namespace, stack: Any) -> int:
     state_dir = (args.dir or Path.cwd() / ".tether" / "dev").resolve()
     dev_stack = stack.DevStack(state_dir)
     if args.dev_command == "up":
-        dev_stack.up()
+        dev_stack.up(ha=args.ha)
         print(f"dev stack is up; environment in {dev_stack.env_file}")
         print(f"  source {dev_stack.env_file}")
         return 0
