@@ -248,7 +248,7 @@ class History:
 class Ack:
     """Tether said: at ``revision``, etcd holds generation ``generation`` of this resource."""
 
-    resource: tuple[str, str]  # namespace, name
+    resource: tuple[str, str, str]  # namespace, name, uid (a name may be re-created)
     generation: int
     revision: int
 
@@ -262,7 +262,7 @@ class Acks:
     status and keeps each distinct acknowledgement.
     """
 
-    declared: dict[tuple[str, str], dict[int, dict[str, Any]]] = field(default_factory=dict)
+    declared: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = field(default_factory=dict)
     deleted: set[tuple[str, str]] = field(default_factory=set)
     acks: set[Ack] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -272,7 +272,7 @@ class Acks:
             return
         meta = obj["metadata"]
         with self.lock:
-            self.declared.setdefault((meta["namespace"], meta["name"]), {})[
+            self.declared.setdefault((meta["namespace"], meta["name"], meta["uid"]), {})[
                 int(meta["generation"])
             ] = json.loads(json.dumps(obj.get("spec", {})))
 
@@ -290,7 +290,9 @@ class Acks:
             # never saw the answer to the update that made it.
             self.record(obj)
             with self.lock:
-                self.acks.add(Ack((meta["namespace"], meta["name"]), generation, int(status["revision"])))
+                self.acks.add(
+                    Ack((meta["namespace"], meta["name"], meta["uid"]), generation, int(status["revision"]))
+                )
 
 
 class RecordingKube(Kube):
@@ -362,7 +364,8 @@ def check_linearizable(history: list[Event], acks: Acks, *, gaps: list[str]) -> 
     g, status.revision r") claims that its transaction(s) for g had been applied
     by revision r. For each such acknowledgement and each key k that generation
     declares through ``spec.data`` (ConfigMap-sourced values change without a
-    generation and are left out):
+    generation and are left out; the generator's ConfigMap keys never collide
+    with its data keys):
 
     1. **not lost / not false** — the last event on k at or before r puts exactly
        the value generation g declares. An acknowledgement without that write
@@ -394,7 +397,7 @@ def check_linearizable(history: list[Event], acks: Acks, *, gaps: list[str]) -> 
         ack_list = sorted(acks.acks, key=lambda a: (a.resource, a.generation, a.revision))
     # Only the earliest acknowledgement of a generation matters: later ones at
     # higher revisions restate it (a no-op reconcile reports where it stands).
-    first: dict[tuple[tuple[str, str], int], Ack] = {}
+    first: dict[tuple[tuple[str, str, str], int], Ack] = {}
     for ack in ack_list:
         if (ack.resource, ack.generation) not in first:
             first[(ack.resource, ack.generation)] = ack
@@ -429,15 +432,13 @@ def check_linearizable(history: list[Event], acks: Acks, *, gaps: list[str]) -> 
                     explained = any(
                         relative not in (s.get("data") or {}) or _key(s["prefix"], relative) != key
                         for s in newer.values()
-                    ) or resource in acks.deleted or any(
-                        g > generation and s.get("from") for g, s in newer.items()
-                    )
+                    ) or resource[:2] in acks.deleted
                 else:
                     explained = any(
                         (s.get("data") or {}).get(relative) == event.value
                         and _key(s["prefix"], relative) == key
                         for s in newer.values()
-                    ) or any(s.get("from") for s in newer.values())
+                    )
                 unseen = set(range(generation, max(declared[resource]) + 1)) - set(declared[resource])
                 if not explained and unseen:
                     # A generation in between was never seen (an update whose answer
