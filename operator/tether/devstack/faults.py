@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -168,8 +169,8 @@ def _delete_rules(match: str) -> int:
             continue
         for line in listing.stdout.splitlines():
             if line.startswith(f"-A {CHAIN} ") and match in line:
-                spec = line.split()[2:]
-                # The comment is quoted in -S output only when it has spaces; ours has none.
+                # -S quotes the comment ("tether-fault:7"); shlex undoes that.
+                spec = shlex.split(line)[2:]
                 if _iptables(table, "-D", CHAIN, *spec, check=False).returncode == 0:
                     deleted += 1
     return deleted
@@ -180,12 +181,13 @@ def leftovers() -> list[str]:
     found: list[str] = []
     if shutil.which("iptables") is not None:
         for table in ("mangle", "filter"):
+            # Every chain of the table: the jumps from OUTPUT and our chain's rules.
             listing = _iptables(table, "-S", check=False).stdout
-            found += [f"{table}: {line}" for line in listing.splitlines() if TAG in line]
-            chain = _iptables(table, "-S", CHAIN, check=False)
-            if chain.returncode == 0:
-                found += [f"{table}: {line}" for line in chain.stdout.splitlines()
-                          if line.startswith("-A")]
+            found += [
+                f"{table}: {line}"
+                for line in listing.splitlines()
+                if line.startswith("-A") and (TAG in line or line.startswith(f"-A {CHAIN} "))
+            ]
     if shutil.which("tc") is not None:
         qdiscs = _run("tc", "qdisc", "show", "dev", "lo", check=False).stdout
         found += [f"tc: {line}" for line in qdiscs.splitlines() if f" {TC_HANDLE}: " in f" {line} "]
