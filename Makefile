@@ -46,7 +46,12 @@ e2e: venv binaries
 test: venv binaries lint
 	$(PY) -m pytest tests/unit tests/e2e tests/kind -m "not faults" -v -rs $(PYTEST_ARGS)
 
+# The HA runs partition members with iptables (root); Debian images may lack it.
 test-faults: venv binaries
+	@command -v iptables >/dev/null || [ "$$(id -u)" != 0 ] || { \
+		echo "installing iptables for the HA fault runs"; \
+		apt-get install -y -qq iptables >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq iptables >/dev/null; }; }
 	$(PY) -m pytest tests/faults -v -s $(PYTEST_ARGS)
 
 bench: venv binaries
