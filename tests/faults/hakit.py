@@ -164,6 +164,36 @@ class History:
         self._thread.start()
         return self
 
+    def catch_up(self, etcd: Etcd, *, timeout: float = 30.0) -> None:
+        """Stop once the watcher has seen everything written so far.
+
+        A watch on a prefix only learns revisions of that prefix, so the end is
+        marked by a sentinel write of our own just beside the run's keys
+        (``<prefix>~history-end``: under the watched prefix, outside the
+        ``<prefix>/`` the audit and the resources use), then removed.
+        """
+        try:
+            self.mark(etcd, timeout=timeout)
+        finally:
+            self.stop()
+            with contextlib.suppress(Exception):
+                etcd.delete(self.sentinel)
+
+    @property
+    def sentinel(self) -> str:
+        return f"{self.prefix}~history-end"
+
+    def mark(self, etcd: Etcd, *, timeout: float = 30.0) -> int:
+        """Write the sentinel and wait (bounded) until the watcher has seen it; its revision."""
+        revision = etcd.put(self.sentinel, str(time.time()))
+        deadline = time.monotonic() + timeout
+        while self.last_revision < revision:
+            if time.monotonic() > deadline:
+                self.gaps.append(f"watch did not catch up to {revision} (at {self.last_revision})")
+                break
+            time.sleep(0.05)
+        return revision
+
     def stop(self, *, catch_up_to: int | None = None, timeout: float = 30.0) -> None:
         """Stop, after the watcher has seen ``catch_up_to`` (bounded by ``timeout``)."""
         deadline = time.monotonic() + timeout
