@@ -11,7 +11,7 @@ condition) and adds the per-key linearizability check of
 - ``test_ha_random_faults`` — the seeded run: the workload of
   ``test_faults_random`` with HA faults drawn from the same seed. Reduced mode
   (``TETHER_FAULTS_REDUCED=1``, CI) runs one short seed; full mode runs
-  ``TETHER_FAULTS_HA_RUNS`` (default 5).
+  ``TETHER_FAULTS_HA_RUNS`` (default 5; in reduced mode 1).
 - focused tests: time from an etcd leader kill to Tether's next write
   (p50/p99, next to etcd's own election time); the etcd leader partitioned
   with and without Tether; a Consul server partitioned; the Consul leader and
@@ -64,8 +64,8 @@ HA_FAULT_KINDS = (
     "operator-kill",
     "etcd-compact",
 )
-#: Seeds per session: one in reduced mode (CI), TETHER_FAULTS_HA_RUNS (default 5) in full.
-HA_RUNS = 1 if REDUCED else int(os.environ.get("TETHER_FAULTS_HA_RUNS") or 5)
+#: Seeds per session: TETHER_FAULTS_HA_RUNS, else one in reduced mode (CI) and five in full.
+HA_RUNS = int(os.environ.get("TETHER_FAULTS_HA_RUNS") or (1 if REDUCED else 5))
 
 
 def make_ha_plan(seed: int, *, reduced: bool) -> Plan:
