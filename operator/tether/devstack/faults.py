@@ -61,6 +61,8 @@ MARK_MASK = 0x0FFF0000
 #: Partitions and slowdowns are meant to last 10-30 s; the watchdog heals at this.
 MAX_FAULT_SECONDS = 30.0
 COMMAND_TIMEOUT = 10.0
+#: Between marking a partition's connections and dropping their packets.
+MARK_SETTLE = 0.3
 #: Bound on waits for an election to settle.
 ELECTION_TIMEOUT = 30.0
 
@@ -373,8 +375,20 @@ class HaFaults:
         fault._undo.append(lambda: _delete_rules(f"{TAG}:{fault_id}"))
         with _bounded(fault, limit):
             _ensure_chains()
+            # Marks first, drops a moment later. A connection is marked by its
+            # dialler's next packet; were both in place at once, data already on
+            # its way from the listener would still be delivered (only the
+            # dialler's acknowledgement dropped), so a message or two would cross
+            # the partition after it began. Members talk every 100 ms (etcd
+            # heartbeats, Serf probes), so by the time the drop rule goes in every
+            # busy connection carries its mark and the cut is sharp.
             for table, rule in rules:
-                _iptables(table, "-A", CHAIN, *rule)
+                if table == "mangle":
+                    _iptables(table, "-A", CHAIN, *rule)
+            time.sleep(MARK_SETTLE)
+            for table, rule in rules:
+                if table != "mangle":
+                    _iptables(table, "-A", CHAIN, *rule)
             yield fault
 
     @contextlib.contextmanager
