@@ -26,6 +26,12 @@ partition marks each connection between the two sides on its dialler's packets
 (``CONNMARK`` in ``mangle``) and drops every packet of a marked connection in
 both directions (``filter``), so replies stop too. Marks are unique per fault,
 so a healed partition leaves nothing behind that a later one could match.
+The marks go in 0.3 s before the drops, so every busy connection is marked
+when the cut comes; a connection idle for that long is marked only by its
+dialler's next packet, so data its *listener* sends first still crosses, once:
+like a packet already in flight when a real network splits. (Seen once: an
+isolated etcd leader's append reached a follower that way and was committed
+by the next leader — correct Raft, and a reason clients must re-read.)
 
 Everything is tagged: the rules live in chains named :data:`CHAIN` jumped to
 from ``OUTPUT`` by a rule commented :data:`TAG`, each fault's rules carry
