@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faultkit import Etcd, FaultStack, Kube, prefix_end
+from faultkit import FaultStack, Kube
 
+from tests.support.etcd import Etcd, prefix_end
 from tether.devstack import faults as devfaults
 
 #: The value the fault injector writes when it drifts a managed key.
@@ -87,13 +88,13 @@ class HaEtcd(Etcd):
     """
 
     def __init__(self, endpoints: str, *, attempt_timeout: float = 2.5) -> None:
-        super().__init__(endpoints)
+        super().__init__(endpoints, timeout=attempt_timeout)
         self.endpoints = [e.rstrip("/") for e in endpoints.split(",") if e]
         self.attempt_timeout = attempt_timeout
         self._current = 0
         self._lock = threading.Lock()
 
-    def call(self, path: str, body: Mapping[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
+    def call(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         last: Exception | None = None
         with self._lock:
             start = self._current
@@ -103,9 +104,9 @@ class HaEtcd(Etcd):
                 self.endpoints[index] + path, data=json.dumps(body).encode(), method="POST"
             )
             try:
-                with urllib.request.urlopen(request, timeout=max(timeout, self.attempt_timeout)
-                                            if path == "/v3/kv/compaction"
-                                            else self.attempt_timeout) as response:
+                # A compaction may take long; everything else gets the short attempt timeout.
+                attempt = max(timeout or 0.0, self.attempt_timeout)
+                with urllib.request.urlopen(request, timeout=attempt) as response:
                     result: dict[str, Any] = json.loads(response.read())
             except urllib.error.HTTPError as exc:
                 if exc.code < 500:

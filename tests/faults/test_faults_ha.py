@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 from audit import Anomaly, split
-from faultkit import REDUCED, Consul, Kube, Operator, log, wait_for
+from faultkit import REDUCED, Kube, log
 from generator import Limits, Workload
 from hakit import (
     DRIFT_VALUE,
@@ -50,6 +50,9 @@ from hakit import (
 from scenario import Scenario, make_scenario
 from test_faults_random import FaultRecord, Injector, Plan, render, report
 
+from tests.support.consul import Consul
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 from tether.devstack import stack as devstack
 
 HA_FAULT_KINDS = (
@@ -241,7 +244,7 @@ def ha_clients(ha_stack: HaFaultStack, acks: Acks) -> tuple[RecordingKube, Consu
     env = ha_stack.env
     return (
         RecordingKube(env["KUBECONFIG"], acks),
-        Consul(env["CONSUL_HTTP_ADDR"]),
+        Consul(env["CONSUL_HTTP_ADDR"], timeout=5.0),
         HaEtcd(env["ETCD_ENDPOINTS"]),
     )
 
@@ -255,7 +258,7 @@ def test_ha_random_faults(
     run: int,
     session_seed: int,
     ha_stack: HaFaultStack,
-    ha_operator: Operator,
+    ha_operator: OperatorProcess,
     run_id: str,
     tmp_path: Path,
 ) -> None:
@@ -421,7 +424,7 @@ class Writer:
 
 @pytest.mark.timeout(900)
 def test_etcd_leader_kill_to_tethers_next_write(
-    ha_stack: HaFaultStack, ha_operator: Operator, run_id: str
+    ha_stack: HaFaultStack, ha_operator: OperatorProcess, run_id: str
 ) -> None:
     """Kill the etcd leader under a steady stream of EtcdConfig updates, several times.
 
@@ -465,7 +468,7 @@ def test_etcd_leader_kill_to_tethers_next_write(
 
 
 def _steady_scenario(
-    ha_stack: HaFaultStack, operator: Operator, run_id: str, seed: int, acks: Acks
+    ha_stack: HaFaultStack, operator: OperatorProcess, run_id: str, seed: int, acks: Acks
 ) -> tuple[Scenario, History]:
     kube, consul, etcd = ha_clients(ha_stack, acks)
     root = f"/faults/{run_id}"
@@ -492,7 +495,7 @@ def _finish(sc: Scenario, history: History, acks: Acks, when: str) -> Linearizab
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("tether_too", [False, True], ids=["peers-only", "peers-and-tether"])
 def test_etcd_leader_partitioned(
-    ha_stack: HaFaultStack, ha_operator: Operator, run_id: str, seed: int, tether_too: bool
+    ha_stack: HaFaultStack, ha_operator: OperatorProcess, run_id: str, seed: int, tether_too: bool
 ) -> None:
     """The etcd leader loses its peers (and Tether) for 15 s while work goes on."""
     acks = Acks()
@@ -511,7 +514,7 @@ def test_etcd_leader_partitioned(
 
 @pytest.mark.timeout(600)
 def test_consul_server_partitioned_and_leader_killed(
-    ha_stack: HaFaultStack, ha_operator: Operator, run_id: str, seed: int
+    ha_stack: HaFaultStack, ha_operator: OperatorProcess, run_id: str, seed: int
 ) -> None:
     """A Consul server (the leader) is cut off for 15 s, then the new leader is killed."""
     acks = Acks()
@@ -534,7 +537,7 @@ def test_consul_server_partitioned_and_leader_killed(
 
 @pytest.mark.timeout(600)
 def test_consul_agent_killed_loses_registrations_and_tether_restores_them(
-    ha_stack: HaFaultStack, ha_operator: Operator, run_id: str, seed: int
+    ha_stack: HaFaultStack, ha_operator: OperatorProcess, run_id: str, seed: int
 ) -> None:
     acks = Acks()
     sc, history = _steady_scenario(ha_stack, ha_operator, run_id, seed, acks)
@@ -556,7 +559,9 @@ def test_consul_agent_killed_loses_registrations_and_tether_restores_them(
 
 
 @pytest.mark.timeout(600)
-def test_slow_etcd_member(ha_stack: HaFaultStack, ha_operator: Operator, run_id: str, seed: int) -> None:
+def test_slow_etcd_member(
+    ha_stack: HaFaultStack, ha_operator: OperatorProcess, run_id: str, seed: int
+) -> None:
     """One member (the leader: every write goes through it) throttled to 64 kbit/s for 15 s."""
     acks = Acks()
     sc, history = _steady_scenario(ha_stack, ha_operator, run_id, seed, acks)
