@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import tether
 
+from tests.support.devstack import tether
 from tether.devstack import envfiles, processes, stack
 
 ETCD_MEMBERS = ["etcd-0", "etcd-1", "etcd-2"]
