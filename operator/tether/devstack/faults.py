@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -54,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tether.devstack import processes, stack
 from tether.devstack.reporting import DevStackError
@@ -108,6 +110,18 @@ def require_network_tools() -> None:
 # ------------------------------------------------------------------ rule text (pure)
 
 
+def comment_of(fault_id: int, pid: int | None = None) -> str:
+    """``tether-fault:<pid>:<id>``: which process injected the rule, so a cleanup
+    by one fault session never removes a live fault of another."""
+    return f"{TAG}:{os.getpid() if pid is None else pid}:{fault_id}"
+
+
+def owner_of(line: str) -> tuple[int, int] | None:
+    """``(pid, fault id)`` named in a rule's comment, if any."""
+    found = re.search(rf"{TAG}:(\d+):(\d+)", line)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def mark_of(fault_id: int) -> int:
     """The conntrack mark of fault ``fault_id`` (1…4095 inside :data:`MARK_MASK`)."""
     return ((fault_id - 1) % 0xFFF + 1) << 16
@@ -129,7 +143,7 @@ def partition_rules(
     member groups (``member_groups``, an inclusive range) dialling an isolated
     member counts too: that is Tether, and the test's own readers.
     """
-    comment = ["-m", "comment", "--comment", f"{TAG}:{fault_id}"]
+    comment = ["-m", "comment", "--comment", comment_of(fault_id)]
     mark = f"{mark_of(fault_id):#x}/{MARK_MASK:#x}"
     rules: list[tuple[str, list[str]]] = []
     for (group_a, address_a), (group_b, address_b) in itertools.product(sides, others):
@@ -202,21 +216,55 @@ def leftovers() -> list[str]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    return pid != os.getpid() and Path(f"/proc/{pid}").exists()
+
+
 def heal_all() -> list[str]:
-    """Remove every tagged rule, our chains and our qdisc; return what was there."""
-    found = leftovers()
+    """Remove what this process or a dead one left; return what was removed.
+
+    Faults of *another live* process (a second fault session on the machine)
+    are left alone: its own exits and watchdogs heal them. The chains and the
+    jumps to them go only once no rule is left in them; the qdisc only when
+    its recorded owner is gone.
+    """
+    removed: list[str] = []
     if shutil.which("iptables") is not None:
-        for table in ("mangle", "filter"):
-            jump = ["OUTPUT", "-m", "comment", "--comment", TAG, "-j", CHAIN]
-            # Bounded: there is normally one jump; a crashed run may have left a few.
-            for _ in range(16):
-                if _iptables(table, "-D", *jump, check=False).returncode != 0:
-                    break
-            _iptables(table, "-F", CHAIN, check=False)
-            _iptables(table, "-X", CHAIN, check=False)
-    if shutil.which("tc") is not None and any(line.startswith("tc:") for line in found):
-        _run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
-    return found
+        for line in leftovers():
+            owner = owner_of(line)
+            # The closing quote of -S output keeps fault 1 from matching fault 12.
+            if owner is not None and not _alive(owner[0]) and _delete_rules(
+                comment_of(owner[1], owner[0]) + '"'
+            ):
+                removed.append(line)
+        busy = any(line.split(": ", 1)[1].startswith(f"-A {CHAIN} ") for line in leftovers())
+        if not busy:
+            for table in ("mangle", "filter"):
+                jump = ["OUTPUT", "-m", "comment", "--comment", TAG, "-j", CHAIN]
+                # Bounded: there is normally one jump; a crashed run may have left a few.
+                for _ in range(16):
+                    if _iptables(table, "-D", *jump, check=False).returncode != 0:
+                        break
+                    removed.append(f"{table}: jump to {CHAIN}")
+                _iptables(table, "-X", CHAIN, check=False)
+    if shutil.which("tc") is not None and any(line.startswith("tc:") for line in leftovers()):
+        tc_owner = _tc_owner()
+        if tc_owner is None or not _alive(tc_owner):
+            _run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
+            TC_OWNER_FILE.unlink(missing_ok=True)
+            removed.append("tc: qdisc on lo")
+    return removed
+
+
+#: Who added the qdisc on lo (a pid), for :func:`heal_all`.
+TC_OWNER_FILE = Path("/run/tether-fault-tc.pid")
+
+
+def _tc_owner() -> int | None:
+    try:
+        return int(TC_OWNER_FILE.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------ faults
@@ -369,7 +417,7 @@ class HaFaults:
         require_network_tools()
         sides = [self._member(name) for name in isolated]
         rest = [self._member(name) for name in others]
-        fault_id = next(_ids) + (os.getpid() % 64) * 64
+        fault_id = next(_ids)
         rules = partition_rules(
             fault_id, sides, rest, clients=clients, member_groups=self._member_groups()
         )
@@ -378,7 +426,7 @@ class HaFaults:
             f"{' and clients' if clients else ''}"
         )
         fault = Fault(id=fault_id, description=description, started=time.monotonic())
-        fault._undo.append(lambda: _delete_rules(f"{TAG}:{fault_id}"))
+        fault._undo.append(lambda: _delete_rules(comment_of(fault_id) + '"'))
         with _bounded(fault, limit):
             _ensure_chains()
             # Marks first, drops a moment later. A connection is marked by its
@@ -415,8 +463,10 @@ class HaFaults:
             raise FaultError(f"lo already has a root qdisc, not ours to replace: {current.strip()}")
         fault = Fault(id=next(_ids), description=f"slow {name} to {rate}", started=time.monotonic())
         fault._undo.append(lambda: _run("tc", "qdisc", "del", "dev", "lo", "root", check=False))
+        fault._undo.append(lambda: TC_OWNER_FILE.unlink(missing_ok=True))
         handle = TC_HANDLE
         with _bounded(fault, limit):
+            TC_OWNER_FILE.write_text(f"{os.getpid()}\n")
             _run("tc", "qdisc", "add", "dev", "lo", "root", "handle", f"{handle}:", "htb",
                  "default", "1")
             _run("tc", "class", "add", "dev", "lo", "parent", f"{handle}:", "classid",
