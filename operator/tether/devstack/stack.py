@@ -387,7 +387,9 @@ class DevStack:
         wanted = MODE_HA if ha else MODE_SINGLE
         with locks.exclusive(self._lock_file, timeout=LOCK_TIMEOUT, what="the dev stack"):
             state = self._load()
-            mode = state.setdefault("mode", wanted)
+            # A state file from before the HA mode existed has ports but no mode: single.
+            mode = state.get("mode") or (MODE_SINGLE if state["ports"] else wanted)
+            state["mode"] = mode
             if mode != wanted:
                 flag = "with --ha" if mode == MODE_HA else "without --ha"
                 raise DevStackError(
