@@ -51,8 +51,9 @@ prepare() {
         # Only the CLI is used from this package; its own (old) dockerd is never started.
         apt_install docker.io
     fi
-    command -v containerd >/dev/null && command -v containerd-shim-runc-v2 >/dev/null \
-        || apt_install containerd
+    if ! command -v containerd >/dev/null || ! command -v containerd-shim-runc-v2 >/dev/null; then
+        apt_install containerd
+    fi
     command -v iptables >/dev/null || apt_install iptables
     [[ -e /usr/include/seccomp.h ]] || apt_install libseccomp-dev pkg-config
     RUNC_DIR="$(gobuild runc CGO_ENABLED=1 -- -tags seccomp)"

@@ -196,8 +196,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "$state/containerd.sock"
 EOF
     containerd --config "$state/config.toml" >"$state/log" 2>&1 &
-    local pid=$! i
-    for i in $(seq 1 50); do
+    local pid=$!
+    for _ in $(seq 1 50); do
         ctr --address "$state/containerd.sock" version >/dev/null 2>&1 && break
         sleep 0.2
     done

@@ -63,9 +63,9 @@ gobuild() {
 kubernetes_ldflags() {
     local v=$K8S_VERSION minor
     minor="$(cut -d. -f2 <<<"$v")"
-    local flags="" pkg
+    local stamps="" pkg
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+        stamps+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
     done
-    printf '%s' "${flags# }"
+    printf '%s' "${stamps# }"
 }

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # The Debian packages of the root filesystems built by scripts/kind/rootfs.sh
 # (sourced). Changing a list builds that root filesystem afresh.
 

@@ -15,8 +15,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 (($# >= 1)) || die "usage: $0 NAME [PACKAGE...]"
 name=$1; shift
-packages="$(printf '%s\n' "$@" | sort -u | paste -sd, -)"
-stamp="$(printf 'bookworm minbase %s' "$packages" | sha256sum | cut -c1-12)"
+package_list="$(printf '%s\n' "$@" | sort -u | paste -sd, -)"
+stamp="$(printf 'bookworm minbase %s' "$package_list" | sha256sum | cut -c1-12)"
 out="$KIND_CACHE/rootfs/$name-$stamp.tar"
 if [[ -f "$out" ]]; then
     printf '%s\n' "$out"
@@ -29,9 +29,9 @@ command -v debootstrap >/dev/null || {
 mkdir -p "$KIND_CACHE/rootfs"
 work="$(mktemp -d "$KIND_CACHE/rootfs/.build-$name-XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-log "debootstrap bookworm ($name: ${packages:-minbase only}); about 1-3 min"
+log "debootstrap bookworm ($name: ${package_list:-minbase only}); about 1-3 min"
 started=$SECONDS
-debootstrap --variant=minbase ${packages:+--include="$packages"} \
+debootstrap --variant=minbase ${package_list:+--include="$package_list"} \
     bookworm "$work/root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$work/debootstrap.log" 2>&1 \
     || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
 chroot "$work/root" apt-get clean
