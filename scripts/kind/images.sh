@@ -90,7 +90,11 @@ base_for() {
 node() {
     command -v file >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q file >&2
     local k8s_bin cni_bin pause_bin coredns_bin etcd_bin runc_bin apiserver kubectl
-    k8s_bin="$(gobuild kubernetes-node CGO_ENABLED=0 -- "-ldflags=$(kubernetes_ldflags)")"
+    # Same settings as the dev stack's build of devbin/kubernetes (cgo as Go's default,
+    # -trimpath), so the packages both share come out of Go's build cache: a separate
+    # static build would compile all of Kubernetes again. Dynamically linked
+    # programs go into images on the node's root filesystem (base_for).
+    k8s_bin="$(gobuild kubernetes-node -- "-ldflags=$(kubernetes_ldflags)")"
     cni_bin="$(gobuild cni CGO_ENABLED=0)"
     pause_bin="$(gobuild pause CGO_ENABLED=0 -- -ldflags=-s)"
     coredns_bin="$(gobuild coredns CGO_ENABLED=0)"
