@@ -217,9 +217,34 @@ EOF
     rm -rf "$state"
 }
 
+# The operator image's base: Debian's Python 3.11 on a debootstrapped bookworm. The
+# image's build installs the operator's dependencies from PyPI; where this machine
+# reaches PyPI through a TLS-inspecting proxy, its local CAs (Debian's place for
+# them: /usr/local/share/ca-certificates) are what make that work, so the base
+# trusts them too, and PIP_CERT points pip (which otherwise trusts only its own
+# bundle) at the system's.
 python_base() {
-    local image
-    image="$(import_rootfs python "${PYTHON_PACKAGES[@]}")"
+    local rootfs ctx stamp image
+    rootfs="$(import_rootfs python "${PYTHON_PACKAGES[@]}")"
+    ctx="$(mktemp -d)"
+    mkdir -p "$ctx/ca"
+    if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+        cp /usr/local/share/ca-certificates/*.crt "$ctx/ca/"
+    fi
+    stamp="$( { echo "$rootfs"; cat "$ctx/ca/"* 2>/dev/null || true; } | sha256sum | cut -c1-12)"
+    image="tether-kind/python-base:3.11-bookworm-$stamp"
+    if ! have_image "$image"; then
+        cat >"$ctx/Dockerfile" <<EOF
+FROM $rootfs
+COPY ca/ /usr/local/share/ca-certificates/
+RUN update-ca-certificates >/dev/null
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+LABEL $BUILT_LABEL
+EOF
+        DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" >/dev/null
+        log "built the Python base $image"
+    fi
+    rm -rf "$ctx"
     printf '%s\n' "$image"
 }
 
