@@ -43,7 +43,9 @@ have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 devstack_bin() {
     local python="${PYTHON:-$KIND_ROOT/.venv/bin/python}"
     [[ -x "$python" ]] || python=python3
-    (cd "$KIND_ROOT/operator" && "$python" -m tether.devstack.binaries) | awk -v n="$1" '$1 == n {print $2}'
+    # One program at a time: asking for all four would wait for (or build) the others.
+    (cd "$KIND_ROOT/operator" && "$python" -c \
+        'import sys; from tether.devstack import binaries; print(binaries.ensure([sys.argv[1]])[sys.argv[1]])' "$1")
 }
 
 # import_rootfs NAME PACKAGES...: a docker image of a debootstrapped root filesystem.
