@@ -112,7 +112,8 @@ node() {
         echo "$NODE_BASE"
         for m in kubernetes kubernetes-node cni pause coredns kind-etcd runc; do module_stamp "$m"; done
         (cd "$NODE_FILES" && find . -type f | sort | xargs sha256sum)
-        sha256sum "${BASH_SOURCE[0]}" "$KIND_ROOT/scripts/kind/lib.sh"
+        # Contents only: the path a script was called by must not change the stamp.
+        cat "${BASH_SOURCE[0]}" "$KIND_ROOT/scripts/kind/lib.sh"
     } | sha256sum | cut -c1-12)"
     local image="tether-kind/node:$K8S_VERSION-$stamp"
     if have_image "$image"; then
