@@ -198,7 +198,8 @@ kubectl -n tether-system wait --for=condition=Available deployment/tether --time
 stage tests
 log "running tests/kind"
 # TETHER_KIND_REQUIRED=1: here a missing cluster or tool fails the run; it is
-# never silently skipped.
+# never silently skipped. -rP shows what passing tests printed: the failover times
+# and the write counts of the rolling restart.
 KIND_CLUSTER_NAME="$CLUSTER" TETHER_KIND_KUBECONFIG="$KUBECONFIG" TETHER_KIND_REQUIRED=1 \
-    "$PYTHON" -m pytest tests/kind -v -rs -p no:cacheprovider "$@"
+    "$PYTHON" -m pytest tests/kind -v -rsP -p no:cacheprovider "$@"
 stage_end
