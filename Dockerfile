@@ -11,9 +11,15 @@
 # runtime image.
 
 # One pinned base for both stages. The virtualenv links to the base's
-# /usr/local/bin/python3.11, so both stages must have the very same
-# interpreter. Pin a digest as well (python:3.11.15-slim-bookworm@sha256:...)
-# for bit-for-bit reproducible builds.
+# python3.11, so both stages must have the very same interpreter. Pin a digest
+# as well (python:3.11.15-slim-bookworm@sha256:...) for bit-for-bit
+# reproducible builds.
+#
+# Where that image cannot be pulled (no registry reachable),
+# scripts/kind/operator-image.sh (`make image`) passes
+#   --build-arg PYTHON_IMAGE=<a debootstrapped Debian bookworm with python3.11>
+# built by scripts/kind/images.sh python-base; everything below works on both
+# (hence "python3", which both have, before the virtualenv exists).
 ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -24,7 +30,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 
 WORKDIR /src
 

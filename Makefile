@@ -10,8 +10,10 @@
 #   make lint         ruff + mypy --strict + import-linter layer contracts
 #   make binaries     build/locate kube-apiserver, kubectl, etcd, consul (cached outside the repo)
 #   make dev-up / dev-down / dev-status
-#   make image        docker build (needs a Docker engine)
-#   make e2e-kind     the end-to-end suite on a kind cluster (needs Docker and kind)
+#   make image        the operator image (docker build; starts an engine if none answers)
+#   make e2e-kind     the end-to-end suite on a kind cluster (scripts/e2e-kind.sh: builds
+#                     what it cannot pull; see the README's kind section)
+#   make engine-up / engine-down   the Docker engine scripts/kind/engine.sh starts
 
 SHELL := /bin/bash
 VENV  ?= .venv
@@ -19,7 +21,7 @@ PY    := $(VENV)/bin/python
 TETHER := $(VENV)/bin/tether
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind clean
+.PHONY: venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -66,11 +68,17 @@ dev-down: venv
 dev-status: venv
 	$(TETHER) dev status
 
+# The pinned python base, or (no registry) a Debian bookworm base built here.
 image:
-	docker build -t tether:dev .
+	@DOCKER_HOST="$${DOCKER_HOST:-$$(scripts/kind/engine.sh up)}" scripts/kind/operator-image.sh tether:dev
 
 e2e-kind: venv
 	scripts/e2e-kind.sh
+
+engine-up:
+	@host="$$(scripts/kind/engine.sh up)"; echo "export DOCKER_HOST=$$host"
+engine-down:
+	scripts/kind/engine.sh down
 
 clean:
 	-$(TETHER) dev down
