@@ -153,6 +153,11 @@ class CatalogServices:
                         want, services, checks, owner=owner, node=self.node,
                         node_present=node is not None, cluster=self.cluster, max_ops=self.max_txn_ops,
                     )
+                    # Recorded before writing: the watcher sees our transaction
+                    # within milliseconds and must compare it with the new wish,
+                    # not flag our own write as drift. A failed write shows as a
+                    # difference, which is true, and is retried either way.
+                    self.index.track(res.ref, _without(want, plan.conflicts))
                     try:
                         for ops in plan.batches:
                             await self.catalog.catalog_txn(list(ops))
@@ -163,8 +168,7 @@ class CatalogServices:
                         log.debug("%s: catalog changed under a guarded write; re-planning", res.ref)
         except ConsulError as exc:
             return Outcome.from_error(exc, doing=f"register the instances of {spec.name!r}", fields=unknown)
-        written = {iid: inst for iid, inst in want.items() if iid not in plan.conflicts}
-        self.index.track(res.ref, written)
+        written = _without(want, plan.conflicts)
         tally = endpoints.counts(inst.status for inst in written.values())
         fields.update({"health": tally.health, "instances": tally.as_status()})
         healthy = _healthy(tally, note)
@@ -269,6 +273,10 @@ class CatalogServices:
 
     def forget(self, ref: ObjectRef) -> None:
         self.index.untrack(ref)
+
+
+def _without(want: dict[str, endpoints.Instance], ids: tuple[str, ...]) -> dict[str, endpoints.Instance]:
+    return {iid: inst for iid, inst in want.items() if iid not in ids}
 
 
 def _summary(changes: tuple[str, ...]) -> str:

@@ -34,6 +34,7 @@ class CatalogWatcher:
     def __init__(
         self, catalog: Catalog, index: CatalogIndex, node: str, enqueue: Callable[[ObjectRef], None],
         sweep: Callable[[Owner], Awaitable[None]], *, wait: str = "60s", min_scan_interval: float = 0.1,
+        settle: float = 0.05,
         sweep_interval: float = 10.0,
     ) -> None:
         self.catalog = catalog
@@ -43,6 +44,7 @@ class CatalogWatcher:
         self.sweep = sweep
         self.wait = wait
         self.min_scan_interval = min_scan_interval
+        self.settle = settle
         self.sweep_interval = sweep_interval
         self._services: list[dict[str, Any]] = []
         self._checks: list[dict[str, Any]] = []
@@ -80,8 +82,11 @@ class CatalogWatcher:
             # Any move, backwards included (a Consul that restarted empty).
             if new != index:
                 self._changed.set()
-            # Consul's rule for blocking clients: an index that went backwards, or 0, restarts at 0.
-            index = new if new > 0 else 0
+            if new <= 0:
+                # No index to block on (an answer without X-Consul-Index): without
+                # a pause the next query would return at once, over and over.
+                await asyncio.sleep(1.0)
+            index = max(new, 0)
 
     async def _poll_services(self) -> None:
         async def fetch(index: int) -> int:
@@ -104,9 +109,11 @@ class CatalogWatcher:
         last = -self.min_scan_interval
         while True:
             await self._changed.wait()
-            # Our own writes move the indexes too; a short pause lets both
-            # queries catch up and coalesces a burst into one comparison.
-            await asyncio.sleep(max(0.0, last + self.min_scan_interval - loop.time()))
+            # One transaction moves both indexes, and the two answers arrive
+            # apart: a short pause lets the second catch up (a comparison of new
+            # services with old checks would flag a false drift), and spacing
+            # comparisons coalesces a burst of writes into one.
+            await asyncio.sleep(max(self.settle, last + self.min_scan_interval - loop.time()))
             last = loop.time()
             self._changed.clear()
             drifted, untracked = self.index.drifted(self._services, self._checks)
