@@ -8,6 +8,7 @@ it), so that the properties are about what Consul would end up holding.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from hypothesis import strategies as st
 from tether.api import InvalidSpec
 from tether.api import consulservices as api
 from tether.consul import endpoints
+from tether.consul.client import ConsulContended
+from tether.consul.committing import GroupCommit
 from tether.consul.planner import Owner
 
 CLUSTER = "blue"
@@ -392,3 +395,46 @@ def test_spec_endpoints_is_exclusive_with_a_fixed_instance() -> None:
     assert parsed.endpoints == api.EndpointsRef("web", "http") and parsed.port == 0
     with pytest.raises(InvalidSpec, match=r"spec\.endpoints\.service"):
         api.parse("shop", "web", {"endpoints": {"service": "Not_A_Name"}})
+
+
+# -- group commit ----------------------------------------------------------------------------
+
+
+class ModelCatalog:
+    """The catalog model behind the client's ``catalog_txn`` (calls counted)."""
+
+    def __init__(self, cat: Catalog) -> None:
+        self.cat = cat
+        self.calls: list[int] = []
+
+    async def catalog_txn(self, ops: list[dict[str, Any]]) -> None:
+        self.calls.append(len(ops))
+        if not self.cat.txn(tuple(ops)):
+            raise ConsulContended("guard failed")
+
+
+async def test_group_commit_packs_concurrent_resources_and_isolates_a_stale_one() -> None:
+    cat = Catalog(node={"Node": NODE, "Meta": endpoints.node_meta(CLUSTER), "ModifyIndex": 1})
+    model = ModelCatalog(cat)
+    commits = GroupCommit(model, max_ops=64)
+    owners = [Owner(CLUSTER, "shop", f"web-{k}") for k in range(20)]
+    plans = []
+    for k, owner in enumerate(owners):
+        eps = [endpoints.Endpoint(f"10.9.{k}.{i}", 8080, "passing", "ready") for i in range(5)]
+        _, services, checks = cat.view()
+        plans.append(endpoints.plan(
+            endpoints.desired(api.parse("shop", owner.name, {"endpoints": {"service": "web"}}), owner, eps),
+            services, checks, owner=owner, node=NODE, node_present=True, cluster=CLUSTER,
+        ))
+    # One resource's plan went stale: someone took one of its IDs meanwhile.
+    stale = plans[7].batches[0][0]["Service"]["Service"]["ID"]
+    cat.services[stale] = {"ID": stale, "Meta": {}, "ModifyIndex": 3}
+    results = await asyncio.gather(*(commits.submit(p.batches[0]) for p in plans), return_exceptions=True)
+    assert [k for k, r in enumerate(results) if isinstance(r, Exception)] == [7]
+    assert isinstance(results[7], ConsulContended)
+    # 20 resources of 10 operations each: 4 shared transactions, one rolled back, then its
+    # batches alone (6 of them) — instead of 20 calls.
+    assert all(n <= 64 for n in model.calls)
+    assert len(model.calls) < 20
+    assert cat.services[stale]["Meta"] == {}
+    assert len([s for s in cat.services.values() if s["Meta"]]) == 19 * 5

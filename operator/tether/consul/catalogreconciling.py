@@ -23,6 +23,7 @@ from tether.api import consulservices as api
 from tether.conditions import Condition
 from tether.consul import endpoints
 from tether.consul.client import Catalog, ConsulContended, ConsulError
+from tether.consul.committing import GroupCommit
 from tether.consul.index import CatalogIndex
 from tether.consul.planner import Owner
 from tether.kube import KubeError
@@ -99,6 +100,8 @@ class CatalogServices:
         self.node = node
         self.max_txn_ops = max_txn_ops
         self.gate = NodeGate()
+        # Writes of concurrent reconciles share transactions (a rollout touches many at once).
+        self.commits = GroupCommit(catalog, max_ops=max_txn_ops)
 
     def owner(self, ref: ObjectRef) -> Owner:
         return Owner(self.cluster, ref.namespace, ref.name)
@@ -160,7 +163,7 @@ class CatalogServices:
                     self.index.track(res.ref, _without(want, plan.conflicts))
                     try:
                         for ops in plan.batches:
-                            await self.catalog.catalog_txn(list(ops))
+                            await self.commits.submit(ops)
                         break
                     except ConsulContended:
                         if attempt == _ATTEMPTS - 1:
@@ -209,7 +212,7 @@ class CatalogServices:
                     )
                     try:
                         for ops in plan.batches:
-                            await self.catalog.catalog_txn(list(ops))
+                            await self.commits.submit(ops)
                         break
                     except ConsulContended:
                         if attempt == _ATTEMPTS - 1:
@@ -267,7 +270,7 @@ class CatalogServices:
             plan = endpoints.release(services, [], owner=owner, node=self.node, orphan=False,
                                      max_ops=self.max_txn_ops)
             for ops in plan.batches:
-                await self.catalog.catalog_txn(list(ops))
+                await self.commits.submit(ops)
             if not exists:
                 await self._remove_empty_node()
 
