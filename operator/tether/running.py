@@ -132,7 +132,9 @@ async def _main(
         "consul-catalog-watch": CatalogWatcher(
             consul_client, catalog_index, settings.consul_node, consul_ctl.enqueue, catalog_services.sweep
         ).run,
-        "etcd-watch": EtcdWatcher(etcd_client, etcd_expect, etcd_ctl.enqueue).run,
+        "etcd-watch": EtcdWatcher(
+            etcd_client, etcd_expect, etcd_ctl.enqueue, ownership_prefix=settings.etcd_ownership_prefix
+        ).run,
         "consul-kv-watch": KVWatcher(
             consul_client, kv_expect, kv_ctl.enqueue, ownership_prefix=settings.consul_ownership_prefix
         ).run,
