@@ -347,10 +347,11 @@ class ConsulClient:
             what=f"catalog transaction of {len(ops)} operations",
         )
         if code == 409:
-            # Consul rolled the whole transaction back; its errors say which op failed.
+            # Consul rolled the whole transaction back; its errors say which op
+            # failed: mostly a stale guard ("index is stale"), which a re-read fixes.
             errs = (json.loads(body or "{}") or {}).get("Errors") or []
             what = "; ".join(str(e.get("What", "")) for e in errs[:3]) or body[:200]
-            raise ConsulContended(f"the catalog changed under a guarded write ({what})")
+            raise ConsulContended(f"Consul rolled the catalog transaction back: {what}")
         if code != 200:
             text = " ".join(body.split())[:300]
             raise ConsulRejected(f"Consul answered {code} to a catalog transaction: {text}")
