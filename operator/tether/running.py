@@ -107,7 +107,8 @@ async def _main(
     agent_index = AgentIndex(cluster=cluster, plural="consulservices")
     catalog_index = CatalogIndex(cluster=cluster, plural="consulservices")
     catalog_services = CatalogServices(
-        consul_client, kube_client, catalog_index, cluster=cluster, node=settings.consul_node
+        consul_client, kube_client, catalog_index, cluster=cluster, node=settings.consul_node,
+        max_txn_ops=settings.consul_max_txn_ops,
     )
     services = ConsulServices(
         consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url,

@@ -94,6 +94,7 @@ class Settings:
     consul_ownership_prefix: str
     workers: int
     etcd_max_txn_ops: int
+    consul_max_txn_ops: int
     lease_namespace: str
     lease_name: str
     identity: str
@@ -112,6 +113,9 @@ class Settings:
             # Workers per kind: reconciles are I/O-bound, so more than cores.
             workers=_int(env, "TETHER_WORKERS", 16, minimum=1, maximum=256),
             etcd_max_txn_ops=_int(env, "TETHER_ETCD_MAX_TXN_OPS", 128, minimum=2, maximum=1_000_000),
+            # Catalog transactions of endpoints mode: Consul 1.16's maxTxnOps is 128
+            # (a Consul older than 1.7 allows 64: set it there).
+            consul_max_txn_ops=_int(env, "TETHER_CONSUL_MAX_TXN_OPS", 128, minimum=4, maximum=128),
             lease_namespace=env.get("POD_NAMESPACE") or "tether-system",
             lease_name=env.get("TETHER_LEASE_NAME") or "tether-leader",
             identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",

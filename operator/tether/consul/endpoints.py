@@ -23,9 +23,10 @@ from tether.api import InvalidSpec
 from tether.api import consulservices as api
 from tether.consul.planner import Owner, owner_of
 
-#: Consul's limit of operations in one ``/v1/txn`` (``maxTxnOps`` in
-#: agent/txn_endpoint.go of the pinned Consul 1.16; a 413 above it).
-MAX_TXN_OPS = 64
+#: Consul's limit of operations in one ``/v1/txn``: ``maxTxnOps = 128`` in
+#: agent/txn_endpoint.go of the pinned Consul 1.16.3 (older releases had 64);
+#: a 413 above it.
+MAX_TXN_OPS = 128
 
 #: Node meta Tether sets on its synthetic node, so that an operator never
 #: adopts another cluster's node (or an agent's) under the same name.
