@@ -227,9 +227,13 @@ def test_endpoints_become_catalog_instances(
         "10.1.0.1",
         "10.1.0.2",
     ]
-    # Printer columns are meaningful in this mode too.
-    table = kubectl(env, "get", KIND, "web", "-n", namespace).stdout
-    assert "web" in table.splitlines()[1] and " 3 " in table.splitlines()[1]
+    # Printer columns: the ID prefix, Ready and the aggregate health; the wide
+    # output adds the Service followed and the instances.
+    row = kubectl(env, "get", KIND, "web", "-n", namespace).stdout.splitlines()[1].split()
+    assert row[1:4] == [f"{namespace}-web", "True", "warning"]
+    wide = kubectl(env, "get", KIND, "web", "-n", namespace, "-o", "wide").stdout.splitlines()
+    columns = dict(zip(wide[0].split(), wide[1].split()[-len(wide[0].split()) :], strict=False))
+    assert (columns["ENDPOINTS"], columns["INSTANCES"], columns["PASSING"]) == ("web", "3", "2")
 
 
 def test_readiness_flips_and_pods_coming_and_going(

@@ -93,6 +93,8 @@ class Catalog:
         if "Service" in op:
             verb, body = op["Service"]["Verb"], op["Service"]["Service"]
             existing = self.services.get(body["ID"])
+            # Consul validates the body whatever the verb: a service op needs the name.
+            assert body.get("Service"), f"Consul: Must provide service name ({op})"
             if self.node is None or not self._guard(existing, body["ModifyIndex"]):
                 return False
             if verb == "cas":

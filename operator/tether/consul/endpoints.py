@@ -341,7 +341,7 @@ def plan(
         if iid in want or owner_of(svc.get("Meta")) != owner:
             continue
         # Deleting the service deletes its checks with it.
-        removals.append([_service_op("delete-cas", node, {"ID": iid}, _index(svc))])
+        removals.append([_service_op("delete-cas", node, _service_ref(svc), _index(svc))])
         removed += 1
         changes.append(f"-{svc.get('Address')}:{svc.get('Port')}")
     head: list[dict[str, Any]] = []
@@ -390,7 +390,7 @@ def release(
             }
             units.append([_service_op("cas", node, body, _index(svc))])
         else:
-            units.append([_service_op("delete-cas", node, {"ID": iid}, _index(svc))])
+            units.append([_service_op("delete-cas", node, _service_ref(svc), _index(svc))])
     return CatalogPlan(batches=batch(units, max_ops=max_ops), removed=len(units))
 
 
@@ -407,6 +407,11 @@ def _service_op(verb: str, node: str, body: Mapping[str, Any], index: int) -> di
 
 def _check_op(verb: str, body: Mapping[str, Any], index: int) -> dict[str, Any]:
     return {"Check": {"Verb": verb, "Check": {**body, "ModifyIndex": index}}}
+
+
+def _service_ref(svc: Mapping[str, Any]) -> dict[str, Any]:
+    # Consul validates a service op's body even to delete it: the name is required.
+    return {"ID": str(svc.get("ID", "")), "Service": str(svc.get("Service", ""))}
 
 
 def _check_ref(node: str, check: Mapping[str, Any]) -> dict[str, Any]:
