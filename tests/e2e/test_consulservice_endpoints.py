@@ -130,6 +130,14 @@ def until(
     return took
 
 
+def table(env: dict[str, str], namespace: str, name: str, *args: str) -> dict[str, str]:
+    """``kubectl get`` as column → cell (cells may be empty: split at the header's offsets)."""
+    header, row = kubectl(env, "get", KIND, name, "-n", namespace, *args).stdout.splitlines()[:2]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    ends = [*starts[1:], len(row) + 1]
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
+
+
 def status(env: dict[str, str], namespace: str, name: str) -> dict[str, Any]:
     return dict(((get(env, namespace, KIND, name) or {}).get("status")) or {})
 
@@ -229,10 +237,13 @@ def test_endpoints_become_catalog_instances(
     ]
     # Printer columns: the ID prefix, Ready and the aggregate health; the wide
     # output adds the Service followed and the instances.
-    row = kubectl(env, "get", KIND, "web", "-n", namespace).stdout.splitlines()[1].split()
-    assert row[1:4] == [f"{namespace}-web", "True", "warning"]
-    wide = kubectl(env, "get", KIND, "web", "-n", namespace, "-o", "wide").stdout.splitlines()
-    columns = dict(zip(wide[0].split(), wide[1].split()[-len(wide[0].split()) :], strict=False))
+    columns = table(env, namespace, "web", "-o", "wide")
+    assert (columns["SERVICE"], columns["ADDRESS"], columns["READY"], columns["HEALTH"]) == (
+        f"{namespace}-web",
+        "",
+        "True",
+        "warning",
+    )
     assert (columns["ENDPOINTS"], columns["INSTANCES"], columns["PASSING"]) == ("web", "3", "2")
 
 
@@ -343,11 +354,18 @@ def test_drift_is_repaired(dev_env: dict[str, str], operator: OperatorProcess, n
     consul(env, "PUT", "/v1/catalog/deregister", {"Node": NODE, "ServiceID": sid})
     until(env, namespace, "db", want, op=operator)
     # Its check set to critical out of band.
-    check = node_checks(env)[f"{sid}:endpoint"]
+    check = {
+        k: node_checks(env)[f"{sid}:endpoint"][k]
+        for k in ("Node", "CheckID", "Name", "ServiceID", "ServiceName")
+    }
     consul(env, "PUT", "/v1/txn", [{"Check": {"Verb": "set", "Check": {**check, "Status": "critical"}}}])
     until(env, namespace, "db", want, op=operator)
+    # A second check added to it out of band (it would change the instance's health).
+    extra = {**check, "CheckID": f"{sid}:extra", "Name": "extra", "Status": "critical"}
+    consul(env, "PUT", "/v1/txn", [{"Check": {"Verb": "set", "Check": extra}}])
+    wait_for(lambda: f"{sid}:extra" not in node_checks(env), timeout=20, message="the extra check removed")
     # Its port changed out of band.
-    svc = node_services(env)[sid]
+    svc = {k: node_services(env)[sid][k] for k in ("ID", "Service", "Address", "Tags", "Meta")}
     consul(env, "PUT", "/v1/txn", [{"Service": {"Verb": "set", "Node": NODE, "Service": {**svc, "Port": 1}}}])
     until(env, namespace, "db", want, op=operator)
     # The whole synthetic node removed: node and instances come back.
@@ -475,7 +493,7 @@ def test_schema_keeps_the_modes_apart(dev_env: dict[str, str], namespace: str) -
     bad = csvc("mixed", endpoints={"service": "web"}, address="10.0.0.1", port=80)
     done = kubectl(dev_env, "apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
     assert done.returncode != 0 and "exclusive" in done.stderr
-    neither = csvc("neither", name="x")
+    neither = csvc("neither", tags=["x"])
     done = kubectl(dev_env, "apply", "-n", namespace, "-f", "-", input=json.dumps(neither), check=False)
     assert done.returncode != 0 and "spec.port is required" in done.stderr
     no_service = csvc("noservice", endpoints={"port": "http"})
