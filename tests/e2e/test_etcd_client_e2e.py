@@ -13,7 +13,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -27,20 +26,11 @@ import grpc.aio
 import pytest
 from aetcd import rpc
 
-from tether.etcd.client import (
-    PAGE_SIZE,
-    Compacted,
-    Compare,
-    Delete,
-    EtcdClient,
-    EtcdConnection,
-    EtcdRejected,
-    EtcdUnavailable,
-    Put,
-    RequestTooLarge,
-    TooManyOps,
-    WatchEvent,
-)
+from tests.support.ports import free_port
+from tether.etcd.client import PAGE_SIZE, EtcdClient
+from tether.etcd.connection import EtcdConnection
+from tether.etcd.errors import Compacted, EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
+from tether.etcd.values import Compare, Delete, Put, WatchEvent
 
 pytestmark = pytest.mark.e2e
 
@@ -61,12 +51,6 @@ def find_etcd() -> str | None:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Tls:

@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import delete_namespace, kubectl
+
+from tests.support.kube import delete_namespace, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
@@ -107,6 +108,7 @@ def test_kustomize_installs_everything(rendered: list[Manifest]) -> None:
         ("Namespace", NAMESPACE),
         ("CustomResourceDefinition", "consulservices.tether.dev"),
         ("CustomResourceDefinition", "etcdconfigs.tether.dev"),
+        ("CustomResourceDefinition", "consulconfigs.tether.dev"),
         ("ServiceAccount", "tether"),
         ("ClusterRole", "tether"),
         ("ClusterRoleBinding", "tether"),
@@ -151,7 +153,7 @@ def _rule_for(rules: list[dict[str, Any]], resource: str) -> dict[str, Any]:
 
 def test_cluster_role_is_least_privilege(rendered: list[Manifest]) -> None:
     rules = _one(rendered, "ClusterRole", "tether")["rules"]
-    kinds = ("consulservices", "etcdconfigs")
+    kinds = ("consulservices", "etcdconfigs", "consulconfigs")
 
     main = _rule_for(rules, "consulservices")
     assert main["apiGroups"] == ["tether.dev"]
@@ -483,6 +485,8 @@ _PERMISSIONS = [
     ("list", "etcdconfigs.tether.dev", "", True),
     ("patch", "consulservices.tether.dev", "default", True),
     ("patch", "etcdconfigs.tether.dev/status", "default", True),
+    ("list", "consulconfigs.tether.dev", "", True),
+    ("patch", "consulconfigs.tether.dev/status", "default", True),
     ("update", "consulservices.tether.dev/finalizers", "default", True),
     ("create", "events", "default", True),
     ("create", "events.events.k8s.io", "default", True),
@@ -495,6 +499,7 @@ _PERMISSIONS = [
     # What it must not do:
     ("create", "consulservices.tether.dev", "default", False),
     ("delete", "etcdconfigs.tether.dev", "default", False),
+    ("create", "consulconfigs.tether.dev", "default", False),
     ("update", "secrets", "default", False),
     ("create", "configmaps", "default", False),
     ("create", "leases.coordination.k8s.io", "kube-system", False),

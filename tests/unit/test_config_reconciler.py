@@ -466,6 +466,37 @@ async def test_a_deleted_claim_is_not_restored_without_proof_of_ownership(rig: R
     assert rig.m.values()[k("app/a")] == b"1"
 
 
+async def test_a_deleted_claim_is_not_restored_by_a_restarted_operator(rig: Rig) -> None:
+    """Ownership proof is this process's last converge; after a restart, fail closed."""
+    k = rig.m.k
+    spec = {"prefix": k("app"), "data": {"a": "1"}}
+    await rig.kinds.apply(rig.resource("cfg", spec))
+    rig.m.delete(rig.m.layout.claim_key(k("app/a")))
+    restarted = make_rig(rig.backend)
+    restarted.m = rig.m
+    restarted.kinds.store.client.model = rig.m  # type: ignore[attr-defined]
+    out = await restarted.kinds.apply(restarted.resource("cfg", spec, reconciled=True, stamp=rig.m.stamp))
+    assert out.reason == "Conflict" and "set adopt: true" in out.message
+
+
+async def test_a_failed_converge_is_no_proof_of_ownership(rig: Rig) -> None:
+    """A source change that failed to write, then a lost status patch, must not adopt a foreign key."""
+    k = rig.m.k
+    spec = {"prefix": k("app"), "from": [{"configMapRef": {"name": "cm"}}]}
+    rig.kube.config_maps["cm"] = {"a": b"1"}
+    assert (await rig.kinds.apply(rig.resource("cfg", spec))).ready == "True"
+    rig.m.put(k("app/b"), b"someone else's")
+    rig.kube.config_maps["cm"] = {"a": b"1", "b": b"2"}  # same generation: a source changed
+    rig.faults.unavailable = True
+    out = await rig.kinds.apply(rig.resource("cfg", spec, reconciled=True, stamp=rig.m.stamp))
+    assert out.reason == "BackendUnavailable"
+    rig.faults.unavailable = False
+    # The Ready=False patch was lost: the stored status still says Ready for this generation.
+    out = await rig.kinds.apply(rig.resource("cfg", spec, reconciled=True, stamp=rig.m.stamp))
+    assert out.reason == "Conflict" and k("app/b") in out.message
+    assert rig.m.values()[k("app/b")] == b"someone else's"
+
+
 async def test_a_claim_taken_by_another_owner_is_never_taken_back(rig: Rig) -> None:
     k = rig.m.k
     spec = {"prefix": k("app"), "data": {"a": "1"}}
