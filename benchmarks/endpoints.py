@@ -22,6 +22,7 @@ Nothing here asserts wall time; the figures go into the report's
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,8 +31,9 @@ import aiohttp
 
 from benchmarks import phases
 from benchmarks.kubeapi import KubeApi, ready
-from benchmarks.processes import Operator, delta, log, summed, writes
+from benchmarks.processes import delta, log, summed
 from benchmarks.stats import latency_summary
+from tests.support.operator import OperatorProcess, writes
 
 NS = "bench-ep"
 NODE = "tether-kubernetes"  # TETHER_CONSUL_NODE's default for the default cluster name
@@ -200,7 +202,7 @@ async def condition_changes(
         ):
             started = time.monotonic()
             await _set_endpoints(kube, s, eps)
-            took = await _until(lambda w=wanted: status_is(w), budget)
+            took = await _until(functools.partial(status_is, wanted), budget)
             if took is None:
                 timeouts += 1
             else:
@@ -217,7 +219,7 @@ async def condition_changes(
 async def rollout(
     kube: KubeApi,
     consul: phases.Consul,
-    operator: Operator,
+    operator: OperatorProcess,
     services: int,
     per: int,
     *,
@@ -249,10 +251,10 @@ async def rollout(
     }
 
 
-async def restart(operator: Operator, services: int, *, budget: float = 300.0) -> dict[str, Any]:
+async def restart(operator: OperatorProcess, services: int, *, budget: float = 300.0) -> dict[str, Any]:
     await asyncio.to_thread(operator.stop)
-    operator.start()
-    await asyncio.to_thread(operator.wait_metrics)
+    operator.start(wait=False)
+    await asyncio.to_thread(operator.wait_serving)
     deadline = operator.started_at + budget
     caught_up = None
     while time.monotonic() < deadline:
@@ -284,11 +286,15 @@ async def run(
     """The whole section on a fresh stack; returns the report's ``endpoints`` entry."""
     stack.fresh()
     artifacts.mkdir(parents=True, exist_ok=True)
-    operator = Operator(stack, artifacts / "operator-endpoints.log", extra_env=extra_env)
+    # JSON logs, as the Deployment runs it (and as the other sections measure).
+    operator = OperatorProcess(
+        stack.env, artifacts / "operator-endpoints.log", args=("-A", "--log-format", "json"),
+        extra_env=extra_env,
+    )
     report: dict[str, Any] = {"services": services, "endpoints_per_service": per, "endpoints": services * per}
     try:
-        operator.start()
-        operator.wait_metrics()
+        operator.start(wait=False)
+        operator.wait_serving()
         async with KubeApi(stack.kubeconfig) as kube, phases.Consul(stack.consul_url) as consul:
             before, _ = await phases.settle(operator, quiet=1.0)
             log(f"endpoints: {services} Services x {per} endpoints, {services} ConsulServices")

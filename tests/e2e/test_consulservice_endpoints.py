@@ -19,8 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import delete_namespace, kubectl, wait_for
-from opfixture import OperatorProcess, apply, condition, consul, events, get, wait_condition, wait_gone
+
+from tests.support.consul import Consul
+from tests.support.kube import (
+    apply,
+    condition,
+    delete_namespace,
+    events,
+    get,
+    kubectl,
+    resource,
+    wait_condition,
+    wait_gone,
+)
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 KIND = "consulservice"
 NODE = "tether-kubernetes"  # the shared operator's cluster is the default, "kubernetes"
@@ -70,12 +83,12 @@ def endpoint_slice(
 
 
 def csvc(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "ConsulService",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
+    return resource("ConsulService", name, spec)
+
+
+def consul(env: dict[str, str], method: str, path: str, body: Any = None) -> Any:
+    """One call to the dev stack's Consul agent: the decoded answer, None on 404."""
+    return Consul.from_env(env).call(method, path, body)
 
 
 # -- what Consul's catalog holds ------------------------------------------------------------
@@ -161,13 +174,13 @@ def own_operator(
     env: dict[str, str], log: Path, namespace: str, cluster: str, **extra: str
 ) -> OperatorProcess:
     return OperatorProcess(
-        env, log, args=("-n", namespace), extra_env={"TETHER_CLUSTER_NAME": cluster, **extra}
+        env, log, args=("-n", namespace), extra_env={"TETHER_CLUSTER_NAME": cluster, **extra}, verbose=True
     ).start()
 
 
-def settle_writes(op: OperatorProcess, *, quiet: float = 3.0, timeout: float = 60) -> dict[str, float]:
+def settle_writes(op: OperatorProcess, *, quiet: float = 3.0, timeout: float = 60) -> dict[str, int]:
     """Wait until the operator's write counters stop moving for ``quiet`` seconds."""
-    last: dict[str, float] = {}
+    last: dict[str, int] = {}
     since = time.monotonic()
 
     def still() -> bool:
@@ -330,7 +343,7 @@ def test_idle_writes_nothing_and_restart_writes_nothing(dev_env: dict[str, str],
                 message=f"restarted operator to reconcile both ({op.log_tail()})",
             )
             time.sleep(3)
-            assert op.writes() == {"consul": 0.0, "etcd": 0.0, "kubernetes": 0.0}, op.log_tail()
+            assert op.writes() == {"consul": 0, "etcd": 0, "kubernetes": 0}, op.log_tail()
             assert len(instances(env, ns, "one", "tether-restart")) == 20
         finally:
             # Released by the operator while it still runs, so that the finalizers go.
