@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(bench(args))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(stats.table(report))
+    if report["sizes"]:  # none with --endpoints-only
+        print(stats.table(report))
     print("\n".join(endpoints.table(report.get("endpoints") or {})))
     if report.get("profile"):
         print("\nProfile (py-spy, operator during convergence): top own time")

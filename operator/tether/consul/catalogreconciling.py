@@ -121,12 +121,13 @@ class CatalogServices:
         missing = "" if service is not None else f"; Service {ns}/{svc_name} does not exist"
         return endpoints.endpoints(slices, port_name), missing
 
-    async def _observe(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
-        # The whole node, not one service name: instances this resource left
-        # under an earlier spec.name or spec.id must be found to be removed,
-        # and an ID held by anyone else must be seen to be left alone.
-        _, node, services = await self.catalog.node_services(self.node)
-        _, checks = await self.catalog.node_checks(self.node)
+    async def _observe(
+        self, services_where: str, checks_where: str
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+        # Filtered by Consul: a resource reads its own slice of the node, not
+        # all of it (the node of 1000 endpoints is ~1 MB of JSON per read).
+        _, node, services = await self.catalog.node_services(self.node, where=services_where)
+        _, checks = await self.catalog.node_checks(self.node, where=checks_where)
         return node, services, checks
 
     async def apply(self, res: Resource, spec: api.ConsulServiceSpec) -> Outcome:
@@ -147,7 +148,9 @@ class CatalogServices:
         try:
             for attempt in range(_ATTEMPTS):
                 async with self.gate.shared():
-                    node, services, checks = await self._observe()
+                    node, services, checks = await self._observe(
+                        endpoints.services_filter(spec.name, owner), endpoints.checks_filter(spec.name)
+                    )
                     conflict = endpoints.node_conflict(node, name=self.node, cluster=self.cluster)
                     if conflict:
                         self.index.unwant(res.ref)
@@ -205,9 +208,12 @@ class CatalogServices:
         try:
             async with self.gate.exclusive():
                 for attempt in range(_ATTEMPTS):
-                    _, services, checks = await self._observe()
+                    # Its own instances only (their checks go with them).
+                    _, _, services = await self.catalog.node_services(
+                        self.node, where=endpoints.owner_filter(owner)
+                    )
                     plan = endpoints.release(
-                        services, checks, owner=owner, node=self.node, orphan=orphan,
+                        services, [], owner=owner, node=self.node, orphan=orphan,
                         max_ops=self.max_txn_ops,
                     )
                     try:
@@ -266,7 +272,7 @@ class CatalogServices:
         log.info("removing catalog instances of %s, which no ConsulService in endpoints mode wants",
                  owner.describe())
         async with self.gate.exclusive():
-            _, _, services = await self.catalog.node_services(self.node)
+            _, _, services = await self.catalog.node_services(self.node, where=endpoints.owner_filter(owner))
             plan = endpoints.release(services, [], owner=owner, node=self.node, orphan=False,
                                      max_ops=self.max_txn_ops)
             for ops in plan.batches:

@@ -55,11 +55,11 @@ class Catalog(Protocol):
     """What endpoints mode needs from Consul's catalog: one node's entries, and transactions."""
 
     async def node_services(
-        self, node: str, *, service: str | None = None, index: int = 0, wait: str = ""
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
     ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]: ...
 
     async def node_checks(
-        self, node: str, *, service: str | None = None, index: int = 0, wait: str = ""
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
     ) -> tuple[int, list[dict[str, Any]]]: ...
 
     async def catalog_txn(self, ops: list[dict[str, Any]]) -> None: ...
@@ -304,16 +304,17 @@ class ConsulClient:
         return [("index", str(index)), ("wait", wait)], float(wait.rstrip("s")) * 1.1 + self.conn.timeout
 
     async def node_services(
-        self, node: str, *, service: str | None = None, index: int = 0, wait: str = ""
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
     ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
-        """The node (None if absent) and its services; ``service``: only that service name.
+        """The node (None if absent) and its services; ``where``: only those matching
+        that Consul filter expression (the node is returned either way).
 
         With ``index``, a blocking query that returns once the node's services
         change after it (or after ``wait``).
         """
         params, deadline = self._blocking(index, wait)
-        if service is not None:
-            params.append(("filter", f"Service == {json.dumps(service)}"))
+        if where is not None:
+            params.append(("filter", where))
         code, headers, body = await self._kv_request(
             "GET", f"/v1/catalog/node-services/{quote(node, safe='')}", params=params,
             what=f"list of services on node {node!r}", deadline=deadline,
@@ -325,12 +326,12 @@ class ConsulClient:
         return new_index, dict(data["Node"]), [dict(s) for s in data.get("Services") or []]
 
     async def node_checks(
-        self, node: str, *, service: str | None = None, index: int = 0, wait: str = ""
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
     ) -> tuple[int, list[dict[str, Any]]]:
-        """The checks on the node; ``service``: only the checks of that service name."""
+        """The checks on the node; ``where``: only those matching that filter expression."""
         params, deadline = self._blocking(index, wait)
-        if service is not None:
-            params.append(("filter", f"ServiceName == {json.dumps(service)}"))
+        if where is not None:
+            params.append(("filter", where))
         code, headers, body = await self._kv_request(
             "GET", f"/v1/health/node/{quote(node, safe='')}", params=params,
             what=f"list of checks on node {node!r}", deadline=deadline,

@@ -483,6 +483,37 @@ def counts(statuses: Iterable[str]) -> Counts:
     return Counts(total, tally["passing"], tally["warning"], tally["critical"])
 
 
+def services_filter(name: str, owner: Owner) -> str:
+    """A Consul filter for what one resource's plan needs from the node.
+
+    Every instance of its service name (another owner's included: an ID it
+    holds must be seen to be left alone) and every instance it owns under any
+    name (left behind by a change of ``spec.name`` or ``spec.id``). An entry
+    of another name on an ID this resource would use stays unseen, and the
+    check-and-set guard refuses to overwrite it.
+    """
+    return f"Service == {_quoted(name)} or ({owner_filter(owner)})"
+
+
+def checks_filter(name: str) -> str:
+    """The checks of one service name (an owned instance of an old name is only deleted,
+    and its checks go with it)."""
+    return f"ServiceName == {_quoted(name)}"
+
+
+def owner_filter(owner: Owner) -> str:
+    return (
+        f"Meta[{_quoted(api.META_CLUSTER)}] == {_quoted(owner.cluster)} and "
+        f"Meta[{_quoted(api.META_NAMESPACE)}] == {_quoted(owner.namespace)} and "
+        f"Meta[{_quoted(api.META_NAME)}] == {_quoted(owner.name)}"
+    )
+
+
+def _quoted(text: str) -> str:
+    # Names, namespaces and cluster names are DNS-like; escape anyway.
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def owned_by(services: Iterable[Mapping[str, Any]], cluster: str) -> dict[Owner, list[str]]:
     """This cluster's instances on the node, by owner (for orphans and the drift index)."""
     out: dict[Owner, list[str]] = {}
