@@ -15,6 +15,11 @@ steady-state figures: **idle** (writes, CPU and memory over a quiet window),
 **restart** (SIGTERM, start, time until caught up, writes it made), **one
 change → backend** and **drift repair** latencies.
 
+Then, on a fresh stack, the **endpoints** section (:mod:`benchmarks.endpoints`):
+ConsulServices in endpoints mode following Services' EndpointSlices —
+condition change → Consul health latency, a full rollout's write calls and
+convergence, idle and restart writes.
+
 Prints a table and writes ``benchmarks/results/latest.json``. Nothing here
 asserts wall time: the figures are for people to read and compare.
 """
@@ -39,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(REPO)
 
-from benchmarks import phases, stats, workload  # noqa: E402
+from benchmarks import endpoints, phases, stats, workload  # noqa: E402
 from benchmarks.kubeapi import KubeApi, ready  # noqa: E402
 from benchmarks.processes import (  # noqa: E402
     Profiler,
@@ -88,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="floor + convergence runs per size; the median run is reported (1)")
     parser.add_argument("--skip-floor", action="store_true", help="operator phases only")
     parser.add_argument("--skip-steady", action="store_true", help="convergence only")
+    parser.add_argument("--endpoints-services", type=int, default=100,
+                        help="endpoints section: ConsulServices, each following its own Service (100)")
+    parser.add_argument("--endpoints-per-service", type=int, default=10,
+                        help="endpoints section: endpoints in each Service's slice (10)")
+    parser.add_argument("--skip-endpoints", action="store_true", help="no endpoints section")
+    parser.add_argument("--endpoints-only", action="store_true",
+                        help="only the endpoints section (no floor, convergence or steady state)")
     return parser
 
 
@@ -354,7 +366,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack(args.state_dir)
     largest = max(args.size_list)
     try:
-        for n in args.size_list:
+        for n in [] if args.endpoints_only else args.size_list:
             entry: dict[str, Any] = {}
             report["sizes"][str(n)] = entry
             floors: list[dict[str, Any]] = []
@@ -370,6 +382,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     report=report, extra_env=extra_env,
                 ))
                 entry.update(_median_runs(floors, operators))
+        if not args.skip_endpoints:
+            report["endpoints"] = await endpoints.run(
+                stack, args.artifacts, services=args.endpoints_services, per=args.endpoints_per_service,
+                samples=args.samples, idle_seconds=args.idle_seconds,
+                concurrency=args.create_concurrency, extra_env=extra_env,
+            )
+            if report["endpoints"].get("problem"):
+                report.setdefault("problems", []).append(f"endpoints: {report['endpoints']['problem']}")
     except Exception as exc:
         report.setdefault("problems", []).append(f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
@@ -405,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(bench(args))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(stats.table(report))
+    if report["sizes"]:  # none with --endpoints-only
+        print(stats.table(report))
+    print("\n".join(endpoints.table(report.get("endpoints") or {})))
     if report.get("profile"):
         print("\nProfile (py-spy, operator during convergence): top own time")
         for entry in report["profile"]["own"][:15]:

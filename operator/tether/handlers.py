@@ -21,9 +21,17 @@ class Dependents(Protocol):
     def dependents(self, kind: Any, namespace: str, name: str) -> list[ObjectRef]: ...
 
 
+class Followers(Protocol):
+    def followers(self, namespace: str, service: str) -> list[ObjectRef]: ...
+
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
 def register(
     registry: kopf.OperatorRegistry, *, controllers: Sequence[Controller],
     sources: Sequence[tuple[Dependents, Controller]],
+    endpoints: tuple[Followers, Controller] | None = None,
 ) -> None:
     """Attach Tether's handlers to ``registry``: one per kind, one per source kind."""
     for controller in controllers:
@@ -42,6 +50,18 @@ def register(
     @kopf.on.event("", "v1", "secrets", registry=registry)
     def secret_event(event: kopf.RawEvent, **_: Any) -> None:
         source_changed("secret", event)
+
+    if endpoints is not None:
+        followers, controller = endpoints
+
+        # Only slices of a Service some ConsulService follows enqueue anything.
+        @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry)
+        def endpoint_slice_event(event: kopf.RawEvent, **_: Any) -> None:
+            meta = event["object"].get("metadata") or {}
+            service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+            if service:
+                for ref in followers.followers(meta.get("namespace", ""), service):
+                    controller.enqueue(ref)
 
 
 def _feeder(controller: Controller) -> Any:

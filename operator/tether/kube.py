@@ -1,4 +1,4 @@
-"""Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret reads.
+"""Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret/Service/EndpointSlice reads.
 
 The official ``kubernetes`` client is synchronous, so every call runs in a
 worker thread; Kopf's event loop never blocks on it. Every write is counted
@@ -69,6 +69,7 @@ class KubeClient:
         self._api = k8s.ApiClient(configuration)
         self._custom = k8s.CustomObjectsApi(self._api)
         self._core = k8s.CoreV1Api(self._api)
+        self._discovery = k8s.DiscoveryV1Api(self._api)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._component = component
         self._recent_events: OrderedDict[tuple[str, str, str, str], float] = OrderedDict()
@@ -180,6 +181,38 @@ class KubeClient:
         if secret is None:
             return None
         return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    async def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Service as the API serves it (camelCase JSON), or None if absent."""
+        svc = await self._read_or_none(
+            lambda: self._core.read_namespaced_service(name, namespace),
+            what=f"read Service {namespace}/{name}",
+        )
+        return None if svc is None else dict(self._api.sanitize_for_serialization(svc))  # type: ignore[no-untyped-call]
+
+    async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        """Every EndpointSlice of Service ``service`` (label ``kubernetes.io/service-name``)."""
+        # Label values are DNS labels (the API model validated the name), so no quoting is needed.
+        listing = await self._call(
+            lambda: self._discovery.list_namespaced_endpoint_slice(
+                namespace, label_selector=f"kubernetes.io/service-name={service}"
+            ),
+            what=f"list EndpointSlices of Service {namespace}/{service}",
+        )
+        return [
+            dict(self._api.sanitize_for_serialization(item))  # type: ignore[no-untyped-call]
+            for item in listing.items or []
+        ]
+
+    async def get_custom(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """One of Tether's resources, or None if it does not exist."""
+        body: Any = await self._read_or_none(
+            lambda: self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, ref.namespace, ref.plural, ref.name
+            ),
+            what=f"read {ref}",
+        )
+        return None if body is None else dict(body)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

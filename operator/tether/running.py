@@ -21,9 +21,11 @@ import kopf
 from tether import handlers, kube, logs, metrics
 from tether.config.expectations import Expectations
 from tether.config.sources import SourceIndex
+from tether.consul.catalogreconciling import CatalogServices
+from tether.consul.catalogwatching import CatalogWatcher
 from tether.consul.client import ConsulClient
 from tether.consul.configs import ConsulConfigs
-from tether.consul.index import AgentIndex
+from tether.consul.index import AgentIndex, CatalogIndex
 from tether.consul.kv import ConsulKVStore
 from tether.consul.kvwatching import KVWatcher
 from tether.consul.reconciling import ConsulServices
@@ -103,7 +105,15 @@ async def _main(
 
     # Each kind: a reconciler and what it shares with its backend's watcher.
     agent_index = AgentIndex(cluster=cluster, plural="consulservices")
-    services = ConsulServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url)
+    catalog_index = CatalogIndex(cluster=cluster, plural="consulservices")
+    catalog_services = CatalogServices(
+        consul_client, kube_client, catalog_index, cluster=cluster, node=settings.consul_node,
+        max_txn_ops=settings.consul_max_txn_ops,
+    )
+    services = ConsulServices(
+        consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url,
+        endpoints=catalog_services,
+    )
     etcd_expect, kv_expect = Expectations(), Expectations()
     etcd_sources, kv_sources = SourceIndex(), SourceIndex()
     etcd_configs = EtcdConfigs(
@@ -120,6 +130,9 @@ async def _main(
     controllers = (consul_ctl, etcd_ctl, kv_ctl)
     backend_watchers = {
         "consul-watch": ConsulWatcher(consul_client, agent_index, consul_ctl.enqueue).run,
+        "consul-catalog-watch": CatalogWatcher(
+            consul_client, catalog_index, settings.consul_node, consul_ctl.enqueue, catalog_services.sweep
+        ).run,
         "etcd-watch": EtcdWatcher(
             etcd_client, etcd_expect, etcd_ctl.enqueue, ownership_prefix=settings.etcd_ownership_prefix
         ).run,
@@ -130,7 +143,8 @@ async def _main(
 
     registry = kopf.OperatorRegistry()
     handlers.register(
-        registry, controllers=controllers, sources=((etcd_sources, etcd_ctl), (kv_sources, kv_ctl))
+        registry, controllers=controllers, sources=((etcd_sources, etcd_ctl), (kv_sources, kv_ctl)),
+        endpoints=(catalog_index, consul_ctl),
     )
 
     # A private registry does not carry Kopf's default login handlers.

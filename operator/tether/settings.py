@@ -32,6 +32,23 @@ def cluster_name(env: Mapping[str, str] | None = None) -> str:
     return name
 
 
+def consul_node(cluster: str, env: Mapping[str, str] | None = None) -> str:
+    """The synthetic Consul node that holds endpoints-mode instances (``TETHER_CONSUL_NODE``).
+
+    One per cluster by default, so that two clusters sharing a Consul never
+    share a node; Consul wants node names usable in DNS.
+    """
+    env = os.environ if env is None else env
+    node = env.get("TETHER_CONSUL_NODE") or f"tether-{cluster}"
+    # The default is "tether-" + a cluster name of up to 63 characters.
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?", node):
+        raise ValueError(
+            f"TETHER_CONSUL_NODE={node!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return node
+
+
 def etcd_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
     """Where Tether records in etcd which resource owns which key."""
     env = os.environ if env is None else env
@@ -75,10 +92,12 @@ class Settings:
     consul: ConsulConnection
     etcd: EtcdConnection
     cluster: str
+    consul_node: str
     etcd_ownership_prefix: str
     consul_ownership_prefix: str
     workers: int
     etcd_max_txn_ops: int
+    consul_max_txn_ops: int
     lease_namespace: str
     lease_name: str
     identity: str
@@ -86,15 +105,20 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        cluster = cluster_name(env)
         return cls(
             consul=ConsulConnection.from_env(env),
             etcd=EtcdConnection.from_env(env),
-            cluster=cluster_name(env),
+            cluster=cluster,
+            consul_node=consul_node(cluster, env),
             etcd_ownership_prefix=etcd_ownership_prefix(env),
             consul_ownership_prefix=consul_ownership_prefix(env),
             # Workers per kind: reconciles are I/O-bound, so more than cores.
             workers=_int(env, "TETHER_WORKERS", 16, minimum=1, maximum=256),
             etcd_max_txn_ops=_int(env, "TETHER_ETCD_MAX_TXN_OPS", 128, minimum=2, maximum=1_000_000),
+            # Catalog transactions of endpoints mode: Consul 1.16's maxTxnOps is 128
+            # (a Consul older than 1.7 allows 64: set it there).
+            consul_max_txn_ops=_int(env, "TETHER_CONSUL_MAX_TXN_OPS", 128, minimum=4, maximum=128),
             lease_namespace=env.get("POD_NAMESPACE") or "tether-system",
             lease_name=env.get("TETHER_LEASE_NAME") or "tether-leader",
             identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",

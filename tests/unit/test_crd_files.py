@@ -30,8 +30,8 @@ EXPECTED: dict[str, tuple[str, str, str, set[str], set[str], list[str]]] = {
         "consulservices.tether.dev.yaml",
         "consulservices",
         "csvc",
-        {"name", "id", "address", "port", "tags", "meta", "checks", "deletionPolicy"},
-        {"observedGeneration", "conditions", "serviceID", "health"},
+        {"name", "id", "address", "port", "tags", "meta", "checks", "endpoints", "deletionPolicy"},
+        {"observedGeneration", "conditions", "serviceID", "health", "instances"},
         ["Service", "Address", "Port", "Ready", "Health", "Age"],
     ),
     "EtcdConfig": (
@@ -131,7 +131,11 @@ def test_every_field_has_a_description(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_node_has_a_type(kind: str) -> None:
-    untyped = [path for path, node in _nodes(kind) if "type" not in node]
+    # A port name or number is the one place without a type: Kubernetes' int-or-string.
+    untyped = [
+        path for path, node in _nodes(kind)
+        if "type" not in node and not node.get("x-kubernetes-int-or-string")
+    ]
     assert untyped == []
 
 
@@ -210,7 +214,11 @@ def test_defaults() -> None:
 
 
 def test_required_fields() -> None:
-    assert _schema("ConsulService")["properties"]["spec"]["required"] == ["port"]
+    # port is required unless endpoints is set: a CEL rule, as a schema's required cannot say it.
+    rules = [r["rule"] for r in _schema("ConsulService")["x-kubernetes-validations"]]
+    assert "has(self.spec.endpoints) || has(self.spec.port)" in rules
+    endpoints = _schema("ConsulService")["properties"]["spec"]["properties"]["endpoints"]
+    assert endpoints["required"] == ["service"]
     for kind in CONFIG_KINDS:
         assert _schema(kind)["properties"]["spec"]["required"] == ["prefix"], kind
     port = _schema("ConsulService")["properties"]["spec"]["properties"]["port"]

@@ -1,4 +1,10 @@
-"""The ConsulService resource: its spec as a typed, validated model."""
+"""The ConsulService resource: its spec as a typed, validated model.
+
+Two modes share the kind: a fixed instance (``address``/``port``/``checks``,
+registered on the agent) and endpoints mode (``endpoints``: every endpoint of
+a Kubernetes Service an instance in Consul's catalog). :func:`parse` returns
+the model of either; ``spec.endpoints`` is set only in endpoints mode.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ _HOSTNAME = re.compile(
 )
 # Consul refuses "/" in service IDs used in URL paths and treats "?"/"#" badly.
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Consul raises any deregisterCriticalServiceAfter below one minute to one minute;
@@ -57,8 +64,21 @@ class Check:
 
 
 @dataclass(frozen=True)
+class EndpointsRef:
+    """Endpoints mode: the Service whose endpoints become instances, and which port."""
+
+    service: str
+    # The Service's port name (str) or port number (int); None: its only port.
+    port: str | int | None = None
+
+
+@dataclass(frozen=True)
 class ConsulServiceSpec:
-    """What a ConsulService asks Consul to hold."""
+    """What a ConsulService asks Consul to hold.
+
+    In endpoints mode ``endpoints`` is set, ``address``/``port``/``checks`` are
+    empty, and ``id`` is the prefix of every instance's service ID.
+    """
 
     name: str
     id: str
@@ -68,6 +88,7 @@ class ConsulServiceSpec:
     meta: tuple[tuple[str, str], ...] = ()
     checks: tuple[Check, ...] = ()
     deletion_policy: Literal["Delete", "Orphan"] = "Delete"
+    endpoints: EndpointsRef | None = None
 
 
 def parse(namespace: str, name: str, spec: Mapping[str, Any]) -> ConsulServiceSpec:
@@ -84,11 +105,14 @@ def parse(namespace: str, name: str, spec: Mapping[str, Any]) -> ConsulServiceSp
             f"spec.id: {svc_id!r} is not a usable Consul service ID "
             "(letters, digits, '_', '.', ':' and '-', at most 128 characters)"
         )
+    endpoints = _parse_endpoints(spec)
     address = _str(spec.get("address", ""), "spec.address")
     if address and not _is_address(address):
         raise InvalidSpec(f"spec.address: {address!r} is neither an IP address nor a hostname")
     port = spec.get("port")
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+    if endpoints is not None:
+        port = 0  # each instance has its endpoint's own port
+    elif not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise InvalidSpec(f"spec.port: {port!r} must be an integer from 1 to 65535")
 
     tags_raw = spec.get("tags") or []
@@ -122,7 +146,41 @@ def parse(namespace: str, name: str, spec: Mapping[str, Any]) -> ConsulServiceSp
         meta=meta,
         checks=checks,
         deletion_policy=policy,
+        endpoints=endpoints,
     )
+
+
+def _parse_endpoints(spec: Mapping[str, Any]) -> EndpointsRef | None:
+    raw = spec.get("endpoints")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidSpec("spec.endpoints: must be an object with service and port")
+    # The schema's CEL rule says the same; an API server without CEL (or an
+    # object stored before the rule) must still not mix the two modes.
+    mixed = [key for key in ("address", "port", "checks") if spec.get(key) not in (None, "", [])]
+    if mixed:
+        raise InvalidSpec(
+            f"spec.endpoints is exclusive with {', '.join('spec.' + k for k in mixed)}: in endpoints "
+            "mode every endpoint's own address and port are registered, with a check that follows "
+            "the endpoint's conditions"
+        )
+    service = raw.get("service")
+    if not isinstance(service, str) or not _DNS_LABEL.match(service):
+        raise InvalidSpec(
+            f"spec.endpoints.service: {service!r} must name a Service in this namespace "
+            "(a DNS label: lowercase letters, digits and '-')"
+        )
+    port = raw.get("port")
+    if port is None or port == "":
+        return EndpointsRef(service, None)
+    if isinstance(port, bool) or not isinstance(port, int | str):
+        raise InvalidSpec("spec.endpoints.port: must be a port name or a number")
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        raise InvalidSpec(f"spec.endpoints.port: {port} must be from 1 to 65535")
+    if isinstance(port, str) and not _DNS_LABEL.match(port):
+        raise InvalidSpec(f"spec.endpoints.port: {port!r} is not a valid port name")
+    return EndpointsRef(service, port)
 
 
 def _parse_meta(raw: Any) -> tuple[tuple[str, str], ...]:

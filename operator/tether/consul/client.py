@@ -1,4 +1,4 @@
-"""Consul I/O through py-consul's asyncio client: the agent API and the KV store.
+"""Consul I/O through py-consul's asyncio client: the agent API, the catalog and the KV store.
 
 Every call has a deadline, so a hung agent cannot stall the operator; failures
 are sorted into *unavailable* (retry with backoff) and *rejected* (ACL denied,
@@ -45,6 +45,24 @@ class ConsulTooManyOps(ConsulRejected, errors.TooManyOperations):
 
 class ConsulRequestTooLarge(ConsulRejected, errors.RequestTooLarge):
     """A request body was larger than the server allows (``txn_max_req_len``)."""
+
+
+class ConsulContended(ConsulError, errors.Contended):
+    """A guarded catalog transaction was rolled back: an entry changed since it was read."""
+
+
+class Catalog(Protocol):
+    """What endpoints mode needs from Consul's catalog: one node's entries, and transactions."""
+
+    async def node_services(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]: ...
+
+    async def node_checks(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, list[dict[str, Any]]]: ...
+
+    async def catalog_txn(self, ops: list[dict[str, Any]]) -> None: ...
 
 
 class Agent(Protocol):
@@ -276,6 +294,68 @@ class ConsulClient:
             raise ConsulRejected(f"Consul answered {code} to a KV transaction: {text}")
         results = (json.loads(body) or {}).get("Results") or []
         return True, [dict(r.get("KV") or {}) for r in results]
+
+    # -- the catalog (endpoints mode) -----------------------------------------------
+
+    def _blocking(self, index: int, wait: str) -> tuple[list[tuple[str, str]], float | None]:
+        if not index:
+            return [], None
+        # Consul adds up to wait/16 of jitter to a blocking query.
+        return [("index", str(index)), ("wait", wait)], float(wait.rstrip("s")) * 1.1 + self.conn.timeout
+
+    async def node_services(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+        """The node (None if absent) and its services; ``where``: only those matching
+        that Consul filter expression (the node is returned either way).
+
+        With ``index``, a blocking query that returns once the node's services
+        change after it (or after ``wait``).
+        """
+        params, deadline = self._blocking(index, wait)
+        if where is not None:
+            params.append(("filter", where))
+        code, headers, body = await self._kv_request(
+            "GET", f"/v1/catalog/node-services/{quote(node, safe='')}", params=params,
+            what=f"list of services on node {node!r}", deadline=deadline,
+        )
+        new_index = int(headers.get("X-Consul-Index") or 0)
+        data = json.loads(body) if code == 200 and body.strip() else None
+        if not data or not data.get("Node"):
+            return new_index, None, []
+        return new_index, dict(data["Node"]), [dict(s) for s in data.get("Services") or []]
+
+    async def node_checks(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """The checks on the node; ``where``: only those matching that filter expression."""
+        params, deadline = self._blocking(index, wait)
+        if where is not None:
+            params.append(("filter", where))
+        code, headers, body = await self._kv_request(
+            "GET", f"/v1/health/node/{quote(node, safe='')}", params=params,
+            what=f"list of checks on node {node!r}", deadline=deadline,
+        )
+        new_index = int(headers.get("X-Consul-Index") or 0)
+        data = json.loads(body) if code == 200 and body.strip() else None
+        return new_index, [dict(c) for c in data or []]
+
+    async def catalog_txn(self, ops: list[dict[str, Any]]) -> None:
+        """Apply one catalog transaction; :class:`ConsulContended` when a guard failed."""
+        metrics.WRITES.labels(system="consul").inc()
+        code, _, body = await self._kv_request(
+            "PUT", "/v1/txn", data=json.dumps(ops),
+            what=f"catalog transaction of {len(ops)} operations",
+        )
+        if code == 409:
+            # Consul rolled the whole transaction back; its errors say which op
+            # failed: mostly a stale guard ("index is stale"), which a re-read fixes.
+            errs = (json.loads(body or "{}") or {}).get("Errors") or []
+            what = "; ".join(str(e.get("What", "")) for e in errs[:3]) or body[:200]
+            raise ConsulContended(f"Consul rolled the catalog transaction back: {what}")
+        if code != 200:
+            text = " ".join(body.split())[:300]
+            raise ConsulRejected(f"Consul answered {code} to a catalog transaction: {text}")
 
     async def close(self) -> None:
         session = getattr(self._http, "_session", None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.api import ObjectRef
-from tether.consul import planner
+from tether.consul import endpoints, planner
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,94 @@ class AgentIndex:
                 flagged.add(ref)
                 out.append(ref)
         return out
+
+
+class CatalogIndex:
+    """What endpoints mode shares between its reconciler and its two watchers.
+
+    * Service → resources: the EndpointSlice watch asks which ConsulServices
+      follow a Service, so that a slice of a Service nobody names enqueues
+      nothing;
+    * resource → the instances it wants: the catalog watcher compares them
+      with the synthetic node after every change to it, and enqueues only
+      the resources whose instances differ.
+
+    Written by the reconciler after each apply, read by the watchers.
+    """
+
+    def __init__(self, *, cluster: str, plural: str) -> None:
+        self.cluster = cluster
+        self.plural = plural
+        self._wanted: dict[ObjectRef, dict[str, endpoints.Instance]] = {}
+        self._service_of: dict[ObjectRef, tuple[str, str]] = {}
+        self._followers: dict[tuple[str, str], set[ObjectRef]] = {}
+
+    # -- written by the reconciler -----------------------------------------------
+    def follow(self, ref: ObjectRef, service: str) -> None:
+        """``ref`` follows Service ``service`` in its namespace (known before the first write)."""
+        key = (ref.namespace, service)
+        old = self._service_of.get(ref)
+        if old == key:
+            return
+        if old is not None:
+            self._followers.get(old, set()).discard(ref)
+        self._service_of[ref] = key
+        self._followers.setdefault(key, set()).add(ref)
+
+    def track(self, ref: ObjectRef, wanted: Mapping[str, endpoints.Instance]) -> None:
+        self._wanted[ref] = dict(wanted)
+
+    def wanted(self, ref: ObjectRef) -> dict[str, endpoints.Instance] | None:
+        return self._wanted.get(ref)
+
+    def unwant(self, ref: ObjectRef) -> None:
+        """Stop comparing ``ref`` with the node (it wrote nothing), but keep following its Service."""
+        self._wanted.pop(ref, None)
+
+    def untrack(self, ref: ObjectRef) -> None:
+        self._wanted.pop(ref, None)
+        key = self._service_of.pop(ref, None)
+        if key is not None:
+            followers = self._followers.get(key, set())
+            followers.discard(ref)
+            if not followers:
+                self._followers.pop(key, None)
+
+    def tracked(self) -> int:
+        return len(self._wanted)
+
+    def is_tracked(self, ref: ObjectRef) -> bool:
+        return ref in self._wanted
+
+    # -- read by the EndpointSlice watch -----------------------------------------
+    def followers(self, namespace: str, service: str) -> list[ObjectRef]:
+        return sorted(self._followers.get((namespace, service), ()))
+
+    # -- read by the catalog watcher ---------------------------------------------
+    def drifted(
+        self, services: list[dict[str, Any]], checks: list[dict[str, Any]]
+    ) -> tuple[list[ObjectRef], list[planner.Owner]]:
+        """Resources whose instances differ from the node's, and this cluster's
+        owners with instances on the node that no tracked resource accounts for."""
+        by_id = {str(s.get("ID", "")): s for s in services}
+        check_by_id = {str(c.get("CheckID", "")): c for c in checks}
+        owned = endpoints.owned_by(services, self.cluster)
+        # Instances with a check Tether did not write (it could change their health).
+        extra = {
+            str(c.get("ServiceID")) for c in checks
+            if c.get("ServiceID") and c.get("CheckID") != endpoints.check_id(str(c.get("ServiceID")))
+        }
+        out: list[ObjectRef] = []
+        for ref, wanted in self._wanted.items():
+            owner = planner.Owner(self.cluster, ref.namespace, ref.name)
+            ids = set(owned.get(owner, ()))
+            if ids != set(wanted) or ids & extra or any(
+                not endpoints.matches(inst, by_id.get(iid), check_by_id.get(inst.check_id))
+                for iid, inst in wanted.items()
+            ):
+                out.append(ref)
+        untracked = [
+            owner for owner in owned
+            if ObjectRef(self.plural, owner.namespace, owner.name) not in self._wanted
+        ]
+        return out, untracked

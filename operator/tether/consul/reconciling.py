@@ -1,10 +1,14 @@
-"""The ConsulService kind for the shared reconcile skeleton (fixed-instance mode).
+"""The ConsulService kind for the shared reconcile skeleton.
 
-``apply`` reads the agent, asks the planner what to write and writes only
-that; ``release`` deregisters (or leaves) what the resource owns, as the
-planner decides. What the watcher needs to know is recorded in the shared
-:class:`~tether.consul.index.AgentIndex`; drift detection itself lives in
-:mod:`tether.consul.watching`.
+Fixed-instance mode lives here: ``apply`` reads the agent, asks the planner
+what to write and writes only that; ``release`` deregisters (or leaves) what
+the resource owns, as the planner decides. What the watcher needs to know is
+recorded in the shared :class:`~tether.consul.index.AgentIndex`; drift
+detection itself lives in :mod:`tether.consul.watching`.
+
+A spec with ``endpoints`` is handed to endpoints mode
+(:mod:`tether.consul.catalogreconciling`): one kind, one Kopf handler, one
+queue, two ways of reaching Consul.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
 from tether.conditions import Condition
 from tether.consul import planner
+from tether.consul.catalogreconciling import CatalogServices
 from tether.consul.client import Agent, ConsulError
 from tether.consul.index import AgentIndex, Tracked
 from tether.reconciling import Note, Outcome, Resource
@@ -38,11 +43,15 @@ class ConsulServices:
     kind = api.KIND
     plural = api.PLURAL
 
-    def __init__(self, agent: Agent, index: AgentIndex, *, cluster: str, agent_url: str = "") -> None:
+    def __init__(
+        self, agent: Agent, index: AgentIndex, *, cluster: str, agent_url: str = "",
+        endpoints: CatalogServices | None = None,
+    ) -> None:
         self.agent = agent
         self.index = index
         self.cluster = cluster
         self.agent_url = agent_url
+        self.endpoints = endpoints
 
     def owner(self, ref: ObjectRef) -> planner.Owner:
         return planner.Owner(self.cluster, ref.namespace, ref.name)
@@ -52,8 +61,23 @@ class ConsulServices:
             spec = api.parse(res.ref.namespace, res.ref.name, res.spec)
         except InvalidSpec as exc:
             self.index.untrack(res.ref)
+            if self.endpoints is not None:
+                self.endpoints.forget(res.ref)
             return Outcome.from_error(exc, doing="register")
         owner = self.owner(res.ref)
+        if spec.endpoints is not None and self.endpoints is not None:
+            # Switched from a fixed instance: its agent registration goes first.
+            self.index.untrack(res.ref)
+            if "instances" not in res.status or self.index.owned_ids(owner):
+                try:
+                    await self._deregister_owned(owner, {str(res.status.get("serviceID") or "")})
+                except ConsulError as exc:
+                    return Outcome.from_error(exc, doing="remove the fixed-instance registration")
+            return await self.endpoints.apply(res, spec)
+        if self.endpoints is not None:
+            # Switched from endpoints mode: the catalog watcher finds the
+            # instances no endpoints-mode resource wants any more, and sweeps them.
+            self.endpoints.forget(res.ref)
         desired = planner.registration(spec, owner)
         fields: dict[str, Any] = {"serviceID": spec.id}
         unknown = {**fields, "health": "unknown"}
@@ -99,8 +123,18 @@ class ConsulServices:
             )
         return Note("Normal", "Updated", f"Updated {service_id!r} in Consul ({', '.join(plan.changes)})")
 
+    async def _deregister_owned(self, owner: planner.Owner, candidates: set[str]) -> None:
+        ids = (candidates | self.index.owned_ids(owner)) - {""}
+        observed = {sid: await self.agent.service(sid) for sid in sorted(ids)}
+        for sid in planner.release(owner, observed):
+            await self.agent.deregister(sid)
+            self.index.forget_id(owner, sid)
+
     async def release(self, res: Resource) -> Outcome:
         owner = self.owner(res.ref)
+        if self.endpoints is not None and res.spec.get("endpoints") is not None:
+            orphan = res.spec.get("deletionPolicy", "Delete") == "Orphan"
+            return await self.endpoints.release(res, orphan=orphan)
         ids = {str(res.status.get("serviceID") or "")} | self.index.owned_ids(owner)
         # An invalid spec never registered anything under its own ID.
         with contextlib.suppress(InvalidSpec):
@@ -129,3 +163,5 @@ class ConsulServices:
 
     def forget(self, ref: ObjectRef) -> None:
         self.index.untrack(ref)
+        if self.endpoints is not None:
+            self.endpoints.forget(ref)
