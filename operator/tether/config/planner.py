@@ -67,6 +67,10 @@ class Limits:
 # protobuf tags, lengths and revision fields.
 _OP_OVERHEAD = 16
 
+# The end of a conflict message: true of the plan; the reconciler replaces it
+# when an earlier round of the same reconcile had already written chunks.
+NOTHING_WRITTEN = "Nothing was written."
+
 # How many keys a conflict message names before summarising the rest.
 _CONFLICTS_SHOWN = 3
 
@@ -255,7 +259,7 @@ class Plan:
     owned_after: frozenset[str] = frozenset()
     writes: tuple[Item, ...] = ()
     deletes: tuple[Item, ...] = ()
-    conflict: str | None = None
+    conflict: str | None = None  # why nothing may be written; ends with NOTHING_WRITTEN
     put_keys: tuple[str, ...] = ()  # data keys written
     deleted_keys: tuple[str, ...] = ()  # data keys deleted (prune, deletion)
     released_keys: tuple[str, ...] = ()  # claims dropped while the data stays
@@ -324,6 +328,12 @@ def plan(
         for key in (*listed, *claims)
         if (claim := claims.get(key)) is not None and claim.value == owner_bytes
     )
+    # A key the index lists whose claim is gone (deleted out of band) is still
+    # this owner's: the index record is written only by this owner, in the same
+    # guarded transactions as its claims, and names nobody else. Its claim is
+    # drift to restore; treating the key as foreign would block the resource
+    # on its own keys for good and leave them behind on deletion.
+    lost = frozenset(key for key in listed if key not in claims)
     index_revision = index.revision if index else 0
     index_before = index.value if index else None
 
@@ -334,7 +344,7 @@ def plan(
             conflicts.append(
                 f"key {key} is owned by {describe_owner(claim.value, cluster=cluster, kind=kind)}"
             )
-        elif claim is None and key in data and not adopt:
+        elif claim is None and key in data and not adopt and key not in lost:
             conflicts.append(
                 f"key {key} exists and is not managed by Tether; set adopt: true to take it over"
             )
@@ -345,7 +355,7 @@ def plan(
         return Plan(
             index_key=index_key, index_revision=index_revision, index_before=index_before,
             index_after=index_before, owned_before=owned, owned_after=owned,
-            conflict=f"{shown}{suffix}. Nothing was written.",
+            conflict=f"{shown}{suffix}. {NOTHING_WRITTEN}",
         )
 
     writes: list[Item] = []
@@ -366,15 +376,16 @@ def plan(
     deletes: list[Item] = []
     deleted: list[str] = []
     released: list[str] = []
-    for key in sorted(owned - desired.keys()):
+    for key in sorted((owned | lost) - desired.keys()):
         current = data.get(key)
         if prune and current is not None:
             deleted.append(key)
             deletes.append(Item(Delete(key), _unchanged(key, current)))
-        elif not prune and current is not None:
+        elif not prune and current is not None and key in owned:
             released.append(key)
-        claim_key = layout.claim_key(key)
-        deletes.append(Item(Delete(claim_key), _unchanged(claim_key, claims[key])))
+        if key in owned:  # a lost claim has nothing left to delete
+            claim_key = layout.claim_key(key)
+            deletes.append(Item(Delete(claim_key), _unchanged(claim_key, claims[key])))
 
     return Plan(
         index_key=index_key,

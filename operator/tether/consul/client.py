@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -54,11 +54,13 @@ class Agent(Protocol):
 
     async def service_checks(self, service_id: str) -> list[dict[str, Any]]: ...
 
+    async def checks_with_ids(self, check_ids: Sequence[str]) -> list[dict[str, Any]]: ...
+
     async def services(self) -> dict[str, dict[str, Any]]: ...
 
     async def checks(self) -> dict[str, dict[str, Any]]: ...
 
-    async def register(self, body: Mapping[str, Any]) -> None: ...
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None: ...
 
     async def deregister(self, service_id: str) -> None: ...
 
@@ -150,6 +152,19 @@ class ConsulClient:
         )
         return list((result or {}).values())
 
+    async def checks_with_ids(self, check_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The agent's checks under any of ``check_ids``, whichever service holds them."""
+        if not check_ids:
+            return []
+        expr = " or ".join(f"CheckID == {json.dumps(cid)}" for cid in sorted(set(check_ids)))
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(
+                CB.json(), "/v1/agent/checks", params=[("filter", expr)], headers=self._headers()
+            ),
+            what="read of checks by ID",
+        )
+        return list((result or {}).values())
+
     async def services(self) -> dict[str, dict[str, Any]]:
         result: dict[str, dict[str, Any]] = await self._call(
             lambda: self._http.get(CB.json(), "/v1/agent/services", headers=self._headers()),
@@ -164,12 +179,14 @@ class ConsulClient:
         )
         return result or {}
 
-    async def register(self, body: Mapping[str, Any]) -> None:
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None:
+        """Register ``body``; ``replace_checks=False`` keeps checks the body does not list."""
         metrics.WRITES.labels(system="consul").inc()
+        params = [("replace-existing-checks", "true")] if replace_checks else []
         await self._call(
             lambda: self._http.put(
                 CB.boolean(), "/v1/agent/service/register",
-                params=[("replace-existing-checks", "true")],
+                params=params,
                 data=json.dumps(body), headers=self._headers(),
             ),
             what=f"registration of {body.get('ID')!r}",

@@ -63,7 +63,9 @@ class ConsulServices:
             observed = await self.agent.service(spec.id)
             checks = await self.agent.service_checks(spec.id) if observed else []
             stale = {sid: await self.agent.service(sid) for sid in sorted(previous)}
-            plan = planner.plan(desired, owner, observed, checks, stale)
+            # Check IDs are agent-wide: one of ours may already be another service's.
+            same_ids = await self.agent.checks_with_ids([str(c["CheckID"]) for c in desired["Checks"]])
+            plan = planner.plan(desired, owner, observed, checks, stale, other_checks=same_ids)
             if plan.conflict:
                 self.index.untrack(res.ref)
                 return Outcome.failed(conditions.CONFLICT, plan.conflict, fields=unknown)
@@ -106,23 +108,27 @@ class ConsulServices:
         with contextlib.suppress(InvalidSpec):
             ids.add(api.parse(res.ref.namespace, res.ref.name, res.spec).id)
         ids.discard("")
-        if res.spec.get("deletionPolicy", "Delete") == "Orphan":
-            self.index.untrack(res.ref)
-            return Outcome(
-                "False", conditions.DELETING, "deletionPolicy Orphan: registration left in Consul",
-                released=True,
-                notes=(Note("Normal", "Orphaned", f"Left {sorted(ids)} in Consul (deletionPolicy Orphan)"),),
-            )
+        orphan = res.spec.get("deletionPolicy", "Delete") == "Orphan"
         try:
             observed = {sid: await self.agent.service(sid) for sid in sorted(ids)}
             removed = planner.release(owner, observed)
             for sid in removed:
-                await self.agent.deregister(sid)
+                if orphan:
+                    # Released, not left claimed: without the ownership meta no
+                    # later resource of this namespace/name can find it and remove it.
+                    svc = observed[sid] or {}
+                    await self.agent.register(planner.released(svc), replace_checks=False)
+                else:
+                    await self.agent.deregister(sid)
                 self.index.forget_id(owner, sid)
         except ConsulError as exc:
             failed = Outcome.from_error(exc, doing="deregister from Consul")
             return Outcome.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
         self.index.untrack(res.ref)
+        if orphan:
+            message = f"released {list(removed)} in Consul (deletionPolicy Orphan: left, no longer owned)"
+            notes = (Note("Normal", "Orphaned", message),) if removed else ()
+            return Outcome("False", conditions.DELETING, message, released=True, notes=notes)
         done = Note("Normal", "Deregistered", f"Deregistered {list(removed)} from Consul")
         notes = (done,) if removed else ()
         return Outcome("False", conditions.DELETING, "deregistered", released=True, notes=notes)
