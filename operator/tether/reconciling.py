@@ -177,8 +177,9 @@ def _announcement(old: Mapping[str, Any], outcome: Outcome) -> tuple[Note, ...]:
     if outcome.ready != "False" or outcome.reason not in _WARNING_REASONS:
         return ()
     before = conditions.find(old.get("conditions"), conditions.READY) or {}
+    # The stored message is bounded (conditions.bounded): compare like with like.
     if (before.get("status"), before.get("reason"), before.get("message")) == (
-        "False", outcome.reason, outcome.message,
+        "False", outcome.reason, conditions.bounded(outcome.message),
     ):
         return ()
     return (Note("Warning", outcome.reason, outcome.message),)
