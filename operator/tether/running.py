@@ -120,7 +120,9 @@ async def _main(
     controllers = (consul_ctl, etcd_ctl, kv_ctl)
     backend_watchers = {
         "consul-watch": ConsulWatcher(consul_client, agent_index, consul_ctl.enqueue).run,
-        "etcd-watch": EtcdWatcher(etcd_client, etcd_expect, etcd_ctl.enqueue).run,
+        "etcd-watch": EtcdWatcher(
+            etcd_client, etcd_expect, etcd_ctl.enqueue, ownership_prefix=settings.etcd_ownership_prefix
+        ).run,
         "consul-kv-watch": KVWatcher(
             consul_client, kv_expect, kv_ctl.enqueue, ownership_prefix=settings.consul_ownership_prefix
         ).run,

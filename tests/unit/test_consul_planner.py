@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
 from tether.consul import planner
+from tether.consul.index import AgentIndex, Tracked
 
 OWNER = planner.Owner("kubernetes", "team-a", "web")
 
@@ -329,17 +330,61 @@ def test_any_port_change_is_detected(port: int, other: int) -> None:
 
 def test_watcher_flags_a_resource_owning_a_stale_id() -> None:
     """An ID move cut short by a crash leaves an owned registration the status never named."""
-    from tether.consul.reconciling import ConsulServices, _Tracked
-
-    services = ConsulServices(agent=None, cluster="kubernetes")  # type: ignore[arg-type]
+    index = AgentIndex(cluster="kubernetes", plural="consulservices")
     current = planner.registration(spec(id="svc-c"), OWNER)
     stale = planner.registration(spec(id="svc-b"), OWNER)
     ref = ObjectRef("consulservices", "team-a", "web")
-    services._tracked[ref] = _Tracked("svc-c", planner.desired_signature(current), "passing")
+    index.track(ref, Tracked("svc-c", planner.desired_signature(current), "passing"))
     agent_view = {sid: as_agent(body)[0] for sid, body in (("svc-c", current), ("svc-b", stale))}
-    assert services.drifted(agent_view, {}) == [ref]
+    assert index.drifted(agent_view, {}) == [ref]
     del agent_view["svc-b"]
-    assert services.drifted(agent_view, {}) == []
+    assert index.drifted(agent_view, {}) == []
     foreign = planner.registration(spec(id="svc-x"), planner.Owner("other-cluster", "team-a", "web"))
     agent_view["svc-x"] = as_agent(foreign)[0]
-    assert services.drifted(agent_view, {}) == [], "another cluster's registrations are not ours"
+    assert index.drifted(agent_view, {}) == [], "another cluster's registrations are not ours"
+
+
+def test_index_reports_drift_and_health_moves_only() -> None:
+    index = AgentIndex(cluster="kubernetes", plural="consulservices")
+    body = planner.registration(spec(checks=ALL_CHECKS[1:2]), OWNER)
+    ref = ObjectRef("consulservices", "team-a", "web")
+    svc, checks = as_agent(body)
+    index.track(ref, Tracked(body["ID"], planner.desired_signature(body), "critical"))
+    by_id = {c["CheckID"]: c for c in checks}
+    assert index.drifted({body["ID"]: svc}, by_id) == []
+    assert index.drifted({}, by_id) == [ref], "a vanished registration"
+    assert index.drifted({body["ID"]: {**svc, "Port": 1}}, by_id) == [ref], "an edited one"
+    healthy = {cid: {**c, "Status": "passing"} for cid, c in by_id.items()}
+    assert index.drifted({body["ID"]: svc}, healthy) == [ref], "health moved"
+    index.untrack(ref)
+    assert index.drifted({}, {}) == []
+
+
+def test_index_keeps_owned_ids_per_owner_from_the_latest_scan() -> None:
+    index = AgentIndex(cluster="kubernetes", plural="consulservices")
+    other = planner.Owner("kubernetes", "team-b", "api")
+    views = {
+        "a": as_agent(planner.registration(spec(id="a"), OWNER))[0],
+        "b": as_agent(planner.registration(spec(id="b"), OWNER))[0],
+        "c": as_agent(planner.registration(spec(id="c"), other))[0],
+        "nomad": {"ID": "nomad", "Service": "x", "Meta": {"external-source": "nomad"}},
+    }
+    index.refresh(views)
+    assert index.owned_ids(OWNER) == {"a", "b"} and index.owned_ids(other) == {"c"}
+    index.forget_id(OWNER, "a")
+    assert index.owned_ids(OWNER) == {"b"}
+    # A copy: a caller changing it cannot change the index.
+    index.owned_ids(OWNER).add("zzz")
+    assert index.owned_ids(OWNER) == {"b"}
+    index.refresh({"c": views["c"]})
+    assert index.owned_ids(OWNER) == set() and index.owned_ids(other) == {"c"}
+
+
+def test_release_deregisters_exactly_what_the_owner_holds() -> None:
+    mine = as_agent(planner.registration(spec(id="mine"), OWNER))[0]
+    old = as_agent(planner.registration(spec(id="old"), OWNER))[0]
+    theirs = as_agent(planner.registration(spec(id="theirs"), planner.Owner("west", "team-a", "web")))[0]
+    foreign = {"ID": "same-id", "Service": "web", "Meta": {}}
+    observed = {"mine": mine, "old": old, "theirs": theirs, "same-id": foreign, "gone": None}
+    assert planner.release(OWNER, observed) == ("mine", "old")
+    assert planner.release(OWNER, {"same-id": foreign, "gone": None}) == ()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tether.api import consulservices, etcdconfigs
+from tether.api import configs, consulservices
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -42,7 +42,17 @@ EXPECTED: dict[str, tuple[str, str, str, set[str], set[str], list[str]]] = {
         {"observedGeneration", "conditions", "keys", "revision"},
         ["Prefix", "Keys", "Ready", "Age"],
     ),
+    "ConsulConfig": (
+        "consulconfigs.tether.dev.yaml",
+        "consulconfigs",
+        "ccfg",
+        {"prefix", "data", "from", "prune", "adopt", "deletionPolicy"},
+        {"observedGeneration", "conditions", "keys", "modifyIndex"},
+        ["Prefix", "Keys", "Ready", "Age"],
+    ),
 }
+# The config kinds share one spec; they differ in the shape of a key.
+CONFIG_KINDS = {"EtcdConfig": configs.ETCD, "ConsulConfig": configs.CONSUL}
 KINDS = sorted(EXPECTED)
 
 
@@ -183,24 +193,61 @@ def test_status_conditions_have_the_standard_shape(kind: str) -> None:
 
 def test_defaults() -> None:
     consul = _schema("ConsulService")["properties"]["spec"]["properties"]
-    etcd = _schema("EtcdConfig")["properties"]["spec"]["properties"]
     assert consul["deletionPolicy"]["default"] == "Delete"
-    assert etcd["deletionPolicy"]["default"] == "Delete"
-    assert etcd["prune"]["default"] is True
-    assert etcd["adopt"]["default"] is False
-    for ref in ("configMapRef", "secretRef"):
-        optional = etcd["from"]["items"]["properties"][ref]["properties"]["optional"]
-        assert optional["default"] is False
-    for name, node in [*consul.items(), *etcd.items()]:
+    nodes = list(consul.items())
+    for kind in CONFIG_KINDS:
+        config = _schema(kind)["properties"]["spec"]["properties"]
+        assert config["deletionPolicy"]["default"] == "Delete", kind
+        assert config["prune"]["default"] is True, kind
+        assert config["adopt"]["default"] is False, kind
+        for ref in ("configMapRef", "secretRef"):
+            optional = config["from"]["items"]["properties"][ref]["properties"]["optional"]
+            assert optional["default"] is False, (kind, ref)
+        nodes += [(f"{kind}.{name}", node) for name, node in config.items()]
+    for name, node in nodes:
         if "default" in node:
             assert "Default:" in node["description"], name
 
 
 def test_required_fields() -> None:
     assert _schema("ConsulService")["properties"]["spec"]["required"] == ["port"]
-    assert _schema("EtcdConfig")["properties"]["spec"]["required"] == ["prefix"]
+    for kind in CONFIG_KINDS:
+        assert _schema(kind)["properties"]["spec"]["required"] == ["prefix"], kind
     port = _schema("ConsulService")["properties"]["spec"]["properties"]["port"]
     assert (port["minimum"], port["maximum"]) == (1, 65535)
+
+
+def _without_descriptions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_descriptions(v) for k, v in node.items() if k != "description"}
+    if isinstance(node, list):
+        return [_without_descriptions(v) for v in node]
+    return node
+
+
+def test_config_kinds_share_one_spec_apart_from_the_prefix() -> None:
+    """One engine, one spec: only the shape of ``prefix`` tells the two kinds apart."""
+    etcd, consul = (
+        _without_descriptions(_schema(kind)["properties"]["spec"]["properties"]) for kind in CONFIG_KINDS
+    )
+    etcd_prefix, consul_prefix = etcd.pop("prefix"), consul.pop("prefix")
+    assert etcd == consul
+    assert re.search(etcd_prefix["pattern"], "/app/config")
+    assert not re.search(etcd_prefix["pattern"], "app/config")
+    assert re.search(consul_prefix["pattern"], "shop/payments")
+    assert not re.search(consul_prefix["pattern"], "/shop/payments")
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIG_KINDS))
+def test_config_kinds_match_their_flavor(kind: str) -> None:
+    """The operator's flavor and the CRD name the same kind, plural and status field."""
+    flavor = CONFIG_KINDS[kind]
+    plural = EXPECTED[kind][1]
+    assert (flavor.kind, flavor.plural) == (kind, plural)
+    status = _schema(kind)["properties"]["status"]["properties"]
+    assert status[flavor.revision_field]["type"] == "integer"
+    columns = {c["jsonPath"] for c in _version(kind)["additionalPrinterColumns"]}
+    assert f".status.{flavor.revision_field}" in columns
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -254,7 +301,7 @@ def test_lists_and_maps_are_bounded(kind: str) -> None:
             assert "maxProperties" in node, path
 
 
-def test_crds_kustomization_lists_both_files() -> None:
+def test_crds_kustomization_lists_every_file() -> None:
     kustomization = _load(CRDS / "Kustomization")
     assert sorted(kustomization["resources"]) == sorted(e[0] for e in EXPECTED.values())
 
@@ -271,14 +318,16 @@ def test_samples_kustomization_lists_every_sample() -> None:
 def test_samples_cover_the_interesting_cases() -> None:
     docs = [_load(p) for p in _samples()]
     services = [d["spec"] for d in docs if d["kind"] == "ConsulService"]
-    configs = [d["spec"] for d in docs if d["kind"] == "EtcdConfig"]
+    specs = [d["spec"] for d in docs if d["kind"] == "EtcdConfig"]
     check_types = {"http", "tcp", "grpc", "ttl"}
     check_kinds = {k for s in services for c in s.get("checks", []) for k in c if k in check_types}
     assert {"http", "tcp", "ttl"} <= check_kinds
     assert any(set(s) == {"port"} for s in services), "a minimal ConsulService"
-    assert any("data" in c for c in configs)
-    refs = {k for c in configs for item in c.get("from", []) for k in item}
+    assert any("data" in c for c in specs)
+    refs = {k for c in specs for item in c.get("from", []) for k in item}
     assert refs == {"configMapRef", "secretRef"}
+    kinds = {d["kind"] for d in docs}
+    assert set(EXPECTED) <= kinds, f"a sample of every kind: {set(EXPECTED) - kinds} missing"
 
 
 @pytest.mark.parametrize("path", _samples(), ids=lambda p: p.stem)
@@ -288,8 +337,8 @@ def test_sample_is_namespace_free_and_valid_for_the_operator(path: Path) -> None
     assert "namespace" not in doc["metadata"]
     if doc["kind"] == "ConsulService":
         consulservices.parse("default", doc["metadata"]["name"], doc["spec"])
-    elif doc["kind"] == "EtcdConfig":
-        etcdconfigs.parse(doc["spec"])
+    elif doc["kind"] in CONFIG_KINDS:
+        configs.parse(doc["spec"], CONFIG_KINDS[doc["kind"]])
     else:
         assert doc["kind"] in {"ConfigMap", "Secret"}
 
@@ -298,7 +347,7 @@ def test_samples_reference_sources_in_the_same_directory() -> None:
     docs = [_load(p) for p in _samples()]
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for doc in docs:
-        if doc["kind"] != "EtcdConfig":
+        if doc["kind"] not in CONFIG_KINDS:
             continue
         for item in doc["spec"].get("from", []):
             for ref, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):

@@ -1,4 +1,10 @@
-"""Unit tests for the pure parts of the etcd client: settings, error mapping, messages."""
+"""Unit tests for the pure parts of the etcd client: settings, error mapping, messages.
+
+The client is split into plain values (:mod:`tether.etcd.values`), errors
+(:mod:`tether.etcd.errors`), wire conversions (:mod:`tether.etcd.wire`) and
+the connection settings (:mod:`tether.etcd.connection`); each is tested here
+without a server.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,17 @@ import grpc
 import pytest
 from aetcd import rpc
 
-from tether.etcd import client
-from tether.etcd.client import (
+from tether import errors
+from tether.etcd import values, wire
+from tether.etcd.connection import EtcdConnection
+from tether.etcd.errors import (
     Compacted,
-    Compare,
-    Delete,
-    EtcdConnection,
     EtcdRejected,
     EtcdUnavailable,
-    KeyValue,
-    Put,
     RequestTooLarge,
     TooManyOps,
 )
+from tether.etcd.values import Compare, Delete, KeyValue, Put
 
 # --------------------------------------------------------------------------- from_env
 
@@ -219,7 +223,7 @@ EP = "http://127.0.0.1:2379"
     ],
 )
 def test_error_from_status(code: grpc.StatusCode, details: str, expected: type[Exception]) -> None:
-    error = client.error_from_status(code, details, endpoint=EP)
+    error = wire.error_from_status(code, details, endpoint=EP)
     assert type(error) is expected
     assert EP in str(error)
 
@@ -230,21 +234,31 @@ def test_specific_rejections_are_rejections() -> None:
     assert not issubclass(Compacted, EtcdRejected | EtcdUnavailable)
 
 
+def test_etcd_errors_speak_the_shared_vocabulary() -> None:
+    """The skeleton maps the shared bases; etcd's errors must be subclasses of them."""
+    assert issubclass(EtcdUnavailable, errors.BackendUnavailable)
+    assert issubclass(EtcdRejected, errors.BackendRejected)
+    assert issubclass(TooManyOps, errors.TooManyOperations)
+    assert issubclass(RequestTooLarge, errors.RequestTooLarge)
+    assert not issubclass(EtcdUnavailable, errors.BackendRejected)
+    assert not issubclass(EtcdRejected, errors.BackendUnavailable)
+
+
 def test_messages_explain_the_server_limit() -> None:
-    too_many = client.error_from_status(
+    too_many = wire.error_from_status(
         grpc.StatusCode.INVALID_ARGUMENT,
         "etcdserver: too many operations in txn request",
         endpoint=EP,
     )
     assert "--max-txn-ops" in str(too_many)
-    too_large = client.error_from_status(
+    too_large = wire.error_from_status(
         grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large", endpoint=EP
     )
     assert "--max-request-bytes" in str(too_large)
 
 
 def test_long_server_messages_are_truncated() -> None:
-    error = client.error_from_status(grpc.StatusCode.UNKNOWN, "x" * 10_000, endpoint=EP)
+    error = wire.error_from_status(grpc.StatusCode.UNKNOWN, "x" * 10_000, endpoint=EP)
     assert len(str(error)) < 500
 
 
@@ -258,7 +272,7 @@ def test_long_server_messages_are_truncated() -> None:
     ],
 )
 def test_watch_cancel_reasons(reason: str, expected: type[Exception]) -> None:
-    assert type(client.error_from_status(None, reason, endpoint=EP)) is expected
+    assert type(wire.error_from_status(None, reason, endpoint=EP)) is expected
 
 
 @pytest.mark.parametrize(
@@ -272,7 +286,7 @@ def test_watch_cancel_reasons(reason: str, expected: type[Exception]) -> None:
     ],
 )
 def test_needs_reauth(details: str, expected: bool) -> None:
-    assert client.needs_reauth(details) is expected
+    assert wire.needs_reauth(details) is expected
 
 
 def test_compacted_carries_the_revision() -> None:
@@ -294,7 +308,7 @@ def test_compacted_carries_the_revision() -> None:
     ],
 )
 def test_compare_targets(target: str, value: int | bytes, pb_target: int, pb_field: str) -> None:
-    message = client.compare_to_pb(Compare(b"/k", target, "=", value))  # type: ignore[arg-type]
+    message = wire.compare_to_pb(Compare(b"/k", target, "=", value))  # type: ignore[arg-type]
     assert message.key == b"/k"
     assert message.target == pb_target
     assert message.result == rpc.Compare.EQUAL
@@ -312,7 +326,7 @@ def test_compare_targets(target: str, value: int | bytes, pb_target: int, pb_fie
     ],
 )
 def test_compare_operators(op: str, pb_result: int) -> None:
-    message = client.compare_to_pb(Compare(b"/k", "mod", op, 3))  # type: ignore[arg-type]
+    message = wire.compare_to_pb(Compare(b"/k", "mod", op, 3))  # type: ignore[arg-type]
     assert message.result == pb_result
 
 
@@ -342,7 +356,7 @@ def test_values_are_not_in_reprs() -> None:
 
 
 def test_txn_request() -> None:
-    message = client.txn_to_pb(
+    message = wire.txn_to_pb(
         [Compare(b"/a", "version", "=", 0)],
         [Put(b"/a", b"1"), Delete(b"/b")],
         [Delete(b"/c")],
@@ -360,7 +374,7 @@ def test_txn_request() -> None:
 
 def test_op_to_pb_rejects_other_types() -> None:
     with pytest.raises(TypeError):
-        client.op_to_pb(Compare(b"/k", "mod", "=", 1))  # type: ignore[arg-type]
+        wire.op_to_pb(Compare(b"/k", "mod", "=", 1))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -375,7 +389,7 @@ def test_op_to_pb_rejects_other_types() -> None:
     ],
 )
 def test_prefix_range_end(prefix: bytes, end: bytes) -> None:
-    assert client.prefix_range_end(prefix) == end
+    assert values.prefix_range_end(prefix) == end
 
 
 def test_event_conversion() -> None:
@@ -384,10 +398,10 @@ def test_event_conversion() -> None:
         kv=rpc.KeyValue(key=b"/k", value=b"v", create_revision=2, mod_revision=3, version=2),
     )
     delete = rpc.Event(type=rpc.Event.DELETE, kv=rpc.KeyValue(key=b"/k", mod_revision=4))
-    assert client.event_from_pb(put) == client.WatchEvent(
+    assert wire.event_from_pb(put) == values.WatchEvent(
         "put", KeyValue(b"/k", b"v", create_revision=2, mod_revision=3, version=2)
     )
-    converted = client.event_from_pb(delete)
+    converted = wire.event_from_pb(delete)
     assert converted.type == "delete"
     assert converted.kv.value == b""
     assert converted.kv.mod_revision == 4

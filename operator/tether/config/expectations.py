@@ -87,6 +87,12 @@ class Expectations:
         """Every key some resource expects (what a store's watcher must cover)."""
         return self._expect.keys()
 
+    def under(self, prefix: str) -> list[ObjectRef]:
+        """Resources that manage some key starting with ``prefix``."""
+        return sorted(
+            ref for ref, keys in self._tracked.items() if any(key.startswith(prefix) for key in keys)
+        )
+
     def known(self) -> list[ObjectRef]:
         """Every resource reconciled and not yet forgotten (to re-check after lost events)."""
         return sorted(self._known)

@@ -14,13 +14,13 @@ out its ``wait`` time and is re-issued: reads, never writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
 
 from tether.api import ObjectRef
 from tether.config.expectations import Expectations
+from tether.config.roots import RootWatchers, root_of
 from tether.config.values import Change
 from tether.consul.client import ConsulError
 from tether.consul.kv import Client, value_of
@@ -29,11 +29,6 @@ log = logging.getLogger(__name__)
 
 # Drift must be repaired within 10 s, so reconnecting after an outage waits at most this long.
 _BACKOFF_CAP = 3.0
-
-
-def root_of(key: str) -> str:
-    head, sep, _ = key.partition("/")
-    return head + sep if sep else key
 
 
 class KVWatcher:
@@ -47,32 +42,10 @@ class KVWatcher:
         self.expectations = expectations
         self.enqueue = enqueue
         self.wait = wait
-        self._fixed = {root_of(ownership_prefix)}
-        self._roots_changed = asyncio.Event()
-        self._pollers: dict[str, asyncio.Task[None]] = {}
-        expectations.subscribe(self._roots_changed.set)
-
-    def roots(self) -> set[str]:
-        return self._fixed | {root_of(key) for key in self.expectations.managed_keys()}
+        self.roots = RootWatchers(expectations, fixed={ownership_prefix}, watch=self._poll, name="kv-watch")
 
     async def run(self) -> None:
-        try:
-            while True:
-                self._roots_changed.clear()
-                wanted = self.roots()
-                for root in sorted(wanted - self._pollers.keys()):
-                    self._pollers[root] = asyncio.create_task(self._poll(root), name=f"kv-watch {root}")
-                # Roots nobody uses any more keep their query until the next
-                # change of the set: harmless, and it avoids churn on deletes.
-                for root in sorted(self._pollers.keys() - wanted):
-                    self._pollers.pop(root).cancel()
-                await self._roots_changed.wait()
-        finally:
-            for task in self._pollers.values():
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.gather(*self._pollers.values(), return_exceptions=True)
-            self._pollers.clear()
+        await self.roots.run()
 
     async def _poll(self, root: str) -> None:
         index = 0

@@ -1,8 +1,12 @@
-"""The one etcd watch that finds drift for every EtcdConfig.
+"""The etcd watches that find drift for every EtcdConfig: one per root of the managed keys.
 
-A single watch, however many resources exist, resumed from the last revision
-it handled; after a compaction (events lost) or a store that went back in
-time, every known resource is re-checked instead. Each event is held against
+One watch per distinct top-level path that managed keys live under (and one
+on the ownership prefix), however many resources share it — see
+:mod:`tether.config.roots` — so foreign writes elsewhere never reach the
+operator, and a role with access to its own prefixes only is enough. Each
+watch resumes from the last revision it handled; after a compaction (events
+lost), a store that went back in time, or a root newly watched, the known
+resources are re-checked instead. Each event is held against
 the shared :class:`~tether.config.expectations.Expectations`; only resources
 whose keys now differ from what they want are enqueued. With nothing
 changing the watch is silent: idle means no reads beyond etcd's progress
@@ -19,9 +23,10 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from tether import metrics
 from tether.api import ObjectRef
 from tether.config.expectations import Expectations
+from tether.config.roots import RootWatchers
 from tether.config.values import Change
 from tether.etcd.errors import Compacted, EtcdError
-from tether.etcd.store import Client, decode
+from tether.etcd.store import Client, decode, encode
 from tether.etcd.values import WatchEvent
 
 log = logging.getLogger(__name__)
@@ -37,17 +42,50 @@ def _changes(events: Iterable[WatchEvent]) -> Iterator[Change]:
 
 
 class EtcdWatcher:
-    """One watch over all of etcd; enqueues the resources whose keys drifted."""
+    """The watches over the roots of the managed keys and the ownership prefix."""
 
     def __init__(
-        self, client: Client, expectations: Expectations, enqueue: Callable[[ObjectRef], None],
-        *, prefix: bytes = b"", backoff_cap: float = _WATCH_BACKOFF_CAP,
+        self,
+        client: Client,
+        expectations: Expectations,
+        enqueue: Callable[[ObjectRef], None],
+        *,
+        ownership_prefix: str,
+        backoff_cap: float = _WATCH_BACKOFF_CAP,
     ) -> None:
         self.client = client
         self.expectations = expectations
         self.enqueue = enqueue
-        # b"" is every key: Tether's keys and claims start with "/", but
-        # watching everything costs one stream either way.
+        self.backoff_cap = backoff_cap
+        self.roots = RootWatchers(
+            expectations, fixed={ownership_prefix}, watch=self._watch_root, name="etcd-watch"
+        )
+
+    async def run(self) -> None:
+        await self.roots.run()
+
+    async def _watch_root(self, root: str) -> None:
+        watch = PrefixWatch(
+            self.client, self.expectations, self.enqueue, prefix=encode(root), backoff_cap=self.backoff_cap
+        )
+        await watch.run()
+
+
+class PrefixWatch:
+    """One watch over one prefix; enqueues the resources whose keys drifted."""
+
+    def __init__(
+        self,
+        client: Client,
+        expectations: Expectations,
+        enqueue: Callable[[ObjectRef], None],
+        *,
+        prefix: bytes,
+        backoff_cap: float = _WATCH_BACKOFF_CAP,
+    ) -> None:
+        self.client = client
+        self.expectations = expectations
+        self.enqueue = enqueue
         self.prefix = prefix
         self.backoff_cap = backoff_cap
         self.revision: int | None = None  # last revision whose events were handled
@@ -82,15 +120,20 @@ class EtcdWatcher:
     async def _watch(self) -> None:
         current = await self.client.status()
         if self.revision is None:
-            # First start (the controllers reconcile everything anyway) or
-            # after compaction (resynced already): watch from now on.
+            # First start, or after compaction (resynced already): watch from
+            # now on. A resource reconciled before this moment read the store
+            # at an older revision, and a change in between would be missed:
+            # re-check the resources with keys here, reading at >= current.
+            if self.resyncs == 0:
+                self._resync(self.expectations.under(decode(self.prefix)))
             self.revision = current
         elif current < self.revision:
             # The store went back in time (restored from a snapshot, or a new
             # cluster): resuming at our revision would wait for the future.
             log.warning(
                 "etcd revision went back from %d to %d; re-checking every EtcdConfig",
-                self.revision, current,
+                self.revision,
+                current,
             )
             self.revision = current
             self._resync()
@@ -109,7 +152,8 @@ class EtcdWatcher:
             if isinstance(stream, AsyncGenerator):
                 await stream.aclose()
 
-    def _resync(self) -> None:
+    def _resync(self, refs: list[ObjectRef] | None = None) -> None:
+        """Re-check ``refs`` (default: every known resource) by reading the store again."""
         self.resyncs += 1
-        for ref in self.expectations.known():
+        for ref in self.expectations.known() if refs is None else refs:
             self.enqueue(ref)

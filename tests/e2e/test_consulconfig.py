@@ -1,0 +1,245 @@
+"""ConsulConfig end to end: a real kube-apiserver, Consul agent and operator process.
+
+The same contract as EtcdConfig with Consul KV as the store: one check-and-set
+transaction when it fits, ordered guarded chunks otherwise, exclusive
+ownership recorded under ``tether/``, exact deletes, drift restored through
+blocking queries, sources propagated, Secret values never shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any
+
+from tests.support.consulkv import ConsulKV
+from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
+
+KIND = "consulconfig"
+OWNERSHIP = "tether/"
+
+
+def ccfg(name: str, **spec: Any) -> dict[str, Any]:
+    return resource("ConsulConfig", name, spec)
+
+
+def unique_prefix() -> str:
+    return f"e2e/{uuid.uuid4().hex[:10]}"
+
+
+def test_create_writes_all_keys_in_one_transaction_with_ownership(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    data = {"a": "1", "b/c": "two", "d/e/f": "three"}
+    apply(dev_env, namespace, ccfg("cfg", prefix=prefix + "/", data=data))
+    obj = wait_condition(dev_env, namespace, KIND, "cfg", op=operator)
+    entries = kv.entries(prefix + "/")
+    assert {k: v for k, (v, _) in entries.items()} == {f"{prefix}/{k}": v for k, v in data.items()}
+    indexes = {index for _, index in entries.values()}
+    assert len(indexes) == 1, f"keys written in several transactions: {indexes}"
+    assert obj["status"]["keys"] == 3
+    assert obj["status"]["modifyIndex"] == indexes.pop()
+    claims = kv.values(f"{OWNERSHIP}keys/{prefix}/")
+    owner = f"kubernetes/{namespace}/cfg"
+    assert claims == {f"{OWNERSHIP}keys/{prefix}/{k}": owner for k in data}
+    record = json.loads(kv.get(f"{OWNERSHIP}owners/{owner}") or "{}")
+    assert record == {"keys": sorted(f"{prefix}/{k}" for k in data)}
+    assert any(
+        e.get("reason") == "Written" and "one transaction" in e.get("message", "")
+        for e in events(dev_env, namespace, "cfg")
+    )
+
+
+def test_200_keys_converge_in_ordered_chunks(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    data = {f"k{i:03d}": f"v{i}" for i in range(200)}
+    apply(dev_env, namespace, ccfg("big", prefix=prefix, data=data))
+    obj = wait_condition(dev_env, namespace, KIND, "big", timeout=60, op=operator)
+    entries = kv.entries(prefix + "/")
+    assert len(entries) == 200 and obj["status"]["keys"] == 200
+    assert all(entries[f"{prefix}/{k}"][0] == v for k, v in data.items())
+    # 200 keys and their claims cannot fit one Consul transaction: the status
+    # and event say it took several, and every key is owned.
+    assert len(kv.entries(f"{OWNERSHIP}keys/{prefix}/")) == 200
+    written = [e for e in events(dev_env, namespace, "big") if e.get("reason") == "Written"]
+    assert written and "ordered transactions" in written[-1]["message"], written
+
+
+def test_update_prune_prefix_move_and_unrelated_keys(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    kv.put(f"{prefix}/unrelated", "keep me")
+    apply(dev_env, namespace, ccfg("u", prefix=prefix, data={"a": "1", "b": "2"}))
+    wait_condition(dev_env, namespace, KIND, "u", op=operator)
+    apply(dev_env, namespace, ccfg("u", prefix=prefix, data={"a": "10", "c": "3"}))
+    obj = wait_condition(dev_env, namespace, KIND, "u", op=operator)
+    assert kv.values(prefix + "/") == {
+        f"{prefix}/a": "10",
+        f"{prefix}/c": "3",
+        f"{prefix}/unrelated": "keep me",
+    }
+    assert obj["status"]["keys"] == 2
+    moved = unique_prefix()
+    apply(dev_env, namespace, ccfg("u", prefix=moved, data={"a": "10"}))
+    wait_condition(dev_env, namespace, KIND, "u", op=operator)
+    assert kv.values(prefix + "/") == {f"{prefix}/unrelated": "keep me"}
+    assert kv.values(moved + "/") == {f"{moved}/a": "10"}
+
+
+def test_delete_policies_are_exact(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    for policy in ("Delete", "Orphan"):
+        prefix = unique_prefix()
+        kv.put(f"{prefix}/unrelated", "x")
+        kv.put(f"{prefix}/a/deeper", "under a managed key's path, not managed")
+        name = f"del-{policy.lower()}"
+        apply(dev_env, namespace, ccfg(name, prefix=prefix, deletionPolicy=policy, data={"a": "1", "b": "2"}))
+        wait_condition(dev_env, namespace, KIND, name, op=operator)
+        kubectl(dev_env, "delete", KIND, name, "-n", namespace, "--wait=false")
+        wait_gone(dev_env, namespace, KIND, name)
+        keys = set(kv.entries(prefix + "/"))
+        foreign = {f"{prefix}/unrelated", f"{prefix}/a/deeper"}
+        if policy == "Delete":
+            assert keys == foreign, "a delete must remove exactly the owned keys (never a tree)"
+        else:
+            assert keys == foreign | {f"{prefix}/a", f"{prefix}/b"}
+        assert kv.entries(f"{OWNERSHIP}keys/{prefix}/") == {}, "claims are released either way"
+        assert kv.get(f"{OWNERSHIP}owners/kubernetes/{namespace}/{name}") is None
+
+
+def test_conflicts_write_nothing_and_resolve_on_their_own(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    apply(dev_env, namespace, ccfg("first", prefix=prefix, data={"shared": "first"}))
+    wait_condition(dev_env, namespace, KIND, "first", op=operator)
+    apply(dev_env, namespace, ccfg("second", prefix=prefix, data={"shared": "second", "own": "x"}))
+    obj = wait_condition(dev_env, namespace, KIND, "second", status="False", reason="Conflict", op=operator)
+    message = condition(obj)["message"]
+    assert f"{prefix}/shared" in message and "ConsulConfig" in message and "first" in message
+    assert kv.values(prefix + "/") == {f"{prefix}/shared": "first"}, "nothing written for a conflict"
+    kubectl(dev_env, "delete", KIND, "first", "-n", namespace)
+    wait_condition(dev_env, namespace, KIND, "second", timeout=90, op=operator)
+    assert kv.values(prefix + "/") == {f"{prefix}/shared": "second", f"{prefix}/own": "x"}
+    # A pre-existing key nobody owns needs adopt: true.
+    legacy = unique_prefix()
+    kv.put(f"{legacy}/old", "theirs")
+    apply(dev_env, namespace, ccfg("ad", prefix=legacy, data={"old": "ours"}))
+    obj = wait_condition(dev_env, namespace, KIND, "ad", status="False", reason="Conflict", op=operator)
+    assert "adopt" in condition(obj)["message"]
+    assert kv.get(f"{legacy}/old") == "theirs"
+    apply(dev_env, namespace, ccfg("ad", prefix=legacy, adopt=True, data={"old": "ours"}))
+    wait_condition(dev_env, namespace, KIND, "ad", op=operator)
+    assert kv.get(f"{legacy}/old") == "ours"
+
+
+def test_out_of_band_changes_are_restored(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    apply(dev_env, namespace, ccfg("drift", prefix=prefix, data={"a": "1", "b": "2"}))
+    wait_condition(dev_env, namespace, KIND, "drift", op=operator)
+    kv.put(f"{prefix}/a", "tampered")
+    kv.delete(f"{prefix}/b")
+    wait_for(
+        lambda: kv.values(prefix + "/") == {f"{prefix}/a": "1", f"{prefix}/b": "2"},
+        timeout=10,
+        interval=0.1,
+        message="Consul KV drift restored",
+    )
+    claim = f"{OWNERSHIP}keys/{prefix}/a"
+    kv.delete(claim)
+    wait_for(lambda: kv.get(claim) is not None, timeout=10, interval=0.1, message="claim restored")
+    wait_for(
+        lambda: any(e.get("reason") == "DriftRepaired" for e in events(dev_env, namespace, "drift")),
+        timeout=10,
+        interval=0.2,
+        message="DriftRepaired event",
+    )
+
+
+def test_sources_propagate_and_secrets_stay_secret(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    secret_value = f"s3cr3t-{uuid.uuid4().hex}"
+    kubectl(dev_env, "create", "configmap", "defaults", "-n", namespace, "--from-literal=mode=blue")
+    kubectl(
+        dev_env,
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "-n",
+        namespace,
+        f"--from-literal=password={secret_value}",
+    )
+    sources = [{"configMapRef": {"name": "defaults"}}, {"secretRef": {"name": "creds"}}]
+    apply(dev_env, namespace, ccfg("src", prefix=prefix, data={"level": "1"}, **{"from": sources}))
+    wait_condition(dev_env, namespace, KIND, "src", op=operator)
+    assert kv.values(prefix + "/") == {
+        f"{prefix}/mode": "blue",
+        f"{prefix}/level": "1",
+        f"{prefix}/password": secret_value,
+    }
+    kubectl(dev_env, "patch", "configmap", "defaults", "-n", namespace, "-p", '{"data":{"mode":"green"}}')
+    wait_for(
+        lambda: kv.get(f"{prefix}/mode") == "green", timeout=10, interval=0.1, message="ConfigMap change"
+    )
+    rotated = f"rotated-{uuid.uuid4().hex}"
+    patch = json.dumps({"data": {"password": base64.b64encode(rotated.encode()).decode()}})
+    kubectl(dev_env, "patch", "secret", "creds", "-n", namespace, "-p", patch)
+    wait_for(
+        lambda: kv.get(f"{prefix}/password") == rotated, timeout=10, interval=0.1, message="Secret change"
+    )
+    time.sleep(1)
+    obj = get(dev_env, namespace, KIND, "src")
+    everything = json.dumps(obj) + json.dumps(events(dev_env, namespace, "src")) + operator.log_tail(100000)
+    for value in (secret_value, rotated):
+        assert value not in everything, "a Secret value leaked into status, events or the operator log"
+
+
+def test_bad_input_is_invalid_spec(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    # The schema refuses a leading '/'; keys from a ConfigMap are checked by the operator.
+    result = kubectl(
+        dev_env,
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        check=False,
+        input=json.dumps(ccfg("slash", prefix="/rooted", data={"a": "1"})),
+    )
+    assert result.returncode != 0 and "prefix" in result.stderr
+    kubectl(dev_env, "create", "configmap", "dots", "-n", namespace, "--from-literal=..=x")
+    apply(
+        dev_env,
+        namespace,
+        ccfg("dots", prefix=unique_prefix(), **{"from": [{"configMapRef": {"name": "dots"}}]}),
+    )
+    obj = wait_condition(dev_env, namespace, KIND, "dots", status="False", reason="InvalidSpec", op=operator)
+    assert "'..'" in condition(obj)["message"] and "Consul KV key" in condition(obj)["message"]
+    apply(dev_env, namespace, ccfg("reserved", prefix="tether/mine", data={"a": "1"}))
+    obj = wait_condition(
+        dev_env, namespace, KIND, "reserved", status="False", reason="InvalidSpec", op=operator
+    )
+    assert "tether/" in condition(obj)["message"]
