@@ -82,6 +82,16 @@ class KubeClient:
         except Exception as exc:  # urllib3 connection errors and friends
             raise KubeError(f"{what}: {exc}") from exc
 
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """The custom resource as the API server holds it now, or None if absent."""
+        body: Any = await self._read_or_none(
+            lambda: self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, ref.namespace, ref.plural, ref.name
+            ),
+            what=f"read {ref}",
+        )
+        return None if body is None else dict(body)
+
     async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> dict[str, Any]:
         metrics.WRITES.labels(system="kubernetes").inc()
         body: Any = await self._call(

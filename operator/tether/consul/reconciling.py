@@ -32,6 +32,13 @@ def _healthy(health: str) -> Condition:
     )
 
 
+# Whenever a reconcile cannot tell the instance's health, ``status.health`` says
+# unknown and ``Healthy`` says Unknown with it: a Healthy=True left over from
+# before a Conflict or an outage would contradict the status beside it.
+_UNKNOWN_HEALTH = (_healthy("unknown"),)
+_UNKNOWN: dict[str, Any] = {"health": "unknown"}
+
+
 class ConsulServices:
     """ConsulService: one registration on the agent, its health on the resource."""
 
@@ -52,7 +59,7 @@ class ConsulServices:
             spec = api.parse(res.ref.namespace, res.ref.name, res.spec)
         except InvalidSpec as exc:
             self.index.untrack(res.ref)
-            return Outcome.from_error(exc, doing="register")
+            return Outcome.from_error(exc, doing="register", fields=_UNKNOWN, conditions=_UNKNOWN_HEALTH)
         owner = self.owner(res.ref)
         desired = planner.registration(spec, owner)
         fields: dict[str, Any] = {"serviceID": spec.id}
@@ -68,7 +75,9 @@ class ConsulServices:
             plan = planner.plan(desired, owner, observed, checks, stale, other_checks=same_ids)
             if plan.conflict:
                 self.index.untrack(res.ref)
-                return Outcome.failed(conditions.CONFLICT, plan.conflict, fields=unknown)
+                return Outcome.failed(
+                    conditions.CONFLICT, plan.conflict, fields=unknown, conditions=_UNKNOWN_HEALTH
+                )
             notes = []
             if plan.register is not None:
                 await self.agent.register(plan.register)
@@ -79,7 +88,9 @@ class ConsulServices:
                 self.index.forget_id(owner, sid)
                 notes.append(Note("Normal", "Deregistered", f"Removed old registration {sid!r}"))
         except ConsulError as exc:
-            return Outcome.from_error(exc, doing=f"register {spec.id!r} in Consul", fields=unknown)
+            return Outcome.from_error(
+                exc, doing=f"register {spec.id!r} in Consul", fields=unknown, conditions=_UNKNOWN_HEALTH
+            )
         health = planner.aggregate_health([str(c.get("Status", "")) for c in checks])
         self.index.track(res.ref, Tracked(spec.id, planner.desired_signature(desired), health))
         fields["health"] = health
