@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +40,12 @@ from tether.settings import Settings
 
 log = logging.getLogger("tether")
 
+# A stop (SIGTERM, SIGINT) at any moment — start-up, waiting for the Lease,
+# work — ends the process within this many seconds: first gracefully (tasks
+# cancelled, the Lease released), then, if something still hangs (a Kopf
+# start-up step, a blocking client call in a thread), by a hard exit.
+STOP_GRACE_SECONDS = 1.8
+
 
 def run(
     *, namespaces: list[str], metrics_port: int, health_port: int, log_format: str,
@@ -58,7 +65,34 @@ def run(
                 leader_elect=leader_elect,
             )
         )
+    _exit_if_threads_linger()
     return 0
+
+
+def _hard_exit(reason: str) -> None:
+    """End the process now: flush what was logged, skip every join."""
+    log.warning("%s; exiting now", reason)
+    logging.shutdown()
+    os._exit(0)
+
+
+def _exit_if_threads_linger() -> None:
+    """Python joins worker threads at exit; one stuck in a blocking call would hang it."""
+    lingering = [
+        t for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if lingering:
+        _hard_exit(f"{len(lingering)} worker threads still in blocking calls after the stop")
+
+
+def _arm_stop_deadline() -> None:
+    """From the first stop signal on, the process has STOP_GRACE_SECONDS to end."""
+    timer = threading.Timer(
+        STOP_GRACE_SECONDS, _hard_exit, args=(f"not stopped {STOP_GRACE_SECONDS}s after the signal",)
+    )
+    timer.daemon = True
+    timer.start()
 
 
 async def _main(
@@ -73,8 +107,22 @@ async def _main(
     # container Python would otherwise ignore it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    armed = False
+
+    def on_signal() -> None:
+        nonlocal armed
+        stop.set()
+        if not armed:
+            armed = True
+            _arm_stop_deadline()
+
+    def install_signal_handlers() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+
+    install_signal_handlers()
+    elector: LeaseElector | None = None
+    holder: asyncio.Task[None] | None = None
     if leader_elect:
         elector = LeaseElector(
             namespace=settings.lease_namespace,
@@ -88,13 +136,15 @@ async def _main(
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             acquiring.cancel()
+            await asyncio.gather(acquiring, return_exceptions=True)
+            # Won in the same instant as the stop: hand it straight back.
+            await elector.release()
+            elector.close()
             if health_runner is not None:
                 await health_runner.cleanup()
             return
         stopping.cancel()
         holder = asyncio.create_task(elector.hold(), name="lease-holder")
-    else:
-        holder = None
 
     kube_client = kube.KubeClient()
     consul_client = ConsulClient(settings.consul)
@@ -141,6 +191,10 @@ async def _main(
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Kopf has just installed its own signal handlers; ours set the same
+        # stop flag Kopf watches, and also bound how long the stop may take
+        # (Kopf alone waits up to 5 s for tasks it considers hung).
+        install_signal_handlers()
         settings.peering.standalone = True
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
@@ -151,16 +205,28 @@ async def _main(
 
     # Stopping Tether's own tasks in Kopf's cleanup phase lets SIGTERM finish
     # at once instead of after Kopf's grace period for leftover tasks.
-    @kopf.on.cleanup(registry=registry)
-    async def stop_tether(**_: Any) -> None:
+    async def stop_writers() -> None:
+        """Cancel every watcher and worker, then hand the Lease over: in that order,
+        so that the next leader never overlaps a write of this one."""
+        if holder is not None:
+            holder.cancel()
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         for controller in controllers:
             await controller.stop()
-        # Kopf replaced our signal handlers; its waiter on our stop flag would
-        # otherwise count as a hung task and delay the exit.
-        stop.set()
+        if holder is not None:
+            await asyncio.gather(holder, return_exceptions=True)
+        if elector is not None:
+            await elector.release()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_tether(**_: Any) -> None:
+        # Should Kopf's handler have caught the signal (before ours were back),
+        # the stop is bounded all the same, and Kopf's waiter on our stop flag
+        # does not count as a hung task that delays the exit.
+        on_signal()
+        await stop_writers()
 
     health.progress = lambda: (
         not all(c.queue.idle() for c in controllers),
@@ -182,13 +248,9 @@ async def _main(
             stop_flag=stop,
         )
     finally:
-        for task in watchers:
-            task.cancel()
-        if holder is not None:
-            holder.cancel()
-        for controller in controllers:
-            await controller.stop()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        await stop_writers()
+        if elector is not None:
+            elector.close()
         await consul_client.close()
         await etcd_client.close()
         kube_client.close()
