@@ -57,6 +57,8 @@ def run(
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
+    for warning in settings.warnings():
+        log.warning("INSECURE: %s", warning)
     kube.load_config()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(

@@ -150,6 +150,11 @@ class ForeignAgent:
     def __init__(self, *, down: bool = False) -> None:
         self.down = down
 
+    async def node_name(self) -> str:
+        if self.down:
+            raise ConsulUnavailable("agent down")
+        return "node-1"
+
     async def service(self, service_id: str) -> dict[str, Any] | None:
         if self.down:
             raise ConsulUnavailable("agent down")

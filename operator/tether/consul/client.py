@@ -50,6 +50,8 @@ class ConsulRequestTooLarge(ConsulRejected, errors.RequestTooLarge):
 class Agent(Protocol):
     """What the reconciler and the watcher need from a Consul agent."""
 
+    async def node_name(self) -> str: ...
+
     async def service(self, service_id: str) -> dict[str, Any] | None: ...
 
     async def service_checks(self, service_id: str) -> list[dict[str, Any]]: ...
@@ -133,6 +135,14 @@ class ConsulClient:
     def _down() -> None:
         metrics.BACKEND_UP.labels(backend="consul").set(0)
         metrics.BACKEND_ERRORS.labels(backend="consul").inc()
+
+    async def node_name(self) -> str:
+        """The name of the node of the agent that answered (``/v1/agent/self``)."""
+        result: dict[str, Any] = await self._call(
+            lambda: self._http.get(CB.json(), "/v1/agent/self", headers=self._headers()),
+            what="read of the agent's own configuration",
+        )
+        return str(((result or {}).get("Config") or {}).get("NodeName") or "")
 
     async def service(self, service_id: str) -> dict[str, Any] | None:
         path = f"/v1/agent/service/{quote(service_id, safe='')}"

@@ -10,14 +10,15 @@ planner decides. What the watcher needs to know is recorded in the shared
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from tether import conditions, metrics
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
 from tether.conditions import Condition
-from tether.consul import planner
-from tether.consul.client import Agent, ConsulError
+from tether.consul import planner, topology
+from tether.consul.client import Agent, ConsulError, ConsulRejected
 from tether.consul.index import AgentIndex, Tracked
 from tether.reconciling import Note, Outcome, Resource
 
@@ -50,6 +51,13 @@ class ConsulServices:
         self.index = index
         self.cluster = cluster
         self.agent_url = agent_url
+        self.nodes = topology.NodeTracker(agent_url or "(the configured address)")
+
+    async def _one_agent(self) -> None:
+        """Raise BackendRejected when the address turns out to reach several agents."""
+        problem = self.nodes.seen(await self.agent.node_name(), time.monotonic())
+        if problem:
+            raise ConsulRejected(problem)
 
     def owner(self, ref: ObjectRef) -> planner.Owner:
         return planner.Owner(self.cluster, ref.namespace, ref.name)
@@ -65,6 +73,7 @@ class ConsulServices:
         fields: dict[str, Any] = {"serviceID": spec.id}
         unknown = {**fields, "health": "unknown"}
         try:
+            await self._one_agent()
             previous = {str(res.status.get("serviceID") or "")} | self.index.owned_ids(owner)
             previous -= {"", spec.id}
             observed = await self.agent.service(spec.id)
@@ -83,6 +92,7 @@ class ConsulServices:
                 await self.agent.register(plan.register)
                 notes.append(self._registered_note(res, spec.id, plan))
                 checks = await self.agent.service_checks(spec.id)
+                await self._one_agent()  # still the agent that was read and written?
             for sid in plan.deregister:
                 await self.agent.deregister(sid)
                 self.index.forget_id(owner, sid)
@@ -121,6 +131,7 @@ class ConsulServices:
         ids.discard("")
         orphan = res.spec.get("deletionPolicy", "Delete") == "Orphan"
         try:
+            await self._one_agent()
             observed = {sid: await self.agent.service(sid) for sid in sorted(ids)}
             removed = planner.release(owner, observed)
             for sid in removed:
