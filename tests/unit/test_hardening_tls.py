@@ -112,3 +112,9 @@ async def test_a_load_balanced_address_is_backend_rejected_with_what_to_do() -> 
     assert conditions.BACKEND_REJECTED in reasons
     outcome = await services.apply(res)
     assert outcome.reason == conditions.BACKEND_REJECTED and "CONSUL_HTTP_ADDR" in outcome.message
+
+
+def test_an_unknown_node_name_is_no_evidence() -> None:
+    """A token without agent:read: node names are unknown, nothing is reported."""
+    tracker = NodeTracker("http://consul:8500")
+    assert all(tracker.seen("", float(t)) is None for t in range(10))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -25,6 +26,7 @@ from tether.consul.connection import ConsulConnection
 from tether.errors import BackendError, BackendRejected, BackendUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConsulError(BackendError):
@@ -86,6 +88,7 @@ class ConsulClient:
         # argument; pin the token we were given so settings stay explicit.
         self._client.token = conn.token
         self._http = self._client.http
+        self._self_denied = False  # the token may not read /v1/agent/self
 
     def _headers(self) -> dict[str, str]:
         return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
@@ -137,11 +140,25 @@ class ConsulClient:
         metrics.BACKEND_ERRORS.labels(backend="consul").inc()
 
     async def node_name(self) -> str:
-        """The name of the node of the agent that answered (``/v1/agent/self``)."""
-        result: dict[str, Any] = await self._call(
-            lambda: self._http.get(CB.json(), "/v1/agent/self", headers=self._headers()),
-            what="read of the agent's own configuration",
-        )
+        """The name of the node of the agent that answered (``/v1/agent/self``); "" if unknown.
+
+        It needs ``agent:read``. A token without it is not an error (the rest
+        works without): the check is skipped from then on, said once in the log.
+        """
+        if self._self_denied:
+            return ""
+        try:
+            result: dict[str, Any] = await self._call(
+                lambda: self._http.get(CB.json(), "/v1/agent/self", headers=self._headers()),
+                what="read of the agent's own configuration",
+            )
+        except ConsulRejected as exc:
+            self._self_denied = True
+            log.info(
+                "cannot tell whether CONSUL_HTTP_ADDR reaches one agent (%s); grant agent:read "
+                "to CONSUL_HTTP_TOKEN to detect a load-balanced address", exc,
+            )
+            return ""
         return str(((result or {}).get("Config") or {}).get("NodeName") or "")
 
     async def service(self, service_id: str) -> dict[str, Any] | None:

@@ -29,6 +29,8 @@ class NodeTracker:
 
     def seen(self, node: str, now: float) -> str | None:
         """Record one answer's node name; a message when the address is load-balanced."""
+        if not node:
+            return None  # unknown (no agent:read): nothing to compare
         if self.current is not None and node != self.current:
             self.previous = self.current
             self.changes.append(now)
