@@ -63,7 +63,7 @@ def load_config() -> None:
 class KubeClient:
     """Thin async facade over the official client."""
 
-    def __init__(self, *, threads: int = 16, component: str = "tether") -> None:
+    def __init__(self, *, threads: int = 16, component: str = "tether", instance: str = "") -> None:
         configuration = k8s.Configuration.get_default_copy()
         configuration.connection_pool_maxsize = threads
         self._api = k8s.ApiClient(configuration)
@@ -71,6 +71,9 @@ class KubeClient:
         self._core = k8s.CoreV1Api(self._api)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._component = component
+        # The replica that posted an event (the Pod's name), as Kubernetes'
+        # own recorders fill reportingInstance.
+        self._instance = instance or component
         self._recent_events: OrderedDict[tuple[str, str, str, str], float] = OrderedDict()
 
     async def _call(self, fn: Callable[[], T], *, what: str) -> T:
@@ -149,7 +152,7 @@ class KubeClient:
             count=1,
             source=k8s.V1EventSource(component=self._component),
             reporting_component=self._component,
-            reporting_instance=self._component,
+            reporting_instance=self._instance,
         )
         metrics.WRITES.labels(system="kubernetes").inc()
         try:

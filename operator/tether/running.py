@@ -49,9 +49,9 @@ STOP_GRACE_SECONDS = 1.8
 
 def run(
     *, namespaces: list[str], metrics_port: int, health_port: int, log_format: str,
-    leader_elect: bool, verbose: bool,
+    leader_elect: bool, log_level: str = "info",
 ) -> int:
-    logs.configure(fmt=log_format, verbose=verbose)
+    logs.configure(fmt=log_format, level=log_level)
     try:
         settings = Settings.from_env()
     except ValueError as exc:
@@ -113,6 +113,7 @@ async def _main(
 
     def on_signal() -> None:
         nonlocal armed
+        health.ready, health.state = False, "stopping"
         stop.set()
         if not armed:
             armed = True
@@ -132,7 +133,8 @@ async def _main(
             identity=settings.identity,
             on_lost=lambda: os._exit(1),
         )
-        health.state = "waiting for the leader Lease"
+        # A standby is doing its job: ready (controller-runtime's choice too).
+        health.state, health.ready = "waiting for the leader Lease", True
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -146,9 +148,11 @@ async def _main(
                 await health_runner.cleanup()
             return
         stopping.cancel()
+        health.state, health.ready = "starting as leader", False
         holder = asyncio.create_task(elector.hold(), name="lease-holder")
 
-    kube_client = kube.KubeClient()
+    # Events name this replica as their reporting instance (the Pod's name).
+    kube_client = kube.KubeClient(instance=settings.identity)
     consul_client = ConsulClient(settings.consul)
     etcd_client = EtcdClient(settings.etcd)
     cluster = settings.cluster
@@ -234,13 +238,22 @@ async def _main(
         not all(c.queue.idle() for c in controllers),
         sum(c.processed for c in controllers),
     )
-    health.state = "ok"
+    health.state = "starting"
+    # Kopf sets this once its start-up (login, startup handlers) is done and
+    # the watches begin: from then on this replica does its job.
+    kopf_ready = asyncio.Event()
+
+    async def mark_ready() -> None:
+        await kopf_ready.wait()
+        if not stop.is_set():
+            health.state, health.ready = "ok", True
 
     for controller in controllers:
         controller.start()
     watchers += [
         asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
     ]
+    watchers.append(asyncio.create_task(mark_ready(), name="readiness"))
     try:
         await kopf.operator(
             registry=registry,
@@ -248,6 +261,7 @@ async def _main(
             namespaces=namespaces,
             standalone=True,
             stop_flag=stop,
+            ready_flag=kopf_ready,
         )
     finally:
         await stop_writers()
