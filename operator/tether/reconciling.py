@@ -223,6 +223,8 @@ class Controller:
         self.listeners: list[Callable[[ObjectRef, Mapping[str, Any] | None], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.processed = 0  # reconciles finished (liveness watches it move)
+        # Ready reason of every resource not Ready, for the not-ready gauge.
+        self._not_ready: dict[ObjectRef, str] = {}
         # resourceVersions our own patches produced, oldest first, whose watch
         # echoes need no reconcile (the watch delivers them in this order)
         self._own_writes: dict[ObjectRef, list[str]] = {}
@@ -294,6 +296,7 @@ class Controller:
         body = self.cache.get(ref)
         if body is None:
             self.reconciler.forget(ref)
+            self._count_not_ready(ref, None)
             self.backoff.reset(ref)
             self.queue.cancel_delayed(ref)
             return
@@ -364,6 +367,7 @@ class Controller:
         await self._record(res, (*_announcement(res.status, outcome), *outcome.notes))
         result = outcome.reason if outcome.ready != "True" else "ready"
         metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
+        self._count_not_ready(ref, None if outcome.ready == "True" else outcome.reason)
         if outcome.retry:
             delay = self.backoff.next_delay(ref)
             log.info(
@@ -374,6 +378,19 @@ class Controller:
         else:
             self.backoff.reset(ref)
             self.queue.cancel_delayed(ref)
+
+    def _count_not_ready(self, ref: ObjectRef, reason: str | None) -> None:
+        """Keep ``tether_resources_not_ready`` in step (None: Ready, or gone)."""
+        before = self._not_ready.get(ref)
+        if before == reason:
+            return
+        if reason is None:
+            self._not_ready.pop(ref, None)
+        else:
+            self._not_ready[ref] = reason
+        for changed in {before, reason} - {None}:
+            count = sum(1 for r in self._not_ready.values() if r == changed)
+            metrics.NOT_READY.labels(kind=self.reconciler.kind, reason=changed).set(count)
 
     async def _record(self, res: Resource, notes: tuple[Note, ...]) -> None:
         involved = Involved(self.reconciler.kind, res.ref, res.uid)

@@ -107,8 +107,11 @@ def test_kustomize_installs_everything(rendered: list[Manifest]) -> None:
         ("Namespace", NAMESPACE),
         ("CustomResourceDefinition", "consulservices.tether.dev"),
         ("CustomResourceDefinition", "etcdconfigs.tether.dev"),
+        ("CustomResourceDefinition", "consulconfigs.tether.dev"),
         ("ServiceAccount", "tether"),
         ("ClusterRole", "tether"),
+        ("ClusterRole", "tether-edit"),
+        ("ClusterRole", "tether-view"),
         ("ClusterRoleBinding", "tether"),
         ("Role", "tether-leader-election"),
         ("RoleBinding", "tether-leader-election"),
@@ -151,28 +154,27 @@ def _rule_for(rules: list[dict[str, Any]], resource: str) -> dict[str, Any]:
 
 def test_cluster_role_is_least_privilege(rendered: list[Manifest]) -> None:
     rules = _one(rendered, "ClusterRole", "tether")["rules"]
-    kinds = ("consulservices", "etcdconfigs")
+    kinds = ("consulservices", "etcdconfigs", "consulconfigs")
 
     main = _rule_for(rules, "consulservices")
     assert main["apiGroups"] == ["tether.dev"]
     assert sorted(main["resources"]) == sorted(kinds)
-    assert sorted(main["verbs"]) == ["get", "list", "patch", "update", "watch"]
+    assert sorted(main["verbs"]) == ["get", "list", "patch", "watch"]
 
     # Subresources in rules of their own, not mixed with anything else.
     status = _rule_for(rules, "consulservices/status")
     assert sorted(status["resources"]) == sorted(f"{k}/status" for k in kinds)
-    assert sorted(status["verbs"]) == ["get", "patch", "update"]
+    assert sorted(status["verbs"]) == ["get", "patch"]
     finalizers = _rule_for(rules, "consulservices/finalizers")
     assert sorted(finalizers["resources"]) == sorted(f"{k}/finalizers" for k in kinds)
     assert finalizers["verbs"] == ["update"]
 
-    # Inputs are read only; events are only created or patched.
+    # Inputs are read only; events are only created (core/v1).
     inputs = _rule_for(rules, "secrets")
     assert inputs["apiGroups"] == [""]
     assert sorted(inputs["verbs"]) == ["get", "list", "watch"]
-    for group in ("", "events.k8s.io"):
-        events = [r for r in rules if "events" in r["resources"] and r["apiGroups"] == [group]]
-        assert len(events) == 1 and sorted(events[0]["verbs"]) == ["create", "patch"], events
+    events = [r for r in rules if "events" in r["resources"]]
+    assert len(events) == 1 and events[0]["apiGroups"] == [""] and events[0]["verbs"] == ["create"], events
     assert sorted(_rule_for(rules, "namespaces")["verbs"]) == ["get", "list", "watch"]
     crds = _rule_for(rules, "customresourcedefinitions")
     assert crds["apiGroups"] == ["apiextensions.k8s.io"]
@@ -198,7 +200,7 @@ def test_leases_only_in_the_operator_namespace(rendered: list[Manifest]) -> None
     assert role["rules"] == [{
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],
-        "verbs": ["get", "list", "watch", "create", "update", "patch"],
+        "verbs": ["get", "create", "update"],
     }]
     binding = _one(rendered, "RoleBinding", "tether-leader-election")
     assert binding["roleRef"]["name"] == "tether-leader-election"
@@ -485,7 +487,9 @@ _PERMISSIONS = [
     ("patch", "etcdconfigs.tether.dev/status", "default", True),
     ("update", "consulservices.tether.dev/finalizers", "default", True),
     ("create", "events", "default", True),
-    ("create", "events.events.k8s.io", "default", True),
+    ("create", "events.events.k8s.io", "default", False),
+    ("patch", "events", "default", False),
+    ("update", "consulservices.tether.dev", "default", False),
     ("watch", "secrets", "", True),
     ("watch", "configmaps", "", True),
     ("list", "namespaces", None, True),
