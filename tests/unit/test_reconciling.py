@@ -1,19 +1,25 @@
-"""The shared machinery: work queue, backoff, conditions and status building."""
+"""The shared machinery: work queue, backoff, conditions, status building, the one
+mapping of errors to conditions, and the Warning events the skeleton posts."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tether import conditions
-from tether.api import FINALIZER, ObjectRef
+from tether import conditions, errors
+from tether.api import FINALIZER, InvalidSpec, ObjectRef
 from tether.conditions import Condition
+from tether.consul.client import ConsulRejected, ConsulUnavailable
+from tether.etcd.errors import EtcdRejected, EtcdUnavailable
+from tether.kube import KubeError
 from tether.queueing import Backoff, WorkQueue
-from tether.reconciling import Controller, Outcome, Resource, build_status
+from tether.reconciling import Controller, Note, Outcome, Resource, build_status
 
 
 async def test_queue_collapses_duplicates() -> None:
@@ -163,3 +169,150 @@ async def test_a_bug_in_a_reconciler_becomes_an_honest_status_and_a_retry() -> N
     # The echo of our own patches does not trigger another reconcile.
     ctl.observe("MODIFIED", {**body, "metadata": {**body["metadata"], "resourceVersion": str(kube.rv)}})
     assert len(ctl.queue) == 0
+
+
+# --------------------------------------------------------------------------- one error vocabulary
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (errors.BackendUnavailable("down"), "BackendUnavailable"),
+        (EtcdUnavailable("etcd: no leader"), "BackendUnavailable"),
+        (ConsulUnavailable("Consul agent did not answer"), "BackendUnavailable"),
+        (errors.BackendRejected("no"), "BackendRejected"),
+        (errors.TooManyOperations("too many operations"), "BackendRejected"),
+        (errors.RequestTooLarge("too large"), "BackendRejected"),
+        (EtcdRejected("etcdserver: permission denied"), "BackendRejected"),
+        (ConsulRejected("Consul refused: Permission denied"), "BackendRejected"),
+        (errors.Contended("kept changing"), "Conflict"),
+        (KubeError("forbidden", status=403), "BackendRejected"),
+        (KubeError("unauthorized", status=401), "BackendRejected"),
+        (KubeError("internal error", status=500), "BackendUnavailable"),
+        (KubeError("connection refused"), "BackendUnavailable"),
+    ],
+)
+def test_every_backend_error_maps_to_one_reason_and_is_retried(exc: Exception, reason: str) -> None:
+    out = Outcome.from_error(exc, doing="write to etcd", fields={"keys": 0})
+    assert (out.ready, out.reason, out.retry) == ("False", reason, True)
+    assert out.message == f"cannot write to etcd: {exc}; retrying"
+    assert out.fields == {"keys": 0} and not out.released
+
+
+def test_an_invalid_spec_is_not_retried_and_says_only_what_is_wrong() -> None:
+    out = Outcome.from_error(InvalidSpec("spec.prefix: 'x' must start with '/'"), doing="read the sources")
+    assert (out.ready, out.reason, out.retry) == ("False", "InvalidSpec", False)
+    assert out.message == "spec.prefix: 'x' must start with '/'"
+
+
+def test_a_non_backend_error_is_a_bug_not_a_condition() -> None:
+    with pytest.raises(TypeError, match="ValueError"):
+        Outcome.from_error(ValueError("a bug"), doing="register")
+
+
+def test_conditions_ride_along_with_an_error() -> None:
+    healthy = Condition("Healthy", "Unknown", "Unknown", "not known")
+    out = Outcome.from_error(errors.BackendUnavailable("down"), doing="register", conditions=(healthy,))
+    assert out.conditions == (healthy,)
+
+
+# --------------------------------------------------------------------------- warnings from the skeleton
+
+
+class _Kube:
+    """One stored object; finalizer and status patches, and the events posted."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = copy.deepcopy(body)
+        self.events: list[tuple[str, str, str]] = []
+        self.status_patches = 0
+
+    def _bump(self) -> dict[str, Any]:
+        meta = self.body["metadata"]
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        return copy.deepcopy(self.body)
+
+    async def set_finalizers(
+        self, ref: ObjectRef, finalizers: list[str], *, resource_version: str
+    ) -> dict[str, Any]:
+        self.body["metadata"]["finalizers"] = list(finalizers)
+        return self._bump()
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> dict[str, Any]:
+        self.status_patches += 1
+        self.body["status"] = copy.deepcopy(status)
+        return self._bump()
+
+    async def event(self, involved: Any, *, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+class _Scripted:
+    """A kind whose ``apply`` returns the outcomes it is given, in order."""
+
+    kind = "EtcdConfig"
+    plural = "etcdconfigs"
+
+    def __init__(self) -> None:
+        self.next: Outcome | None = None
+
+    async def apply(self, res: Resource) -> Outcome:
+        assert self.next is not None
+        return self.next
+
+    async def release(self, res: Resource) -> Outcome:
+        raise AssertionError("not deleted in these tests")
+
+    def forget(self, ref: ObjectRef) -> None:
+        pass
+
+
+_BODY = {"metadata": {"namespace": "ns", "name": "cfg", "resourceVersion": "5", "generation": 1}, "spec": {}}
+
+
+async def test_the_skeleton_warns_once_per_failure_transition() -> None:
+    kube, kind = _Kube(_BODY), _Scripted()
+    ctl = Controller(kind, kube, workers=1)  # type: ignore[arg-type]
+    ctl.observe("ADDED", _BODY)
+    ref = ObjectRef("etcdconfigs", "ns", "cfg")
+
+    async def reconcile(outcome: Outcome) -> list[tuple[str, str, str]]:
+        kind.next = outcome
+        seen = len(kube.events)
+        await ctl.process(ref)
+        return kube.events[seen:]
+
+    down = Outcome.from_error(errors.BackendUnavailable("etcd is down"), doing="write to etcd")
+    assert await reconcile(down) == [("Warning", "BackendUnavailable", down.message)]
+    patches = kube.status_patches
+    # The same failure again: no event, and no status patch either (no idle writes).
+    assert await reconcile(down) == []
+    assert await reconcile(down) == []
+    assert kube.status_patches == patches
+
+    # Another message is another failure: announced once.
+    worse = Outcome.from_error(errors.BackendUnavailable("etcd has no leader"), doing="write to etcd")
+    assert await reconcile(worse) == [("Warning", "BackendUnavailable", worse.message)]
+    conflict = Outcome.failed("Conflict", "key /app/a is owned by EtcdConfig ns/other. Nothing was written.")
+    assert await reconcile(conflict) == [("Warning", "Conflict", conflict.message)]
+    assert await reconcile(conflict) == []
+
+    # Recovery posts only what the kind itself says; a relapse is announced again.
+    written = Note("Normal", "Written", "wrote 1 key")
+    ok = Outcome("True", "Reconciled", "1 key under /app in etcd", notes=(written,))
+    assert await reconcile(ok) == [("Normal", "Written", "wrote 1 key")]
+    assert await reconcile(down) == [("Warning", "BackendUnavailable", down.message)]
+    invalid = Outcome.from_error(InvalidSpec("spec.prefix: must start with '/'"), doing="read the sources")
+    assert await reconcile(invalid) == [("Warning", "InvalidSpec", invalid.message)]
+    assert await reconcile(invalid) == []
+
+
+async def test_the_skeleton_does_not_warn_about_progress() -> None:
+    kube, kind = _Kube(_BODY), _Scripted()
+    ctl = Controller(kind, kube, workers=1)  # type: ignore[arg-type]
+    ctl.observe("ADDED", _BODY)
+    kind.next = Outcome("Unknown", "Reconciling", "waiting for the first scan", retry=True)
+    await ctl.process(ObjectRef("etcdconfigs", "ns", "cfg"))
+    assert kube.events == []
+    ready = kube.body["status"]["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("Unknown", "Reconciling")

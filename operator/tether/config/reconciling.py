@@ -164,8 +164,11 @@ class ConfigReconciler:
         drift = res.reconciled() and self.expectations.expected(ref) == expected
         self.expectations.track(ref, expected)
         try:
+            # Drift means every desired key was this resource's at its last
+            # success: a claim deleted out of band is restored, not a conflict.
+            # (Another owner's claim still is one: adopt never overrides it.)
             done = await self._converge(
-                owner, planner.directory(spec.prefix), desired, prune=spec.prune, adopt=spec.adopt
+                owner, planner.directory(spec.prefix), desired, prune=spec.prune, adopt=spec.adopt or drift
             )
         except errors.BackendError as exc:
             return Outcome.from_error(exc, doing=f"write to {self.flavor.store}")
