@@ -165,3 +165,29 @@ def test_nothing_written_is_said_when_true(flavor: str) -> None:
     outcome = _run(rec.apply(_resource(rec.plural, {"prefix": prefix, "data": {"a": "1"}})))
     assert outcome.reason == "Conflict" and outcome.message.endswith("Nothing was written.")
     assert store.commits == 0
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flavor", sorted(FLAVORS))
+@pytest.mark.parametrize("crash_after", range(8))  # 8 keys: 8 transactions of 2 operations
+def test_a_crash_between_chunks_never_lists_an_unclaimed_key(flavor: str, crash_after: int) -> None:
+    """Else a listed key without a claim could not be told from a lost claim."""
+    store = MemoryStore(max_ops=3)
+    rec, layout, prefix = _reconciler(flavor, store)
+    owner = rec.owner(ObjectRef(rec.plural, "team-a", "cfg")).encode()
+
+    def crash(commits: int) -> None:
+        if commits == crash_after:
+            raise Crash
+
+    store.before_commit = crash
+    with pytest.raises(Crash):
+        _run(rec.apply(_resource(rec.plural, {"prefix": prefix, "data": {f"k{i}": "v" for i in range(8)}})))
+    index = store.kv.get(layout.index_key(rec.owner(ObjectRef(rec.plural, "team-a", "cfg"))))
+    listed = planner.decode_index(index.value if index else None, layout)
+    for key in listed:
+        claim = store.kv.get(layout.claim_key(key))
+        assert claim is not None and claim.value == owner, key
