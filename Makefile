@@ -5,7 +5,8 @@
 #   make unit         unit tests only (no servers)
 #   make e2e          end-to-end tests only (starts the dev stack if needed)
 #   make test-faults  fault-injection suite (kills/pauses Consul, etcd, kube-apiserver, operator)
-#   make bench        benchmarks; prints a table, writes benchmarks/results/latest.json
+#   make bench        benchmarks; prints a table, writes benchmarks/results/latest.json and,
+#                     per kind (apply → Ready, drift repair, idle writes), medians-latest.json
 #   make lint         ruff + mypy --strict + import-linter layer contracts
 #   make binaries     build/locate kube-apiserver, kubectl, etcd, consul (cached outside the repo)
 #   make dev-up / dev-down / dev-status
@@ -50,6 +51,8 @@ test-faults: venv binaries
 
 bench: venv binaries
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(TETHER) dev up
+	$(PY) benchmarks/medians.py $(MEDIANS_ARGS) | tee benchmarks/results/medians-latest.json
 
 dev-up: venv binaries
 	$(TETHER) dev up

@@ -11,30 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+# Run as a script, Python puts benchmarks/ first on the path; the imports below
+# want the repository root instead (as benchmarks/run.py does).
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(REPO)
 
-from opfixture import OperatorProcess  # noqa: E402
-
-from medians import Bench, env_from_file, wait  # noqa: E402
+from benchmarks.medians import Bench  # noqa: E402
+from tests.support import devstack, kube  # noqa: E402
+from tests.support.operator import OperatorProcess  # noqa: E402
+from tests.support.waiting import timed as wait  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--env-file", type=Path, default=REPO / ".tether" / "dev" / "env")
+    parser.add_argument("--env-file", type=Path, default=devstack.state_dir() / "env")
     args = parser.parse_args()
-    env = env_from_file(args.env_file)
-    ns = f"failover-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["kubectl", "create", "namespace", ns], env={**env}, check=True, capture_output=True)
-    bench = Bench(env, ns)
+    bench = Bench.on_dev_stack(args.env_file, "failover")
+    env, ns = bench.env, bench.ns
     takeovers, ready_after = [], []
     logs = Path(f"/tmp/tether-failover-{ns}")
     logs.mkdir(exist_ok=True)
@@ -65,11 +64,7 @@ def main() -> int:
                 op.stop()
     cleaner = OperatorProcess(env, logs / "cleaner.log", args=("-n", ns)).start()
     try:
-        subprocess.run(
-            ["kubectl", "delete", "consulservices", "--all", "-n", ns, "--timeout=60s"],
-            env={**env},
-            capture_output=True,
-        )
+        kube.kubectl(env, "delete", "consulservices", "--all", "-n", ns, "--timeout=60s", check=False)
     finally:
         cleaner.stop()
     print(

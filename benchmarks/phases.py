@@ -19,8 +19,9 @@ import aiohttp
 
 from benchmarks import workload
 from benchmarks.kubeapi import KubeApi, ready
-from benchmarks.processes import Operator, cpu_seconds, delta, log, rss_mib, summed, writes
+from benchmarks.processes import cpu_seconds, delta, log, rss_mib, summed
 from benchmarks.stats import latency_summary
+from tests.support.operator import OperatorProcess, writes
 from tether.conditions import now as timestamp_now
 from tether.etcd.client import EtcdClient, Put
 
@@ -250,7 +251,7 @@ async def floor(
 
 
 async def settle(
-    operator: Operator, *, quiet: float = 3.0, budget: float = 180.0
+    operator: OperatorProcess, *, quiet: float = 3.0, budget: float = 180.0
 ) -> tuple[dict[str, float], float]:
     """Wait until the operator's writes and reconciles stop moving and its queues are empty."""
     started = time.monotonic()
@@ -274,7 +275,7 @@ async def settle(
     return metrics, time.monotonic() - started
 
 
-async def idle(operator: Operator, seconds: float) -> dict[str, Any]:
+async def idle(operator: OperatorProcess, seconds: float) -> dict[str, Any]:
     """Writes, reconciles and CPU over ``seconds`` with nothing changing."""
     before = await asyncio.to_thread(operator.metrics)
     cpu0 = cpu_seconds(operator.pid)
@@ -292,7 +293,9 @@ async def idle(operator: Operator, seconds: float) -> dict[str, Any]:
     }
 
 
-async def restart(operator: Operator, kube: KubeApi, n: int, *, budget: float = 300.0) -> dict[str, Any]:
+async def restart(
+    operator: OperatorProcess, kube: KubeApi, n: int, *, budget: float = 300.0
+) -> dict[str, Any]:
     """SIGTERM the operator, start it again, time until it has caught up with 2N resources.
 
     Caught up: every resource reconciled once (``tether_reconciles_total``
@@ -301,8 +304,8 @@ async def restart(operator: Operator, kube: KubeApi, n: int, *, budget: float = 
     for 3 s with empty queues, and the report names the criterion used.
     """
     stop_seconds = await asyncio.to_thread(operator.stop)
-    operator.start()
-    metrics_up = await asyncio.to_thread(operator.wait_metrics)
+    operator.start(wait=False)
+    metrics_up = await asyncio.to_thread(operator.wait_serving)
     deadline = operator.started_at + budget
     criterion = "timeout"
     last_total, still_since = -1.0, time.monotonic()

@@ -1,4 +1,4 @@
-"""The processes a benchmark drives: its own dev stack, the operator, py-spy.
+"""The processes a benchmark drives: its own dev stack, py-spy, and /proc readings.
 
 The benchmark keeps its dev stack in its own state directory (never the
 shared ``.tether/dev``) and starts a fresh one for every phase that needs a
@@ -7,33 +7,31 @@ of resources through finalizers would.
 
 CPU time and memory are read from ``/proc`` so the figures are the kernel's
 own accounting, with no sampling in between.
+
+The operator process, ``tether dev`` and the metrics parsing are
+``tests.support``'s, the same code the end-to-end and fault suites run the
+operator with, so a figure here and a test there measure one thing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tether.devstack import envfiles
+from tests.support import devstack
+from tests.support.operator import SYSTEMS
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SYSTEMS = ("consul", "etcd", "kubernetes")
 
 
 def log(message: str) -> None:
@@ -82,13 +80,6 @@ def self_cpu_seconds() -> float:
     return cpu_seconds(os.getpid())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 # ------------------------------------------------------------------ the dev stack
 
 
@@ -100,20 +91,11 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
-    def _tether(self, *args: str, timeout: float) -> str:
-        result = subprocess.run(
-            [str(VENV_BIN / "tether"), "dev", "--dir", str(self.state_dir), *args],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"tether dev {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-        return result.stdout
-
     def up(self) -> None:
         started = time.monotonic()
-        self._tether("up", timeout=600)
-        self.env = envfiles.parse((self.state_dir / "env").read_text(), os.environ)
-        report = json.loads(self._tether("status", "--json", timeout=60))
+        self.env = devstack.up(self.state_dir, timeout=600)
+        status = devstack.tether("dev", "--dir", str(self.state_dir), "status", "--json", timeout=60)
+        report = json.loads(status.stdout)
         self.pids = {
             name: int(comp["pid"]) for name, comp in report["components"].items() if comp["pid"]
         }
@@ -121,7 +103,7 @@ class Stack:
 
     def down(self) -> None:
         if self.state_dir.exists():
-            self._tether("down", timeout=120)
+            devstack.down(self.state_dir)
         self.env, self.pids = {}, {}
 
     def fresh(self) -> None:
@@ -144,96 +126,21 @@ class Stack:
 # ------------------------------------------------------------------ the operator
 
 
-def scrape(port: int, *, timeout: float = 5.0) -> dict[str, float]:
-    """The operator's /metrics as ``{"name{label=value,...}": value}``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}"] = float(sample.value)
-    return out
-
-
-def writes(metrics: Mapping[str, float]) -> dict[str, int]:
-    return {s: int(metrics.get(f"tether_backend_writes_total{{system={s}}}", 0)) for s in SYSTEMS}
-
-
 def summed(metrics: Mapping[str, float], name: str) -> float:
     """Sum of every sample of ``name`` whatever its labels."""
-    return sum(v for k, v in metrics.items() if k.startswith(name + "{"))
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 def labelled(metrics: Mapping[str, float], name: str) -> dict[str, float]:
-    return {k[len(name):]: v for k, v in metrics.items() if k.startswith(name + "{")}
+    """``name``'s samples by their labels, written ``{kind=ConsulService,result=ready}``.
+
+    Unquoted, as the results files have always written them, so they compare with old runs.
+    """
+    return {k[len(name):].replace('"', ""): v for k, v in metrics.items() if k.startswith(name + "{")}
 
 
 def delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in SYSTEMS}
-
-
-class Operator:
-    """``tether run -A`` against the stack, as a child process with metrics on a free port."""
-
-    def __init__(self, stack: Stack, log_path: Path, *, extra_env: Mapping[str, str] | None = None):
-        self.stack = stack
-        self.log_path = log_path
-        self.extra_env = dict(extra_env or {})
-        self.metrics_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        self.metrics_port, health_port = free_port(), free_port()
-        env = {**os.environ, **self.stack.env, **self.extra_env}
-        argv = [
-            str(VENV_BIN / "python"), "-m", "tether.cli", "run", "-A",
-            "--metrics-port", str(self.metrics_port), "--health-port", str(health_port),
-            "--log-format", "json",
-        ]
-        with self.log_path.open("ab") as out:
-            self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                start_new_session=True,
-            )
-
-    def wait_metrics(self, *, timeout: float = 60.0) -> float:
-        """Block until /metrics answers; seconds since start. Raises if the process died."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the operator exited with {self.proc.returncode}:\n{tail}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                scrape(self.metrics_port, timeout=1.0)
-                return time.monotonic() - self.started_at
-            time.sleep(0.05)
-        raise RuntimeError(f"the operator's /metrics did not answer within {timeout:.0f}s")
-
-    def metrics(self) -> dict[str, float]:
-        return scrape(self.metrics_port)
-
-    def stop(self, *, grace: float = 30.0) -> float:
-        """SIGTERM, then SIGKILL after ``grace``; seconds it took to exit."""
-        if self.proc is None or self.proc.poll() is not None:
-            return 0.0
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            log(f"operator pid {self.proc.pid} ignored SIGTERM for {grace:.0f}s; killing it")
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        return time.monotonic() - started
 
 
 # ------------------------------------------------------------------ py-spy

@@ -42,7 +42,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 from benchmarks import phases, stats, workload  # noqa: E402
 from benchmarks.kubeapi import KubeApi, ready  # noqa: E402
 from benchmarks.processes import (  # noqa: E402
-    Operator,
     Profiler,
     Stack,
     cpu_seconds,
@@ -55,8 +54,8 @@ from benchmarks.processes import (  # noqa: E402
     rss_mib,
     self_cpu_seconds,
     summarize_profile,
-    writes,
 )
+from tests.support.operator import OperatorProcess, writes  # noqa: E402
 from tether.etcd.client import EtcdClient, EtcdConnection  # noqa: E402
 
 DEFAULT_WORKERS = 16  # tether run's default TETHER_WORKERS
@@ -191,12 +190,18 @@ async def _operator_phase(
 ) -> dict[str, Any]:
     stack.fresh()
     args.artifacts.mkdir(parents=True, exist_ok=True)
-    operator = Operator(stack, args.artifacts / f"operator-{n}.log", extra_env=extra_env)
+    # JSON logs, as the Deployment runs it: the figures include what production logging costs.
+    operator = OperatorProcess(
+        stack.env,
+        args.artifacts / f"operator-{n}.log",
+        args=("-A", "--log-format", "json"),
+        extra_env=extra_env,
+    )
     profiler: Profiler | None = None
     result: dict[str, Any] = {}
     try:
-        operator.start()
-        result["metrics_up_seconds"] = round(operator.wait_metrics(), 2)
+        operator.start(wait=False)
+        result["metrics_up_seconds"] = round(operator.wait_serving(), 2)
         async with KubeApi(stack.kubeconfig) as kube, phases.Consul(stack.consul_url) as consul, \
                 EtcdClient(EtcdConnection.from_env(stack.env)) as etcd:
             result["warm_up_seconds"] = round(await _warm_up(kube, operator=True), 2)
@@ -280,7 +285,7 @@ def _mean_reconcile_ms(before: dict[str, float], after: dict[str, float]) -> dic
 
 
 async def _steady(
-    operator: Operator, kube: KubeApi, consul: phases.Consul, etcd: EtcdClient, n: int,
+    operator: OperatorProcess, kube: KubeApi, consul: phases.Consul, etcd: EtcdClient, n: int,
     args: argparse.Namespace, report: dict[str, Any],
 ) -> None:
     report["steady_n"] = n

@@ -11,31 +11,34 @@
 - Building the binaries on a cold machine takes ~10 min, longer than a test's
   timeout; so before the first test runs, if any e2e test was selected, the
   binaries are found or built outside any test's time budget (the fixture's own
-  ``up`` is then bounded by ``helpers.UP_TIMEOUT``).
+  ``up`` is then bounded by ``devstack.UP_TIMEOUT``).
+- ``operator`` is one ``tether run`` for the whole session, serving the per-test
+  namespaces that ``namespace`` creates (``t-…``); tests that need an operator of
+  their own (ACL, RBAC, leader election) start a :class:`OperatorProcess` themselves.
+
+The helpers live in ``tests.support``, shared with the fault suite and the benchmarks.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import state_dir, tether
-from opfixture import namespace, operator  # noqa: F401  (shared fixtures)
 
-from tether.devstack import binaries, envfiles
+from tests.support import devstack, suites
+from tests.support.kube import kubectl
+from tests.support.operator import OperatorProcess
+from tether.devstack import binaries
 
 E2E_DIR = Path(__file__).resolve().parent
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # First, so that `-m e2e` / `-m "not e2e"` (applied by pytest's own hook) see
-    # the mark. This hook sees the whole session's items, not only this directory's.
-    for item in items:
-        if E2E_DIR in item.path.parents:
-            item.add_marker(pytest.mark.e2e)
+    suites.mark_folder(items, E2E_DIR, pytest.mark.e2e)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -54,9 +57,33 @@ def dev_env() -> Iterator[dict[str, str]]:
 
     Only these variables: start processes with ``{**os.environ, **dev_env}``.
     """
-    directory = state_dir()
-    tether("dev", "--dir", str(directory), "up")
-    env = envfiles.parse((directory / "env").read_text(), os.environ)
+    directory = devstack.state_dir()
+    env = devstack.up(directory)
     yield env
     if os.environ.get("TETHER_DEV_DOWN_AFTER") == "1":
-        tether("dev", "--dir", str(directory), "down")
+        devstack.down(directory)
+
+
+@pytest.fixture(scope="session")
+def operator(dev_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    # The shared operator serves the per-test namespaces ("t-…") only, so tests
+    # that run their own operator (ACL, RBAC, leader election) use other names.
+    proc = OperatorProcess(dev_env, log, args=("-n", "t-*"), verbose=True).start(timeout=60)
+    yield proc
+    proc.stop(grace=20)
+
+
+@pytest.fixture
+def namespace(dev_env: dict[str, str]) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (the operator releases finalizers)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl(dev_env, "create", "namespace", name)
+    yield name
+    # The dev stack runs no namespace controller, so a namespace's contents are
+    # never deleted with it: delete Tether's resources first, so their Consul
+    # registrations and etcd keys are cleaned up by the operator.
+    kubectl(
+        dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", name, "--timeout=60s", check=False
+    )
+    kubectl(dev_env, "delete", "namespace", name, "--wait=false", check=False)

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import kubectl
-from opfixture import OperatorProcess, apply, condition, consul, wait_condition
 
+from tests.support.consul import Consul
+from tests.support.kube import apply, condition, kubectl, resource, wait_condition
+from tests.support.operator import OperatorProcess
 from tether.devstack import stack
 
 MANAGEMENT = str(uuid.uuid4())
@@ -35,24 +36,20 @@ def scoped_token(env: dict[str, str]) -> str:
             'node_prefix "" { policy = "read" }',
         ]
     )
-    policy = consul(
-        env,
+    policy = Consul.from_env(env).call(
         "PUT",
         "/v1/acl/policy",
         {"Name": f"tether-{uuid.uuid4().hex[:6]}", "Rules": rules},
         token=MANAGEMENT,
     )
-    token = consul(env, "PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]}, token=MANAGEMENT)
+    body = {"Policies": [{"ID": policy["ID"]}]}
+    token = Consul.from_env(env).call("PUT", "/v1/acl/token", body, token=MANAGEMENT)
     return str(token["SecretID"])
 
 
-def csvc(resource: str, **spec: object) -> dict[str, object]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "ConsulService",
-        "metadata": {"name": resource},
-        "spec": spec,
-    }
+def csvc(resource_name: str, **spec: object) -> dict[str, object]:
+    # Not `name`: that is a spec field (the Consul service name).
+    return resource("ConsulService", resource_name, spec)
 
 
 def test_scoped_token_works_and_wrong_token_is_reported(
@@ -64,12 +61,12 @@ def test_scoped_token_works_and_wrong_token_is_reported(
     env = {**dev_env, **acl_consul}
     token = scoped_token(env)
     op = OperatorProcess(
-        env, tmp_path / "op.log", args=("-n", ns), extra_env={"CONSUL_HTTP_TOKEN": token}
+        env, tmp_path / "op.log", args=("-n", ns), extra_env={"CONSUL_HTTP_TOKEN": token}, verbose=True
     ).start()
     try:
         apply(env, ns, csvc("allowed", name="acl-web", id="acl-web-1", port=80))
         wait_condition(env, ns, KIND, "allowed", op=op)
-        svc = consul(env, "GET", "/v1/agent/service/acl-web-1", token=MANAGEMENT)
+        svc = Consul.from_env(env).call("GET", "/v1/agent/service/acl-web-1", token=MANAGEMENT)
         assert svc is not None and svc["Meta"]["tether-name"] == "allowed"
         # Outside the token's scope: refused by Consul, reported as such.
         apply(env, ns, csvc("denied", name="other", id="other-1", port=80))
@@ -79,22 +76,26 @@ def test_scoped_token_works_and_wrong_token_is_reported(
         op.stop()
     # A token Consul does not know: every call is refused, and the status says why.
     bad = OperatorProcess(
-        env, tmp_path / "bad.log", args=("-n", ns), extra_env={"CONSUL_HTTP_TOKEN": str(uuid.uuid4())}
+        env,
+        tmp_path / "bad.log",
+        args=("-n", ns),
+        extra_env={"CONSUL_HTTP_TOKEN": str(uuid.uuid4())},
+        verbose=True,
     ).start()
     try:
         apply(env, ns, csvc("wrong", name="acl-wrong", id="acl-wrong-1", port=80))
         obj = wait_condition(env, ns, KIND, "wrong", status="False", reason="BackendRejected", op=bad)
         message = condition(obj)["message"]
         assert "ACL not found" in message or "Permission denied" in message, message
-        assert consul(env, "GET", "/v1/agent/service/acl-wrong-1", token=MANAGEMENT) is None
+        assert Consul.from_env(env).call("GET", "/v1/agent/service/acl-wrong-1", token=MANAGEMENT) is None
     finally:
         bad.stop()
     # Clean up with a working operator, so the finalizers are released.
     good = OperatorProcess(
-        env, tmp_path / "good.log", args=("-n", ns), extra_env={"CONSUL_HTTP_TOKEN": MANAGEMENT}
+        env, tmp_path / "good.log", args=("-n", ns), extra_env={"CONSUL_HTTP_TOKEN": MANAGEMENT}, verbose=True
     ).start()
     try:
         kubectl(env, "delete", "consulservices", "--all", "-n", ns, "--timeout=60s")
-        assert consul(env, "GET", "/v1/agent/service/acl-web-1", token=MANAGEMENT) is None
+        assert Consul.from_env(env).call("GET", "/v1/agent/service/acl-web-1", token=MANAGEMENT) is None
     finally:
         good.stop()

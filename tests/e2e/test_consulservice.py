@@ -9,30 +9,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
-from helpers import kubectl, wait_for
-from opfixture import (
-    OperatorProcess,
-    apply,
-    condition,
-    consul,
-    consul_checks,
-    consul_service,
-    events,
-    get,
-    wait_condition,
-    wait_gone,
-)
+
+from tests.support.consul import Consul
+from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 KIND = "consulservice"
 
 
 def csvc(resource_name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "ConsulService",
-        "metadata": {"name": resource_name},
-        "spec": spec,
-    }
+    return resource("ConsulService", resource_name, spec)
 
 
 class _Probe(BaseHTTPRequestHandler):
@@ -92,7 +79,7 @@ def test_create_with_every_field_matches_consul(
     apply(dev_env, namespace, csvc("pay", **full))
     obj = wait_condition(dev_env, namespace, KIND, "pay", op=operator)
     assert obj["status"]["serviceID"] == sid
-    svc = consul_service(dev_env, sid)
+    svc = Consul.from_env(dev_env).service(sid)
     assert svc is not None
     assert (svc["Service"], svc["Address"], svc["Port"]) == ("payments", "127.0.0.1", 8443)
     assert sorted(svc["Tags"]) == ["blue", "v2"]
@@ -104,7 +91,7 @@ def test_create_with_every_field_matches_consul(
         "tether-namespace": namespace,
         "tether-name": "pay",
     }
-    by_name = {c["Name"]: c for c in consul_checks(dev_env, sid).values()}
+    by_name = {c["Name"]: c for c in Consul.from_env(dev_env).checks(sid).values()}
     assert {n: c["Type"] for n, c in by_name.items()} == {
         "http": "http",
         "tcp": "tcp",
@@ -120,7 +107,7 @@ def test_create_with_every_field_matches_consul(
     )
 
     def outputs() -> dict[str, str]:
-        return {c["Name"]: c["Output"] for c in consul_checks(dev_env, sid).values()}
+        return {c["Name"]: c["Output"] for c in Consul.from_env(dev_env).checks(sid).values()}
 
     wait_for(
         lambda: "127.0.0.1:1" in outputs()["tcp"] and "127.0.0.1:1" in outputs()["grpc"],
@@ -151,9 +138,9 @@ def test_update_tags_port_and_checks(
     apply(dev_env, namespace, csvc("web", port=81, tags=["a", "b"], checks=[{"name": "ttl", "ttl": "5m"}]))
     wait_condition(dev_env, namespace, KIND, "web", op=operator)
     sid = f"{namespace}-web"
-    svc = consul_service(dev_env, sid)
+    svc = Consul.from_env(dev_env).service(sid)
     assert svc is not None and svc["Port"] == 81 and sorted(svc["Tags"]) == ["a", "b"]
-    names = sorted(c["Name"] for c in consul_checks(dev_env, sid).values())
+    names = sorted(c["Name"] for c in Consul.from_env(dev_env).checks(sid).values())
     assert names == ["ttl"]
 
 
@@ -162,12 +149,12 @@ def test_rename_moves_the_registration(
 ) -> None:
     apply(dev_env, namespace, csvc("mv", id="mv-old", port=80))
     wait_condition(dev_env, namespace, KIND, "mv", op=operator)
-    assert consul_service(dev_env, "mv-old") is not None
+    assert Consul.from_env(dev_env).service("mv-old") is not None
     apply(dev_env, namespace, csvc("mv", id="mv-new", name="moved", port=80))
     obj = wait_condition(dev_env, namespace, KIND, "mv", op=operator)
     assert obj["status"]["serviceID"] == "mv-new"
-    assert consul_service(dev_env, "mv-old") is None
-    new = consul_service(dev_env, "mv-new")
+    assert Consul.from_env(dev_env).service("mv-old") is None
+    new = Consul.from_env(dev_env).service("mv-new")
     assert new is not None and new["Service"] == "moved"
 
 
@@ -181,35 +168,35 @@ def test_delete_policies(
     kubectl(dev_env, "delete", KIND, "d", "-n", namespace, "--wait=false")
     wait_gone(dev_env, namespace, KIND, "d")
     if policy == "Delete":
-        assert consul_service(dev_env, sid) is None
+        assert Consul.from_env(dev_env).service(sid) is None
     else:
-        assert consul_service(dev_env, sid) is not None
-        consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
+        assert Consul.from_env(dev_env).service(sid) is not None
+        Consul.from_env(dev_env).deregister(sid)
 
 
 def test_foreign_service_is_a_conflict_and_left_alone(
     dev_env: dict[str, str], operator: OperatorProcess, namespace: str
 ) -> None:
     sid = f"foreign-{namespace}"
-    consul(dev_env, "PUT", "/v1/agent/service/register", {"ID": sid, "Name": "legacy", "Port": 1234})
+    Consul.from_env(dev_env).register({"ID": sid, "Name": "legacy", "Port": 1234})
     apply(dev_env, namespace, csvc("f", id=sid, port=80))
     obj = wait_condition(dev_env, namespace, KIND, "f", status="False", reason="Conflict", op=operator)
     assert sid in condition(obj)["message"]
-    svc = consul_service(dev_env, sid)
+    svc = Consul.from_env(dev_env).service(sid)
     assert svc is not None and svc["Port"] == 1234 and svc["Service"] == "legacy"
     # Once the other owner is gone, the resource becomes Ready on its own (retry with backoff).
-    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
+    Consul.from_env(dev_env).deregister(sid)
     wait_condition(dev_env, namespace, KIND, "f", timeout=90, op=operator)
     # Put a foreign one back under a resource being deleted: it must survive.
     apply(dev_env, namespace, csvc("g", id=f"{sid}-g", port=80))
     wait_condition(dev_env, namespace, KIND, "g", op=operator)
-    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}-g")
-    consul(dev_env, "PUT", "/v1/agent/service/register", {"ID": f"{sid}-g", "Name": "legacy", "Port": 1})
+    Consul.from_env(dev_env).deregister(f"{sid}-g")
+    Consul.from_env(dev_env).register({"ID": f"{sid}-g", "Name": "legacy", "Port": 1})
     wait_condition(dev_env, namespace, KIND, "g", status="False", reason="Conflict", op=operator)
     kubectl(dev_env, "delete", KIND, "g", "-n", namespace, "--wait=false")
     wait_gone(dev_env, namespace, KIND, "g")
-    assert consul_service(dev_env, f"{sid}-g") is not None
-    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}-g")
+    assert Consul.from_env(dev_env).service(f"{sid}-g") is not None
+    Consul.from_env(dev_env).deregister(f"{sid}-g")
 
 
 def test_out_of_band_changes_are_restored(
@@ -220,26 +207,26 @@ def test_out_of_band_changes_are_restored(
         dev_env, namespace, csvc("drift", id=sid, port=80, tags=["x"], checks=[{"name": "ttl", "ttl": "10m"}])
     )
     wait_condition(dev_env, namespace, KIND, "drift", op=operator)
-    consul(dev_env, "PUT", f"/v1/agent/service/deregister/{sid}")
+    Consul.from_env(dev_env).deregister(sid)
     started = time.monotonic()
     wait_for(
-        lambda: consul_service(dev_env, sid) is not None,
+        lambda: Consul.from_env(dev_env).service(sid) is not None,
         timeout=10,
         interval=0.1,
         message="deregistered service restored",
     )
     restore = time.monotonic() - started
-    body = consul_service(dev_env, sid)
+    body = Consul.from_env(dev_env).service(sid)
     assert body is not None
     modified = {"ID": sid, "Name": body["Service"], "Port": 9999, "Tags": ["x"], "Meta": body["Meta"]}
-    consul(dev_env, "PUT", "/v1/agent/service/register", modified)
+    Consul.from_env(dev_env).register(modified)
     wait_for(
-        lambda: (consul_service(dev_env, sid) or {}).get("Port") == 80,
+        lambda: (Consul.from_env(dev_env).service(sid) or {}).get("Port") == 80,
         timeout=10,
         interval=0.1,
         message="modified service restored",
     )
-    assert [c["Name"] for c in consul_checks(dev_env, sid).values()] == ["ttl"]
+    assert [c["Name"] for c in Consul.from_env(dev_env).checks(sid).values()] == ["ttl"]
     wait_for(
         lambda: "DriftRepaired" in {e["reason"] for e in events(dev_env, namespace, "drift")},
         timeout=10,
@@ -256,17 +243,17 @@ def test_ttl_check_health_follows_consul(
     apply(dev_env, namespace, csvc("ttl", id=sid, port=80, checks=[{"name": "beat", "ttl": "10m"}]))
     obj = wait_condition(dev_env, namespace, KIND, "ttl", op=operator)
     assert obj["status"]["health"] == "critical"
-    consul(dev_env, "PUT", f"/v1/agent/check/pass/{sid}/beat")
+    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/pass/{sid}/beat")
     wait_condition(dev_env, namespace, KIND, "ttl", type_="Healthy", status="True", timeout=10, op=operator)
     assert get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "passing"  # type: ignore[index]
-    consul(dev_env, "PUT", f"/v1/agent/check/warn/{sid}/beat")
+    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/warn/{sid}/beat")
     wait_for(
         lambda: get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "warning",  # type: ignore[index]
         timeout=10,
         interval=0.2,
         message="health warning",
     )
-    consul(dev_env, "PUT", f"/v1/agent/check/fail/{sid}/beat")
+    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/fail/{sid}/beat")
     wait_condition(
         dev_env,
         namespace,
@@ -303,7 +290,7 @@ def test_invalid_spec_is_reported_and_not_retried(
     apply(dev_env, namespace, csvc("bad", **spec))
     obj = wait_condition(dev_env, namespace, KIND, "bad", status="False", reason="InvalidSpec", op=operator)
     assert fragment in condition(obj)["message"]
-    assert consul_service(dev_env, f"{namespace}-bad") is None
+    assert Consul.from_env(dev_env).service(f"{namespace}-bad") is None
     before = operator.metrics().get('tether_reconciles_total{kind="ConsulService",result="InvalidSpec"}', 0)
     time.sleep(3)
     after = operator.metrics().get('tether_reconciles_total{kind="ConsulService",result="InvalidSpec"}', 0)

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import delete_namespace, kubectl, wait_for
+
+from tests.support.kube import delete_namespace, kubectl, resource
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -36,25 +38,11 @@ Manifest = dict[str, Any]
 
 
 def _consul_service(spec: dict[str, Any] | None, name: str = "bad") -> Manifest:
-    manifest: Manifest = {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "ConsulService",
-        "metadata": {"name": name},
-    }
-    if spec is not None:
-        manifest["spec"] = spec
-    return manifest
+    return resource("ConsulService", name, spec)
 
 
 def _etcd_config(spec: dict[str, Any] | None) -> Manifest:
-    manifest: Manifest = {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "EtcdConfig",
-        "metadata": {"name": "bad"},
-    }
-    if spec is not None:
-        manifest["spec"] = spec
-    return manifest
+    return resource("EtcdConfig", "bad", spec)
 
 
 def _http_check(**extra: Any) -> dict[str, Any]:

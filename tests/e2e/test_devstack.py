@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import delete_namespace, kubectl, state_dir, tether, wait_for
 
+from tests.support.devstack import state_dir, tether
+from tests.support.kube import delete_namespace, kubectl
+from tests.support.waiting import wait_for
 from tether.devstack import processes, stack
 
 

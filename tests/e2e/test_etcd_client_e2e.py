@@ -13,7 +13,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -27,6 +26,7 @@ import grpc.aio
 import pytest
 from aetcd import rpc
 
+from tests.support.ports import free_port
 from tether.etcd.client import (
     PAGE_SIZE,
     Compacted,
@@ -61,12 +61,6 @@ def find_etcd() -> str | None:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Tls:

@@ -5,67 +5,19 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.request
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
-from helpers import kubectl, wait_for
-from opfixture import (
-    OperatorProcess,
-    apply,
-    condition,
-    events,
-    get,
-    wait_condition,
-    wait_gone,
-)
+from tests.support.etcd import Etcd
+from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 KIND = "etcdconfig"
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def etcd(env: Mapping[str, str], path: str, body: dict[str, Any]) -> dict[str, Any]:
-    """etcd's JSON gateway (the real server's HTTP API for the v3 KV service)."""
-    url = env["ETCD_ENDPOINTS"].split(",")[0].rstrip("/") + path
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        result: dict[str, Any] = json.loads(r.read())
-    return result
-
-
-def etcd_range(env: Mapping[str, str], prefix: str) -> dict[str, tuple[str, int]]:
-    """{key: (value, mod_revision)} of every key under ``prefix``."""
-    key = prefix.encode()
-    end = key[:-1] + bytes([key[-1] + 1])
-    out = etcd(env, "/v3/kv/range", {"key": _b64(key), "range_end": _b64(end)})
-    return {
-        base64.b64decode(kv["key"]).decode(): (
-            base64.b64decode(kv.get("value", "")).decode(),
-            int(kv["mod_revision"]),
-        )
-        for kv in out.get("kvs", [])
-    }
-
-
-def etcd_put(env: Mapping[str, str], key: str, value: str) -> None:
-    etcd(env, "/v3/kv/put", {"key": _b64(key.encode()), "value": _b64(value.encode())})
-
-
-def etcd_delete(env: Mapping[str, str], key: str) -> None:
-    etcd(env, "/v3/kv/deleterange", {"key": _b64(key.encode())})
-
-
 def ecfg(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tether.dev/v1alpha1",
-        "kind": "EtcdConfig",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
+    return resource("EtcdConfig", name, spec)
 
 
 def unique_prefix() -> str:
@@ -79,7 +31,7 @@ def test_create_writes_all_keys_in_one_transaction(
     data = {"a": "1", "b/c": "two", "d/e/f": "three"}
     apply(dev_env, namespace, ecfg("cfg", prefix=prefix + "/", data=data))
     obj = wait_condition(dev_env, namespace, KIND, "cfg", op=operator)
-    kvs = etcd_range(dev_env, prefix + "/")
+    kvs = Etcd.from_env(dev_env).entries(prefix + "/")
     assert {k: v for k, (v, _) in kvs.items()} == {f"{prefix}/{k}": v for k, v in data.items()}
     revisions = {rev for _, rev in kvs.values()}
     assert len(revisions) == 1, f"keys written in several transactions: {revisions}"
@@ -92,7 +44,7 @@ def test_300_keys_converge(dev_env: dict[str, str], operator: OperatorProcess, n
     data = {f"k{i:03d}": f"v{i}" for i in range(300)}
     apply(dev_env, namespace, ecfg("big", prefix=prefix, data=data))
     obj = wait_condition(dev_env, namespace, KIND, "big", timeout=60, op=operator)
-    kvs = etcd_range(dev_env, prefix + "/")
+    kvs = Etcd.from_env(dev_env).entries(prefix + "/")
     assert len(kvs) == 300 and obj["status"]["keys"] == 300
     assert all(kvs[f"{prefix}/{k}"][0] == v for k, v in data.items())
 
@@ -101,21 +53,21 @@ def test_update_prune_and_prefix_move(
     dev_env: dict[str, str], operator: OperatorProcess, namespace: str
 ) -> None:
     prefix = unique_prefix()
-    etcd_put(dev_env, f"{prefix}/unrelated", "keep me")
+    Etcd.from_env(dev_env).put(f"{prefix}/unrelated", "keep me")
     apply(dev_env, namespace, ecfg("u", prefix=prefix, data={"a": "1", "b": "2"}))
     wait_condition(dev_env, namespace, KIND, "u", op=operator)
     apply(dev_env, namespace, ecfg("u", prefix=prefix, data={"a": "10", "c": "3"}))
     obj = wait_condition(dev_env, namespace, KIND, "u", op=operator)
-    kvs = {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()}
+    kvs = {k: v for k, (v, _) in Etcd.from_env(dev_env).entries(prefix + "/").items()}
     assert kvs == {f"{prefix}/a": "10", f"{prefix}/c": "3", f"{prefix}/unrelated": "keep me"}
     assert obj["status"]["keys"] == 2
     moved = unique_prefix()
     apply(dev_env, namespace, ecfg("u", prefix=moved, data={"a": "10", "c": "3"}))
     wait_condition(dev_env, namespace, KIND, "u", op=operator)
-    assert {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()} == {
+    assert {k: v for k, (v, _) in Etcd.from_env(dev_env).entries(prefix + "/").items()} == {
         f"{prefix}/unrelated": "keep me"
     }
-    assert {k: v for k, (v, _) in etcd_range(dev_env, moved + "/").items()} == {
+    assert {k: v for k, (v, _) in Etcd.from_env(dev_env).entries(moved + "/").items()} == {
         f"{moved}/a": "10",
         f"{moved}/c": "3",
     }
@@ -129,7 +81,7 @@ def test_prune_false_keeps_removed_keys(
     wait_condition(dev_env, namespace, KIND, "np", op=operator)
     apply(dev_env, namespace, ecfg("np", prefix=prefix, prune=False, data={"a": "1"}))
     wait_condition(dev_env, namespace, KIND, "np", op=operator)
-    assert set(etcd_range(dev_env, prefix + "/")) == {f"{prefix}/a", f"{prefix}/b"}
+    assert set(Etcd.from_env(dev_env).entries(prefix + "/")) == {f"{prefix}/a", f"{prefix}/b"}
 
 
 def test_delete_policies_leave_unrelated_keys(
@@ -137,13 +89,13 @@ def test_delete_policies_leave_unrelated_keys(
 ) -> None:
     for policy in ("Delete", "Orphan"):
         prefix = unique_prefix()
-        etcd_put(dev_env, f"{prefix}/unrelated", "x")
+        Etcd.from_env(dev_env).put(f"{prefix}/unrelated", "x")
         name = f"del-{policy.lower()}"
         apply(dev_env, namespace, ecfg(name, prefix=prefix, deletionPolicy=policy, data={"a": "1"}))
         wait_condition(dev_env, namespace, KIND, name, op=operator)
         kubectl(dev_env, "delete", KIND, name, "-n", namespace, "--wait=false")
         wait_gone(dev_env, namespace, KIND, name)
-        keys = set(etcd_range(dev_env, prefix + "/"))
+        keys = set(Etcd.from_env(dev_env).entries(prefix + "/"))
         if policy == "Delete":
             assert keys == {f"{prefix}/unrelated"}
         else:
@@ -160,12 +112,12 @@ def test_two_resources_claiming_one_key(
     obj = wait_condition(dev_env, namespace, KIND, "second", status="False", reason="Conflict", op=operator)
     message = condition(obj)["message"]
     assert f"{prefix}/shared" in message and "first" in message
-    kvs = {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()}
+    kvs = {k: v for k, (v, _) in Etcd.from_env(dev_env).entries(prefix + "/").items()}
     assert kvs == {f"{prefix}/shared": "first"}, "nothing may be written for a conflicting resource"
     # When the first one goes away the second converges on its own.
     kubectl(dev_env, "delete", KIND, "first", "-n", namespace)
     wait_condition(dev_env, namespace, KIND, "second", timeout=90, op=operator)
-    kvs = {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()}
+    kvs = {k: v for k, (v, _) in Etcd.from_env(dev_env).entries(prefix + "/").items()}
     assert kvs == {f"{prefix}/shared": "second", f"{prefix}/own": "x"}
 
 
@@ -173,14 +125,14 @@ def test_pre_existing_key_needs_adopt(
     dev_env: dict[str, str], operator: OperatorProcess, namespace: str
 ) -> None:
     prefix = unique_prefix()
-    etcd_put(dev_env, f"{prefix}/legacy", "old")
+    Etcd.from_env(dev_env).put(f"{prefix}/legacy", "old")
     apply(dev_env, namespace, ecfg("ad", prefix=prefix, data={"legacy": "new"}))
     obj = wait_condition(dev_env, namespace, KIND, "ad", status="False", reason="Conflict", op=operator)
     assert "adopt" in condition(obj)["message"] and f"{prefix}/legacy" in condition(obj)["message"]
-    assert etcd_range(dev_env, prefix + "/")[f"{prefix}/legacy"][0] == "old"
+    assert Etcd.from_env(dev_env).entries(prefix + "/")[f"{prefix}/legacy"][0] == "old"
     apply(dev_env, namespace, ecfg("ad", prefix=prefix, adopt=True, data={"legacy": "new"}))
     wait_condition(dev_env, namespace, KIND, "ad", op=operator)
-    assert etcd_range(dev_env, prefix + "/")[f"{prefix}/legacy"][0] == "new"
+    assert Etcd.from_env(dev_env).entries(prefix + "/")[f"{prefix}/legacy"][0] == "new"
 
 
 def test_out_of_band_changes_are_restored(
@@ -189,16 +141,16 @@ def test_out_of_band_changes_are_restored(
     prefix = unique_prefix()
     apply(dev_env, namespace, ecfg("drift", prefix=prefix, data={"a": "1", "b": "2"}))
     wait_condition(dev_env, namespace, KIND, "drift", op=operator)
-    etcd_put(dev_env, f"{prefix}/a", "tampered")
+    Etcd.from_env(dev_env).put(f"{prefix}/a", "tampered")
     wait_for(
-        lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/a"][0] == "1",
+        lambda: Etcd.from_env(dev_env).entries(prefix + "/")[f"{prefix}/a"][0] == "1",
         timeout=10,
         interval=0.1,
         message="changed key restored",
     )
-    etcd_delete(dev_env, f"{prefix}/b")
+    Etcd.from_env(dev_env).delete(f"{prefix}/b")
     wait_for(
-        lambda: f"{prefix}/b" in etcd_range(dev_env, prefix + "/"),
+        lambda: f"{prefix}/b" in Etcd.from_env(dev_env).entries(prefix + "/"),
         timeout=10,
         interval=0.1,
         message="deleted key restored",
@@ -247,7 +199,7 @@ def test_config_map_and_secret_changes_propagate_and_secrets_stay_secret(
         ),
     )
     wait_condition(dev_env, namespace, KIND, "src", op=operator)
-    kvs = {k: v for k, (v, _) in etcd_range(dev_env, prefix + "/").items()}
+    kvs = {k: v for k, (v, _) in Etcd.from_env(dev_env).entries(prefix + "/").items()}
     assert kvs == {
         f"{prefix}/mode": "blue",
         f"{prefix}/level": "override",
@@ -255,7 +207,7 @@ def test_config_map_and_secret_changes_propagate_and_secrets_stay_secret(
     }
     kubectl(dev_env, "patch", "configmap", "defaults", "-n", namespace, "-p", '{"data":{"mode":"green"}}')
     wait_for(
-        lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/mode"][0] == "green",
+        lambda: Etcd.from_env(dev_env).entries(prefix + "/")[f"{prefix}/mode"][0] == "green",
         timeout=10,
         interval=0.1,
         message="ConfigMap change in etcd",
@@ -264,7 +216,7 @@ def test_config_map_and_secret_changes_propagate_and_secrets_stay_secret(
     patch = json.dumps({"data": {"password": base64.b64encode(new_secret.encode()).decode()}})
     kubectl(dev_env, "patch", "secret", "creds", "-n", namespace, "-p", patch)
     wait_for(
-        lambda: etcd_range(dev_env, prefix + "/")[f"{prefix}/password"][0] == new_secret,
+        lambda: Etcd.from_env(dev_env).entries(prefix + "/")[f"{prefix}/password"][0] == new_secret,
         timeout=10,
         interval=0.1,
         message="Secret change in etcd",
@@ -285,7 +237,7 @@ def test_missing_source_is_reported_and_recovers(
     assert "later" in condition(obj)["message"]
     kubectl(dev_env, "create", "configmap", "later", "-n", namespace, "--from-literal=x=1")
     wait_condition(dev_env, namespace, KIND, "miss", timeout=15, op=operator)
-    assert etcd_range(dev_env, prefix + "/")[f"{prefix}/x"][0] == "1"
+    assert Etcd.from_env(dev_env).entries(prefix + "/")[f"{prefix}/x"][0] == "1"
     apply(
         dev_env,
         namespace,

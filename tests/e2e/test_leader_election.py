@@ -9,29 +9,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from helpers import kubectl, wait_for
-from opfixture import OperatorProcess, apply, get, wait_condition
+from tests.support.kube import apply, get, kubectl, resource, wait_condition
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 
 def _resources(count: int, prefix: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i in range(count):
-        out.append(
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "ConsulService",
-                "metadata": {"name": f"svc-{i}"},
-                "spec": {"port": 1000 + i},
-            }
-        )
-        out.append(
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "EtcdConfig",
-                "metadata": {"name": f"cfg-{i}"},
-                "spec": {"prefix": f"{prefix}/{i}", "data": {"k": str(i)}},
-            }
-        )
+        out.append(resource("ConsulService", f"svc-{i}", {"port": 1000 + i}))
+        out.append(resource("EtcdConfig", f"cfg-{i}", {"prefix": f"{prefix}/{i}", "data": {"k": str(i)}}))
     return out
 
 
@@ -50,6 +37,7 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
             tmp_path / f"{name}.log",
             args=("-n", ns, "--leader-elect"),
             extra_env={"POD_NAME": name, "POD_NAMESPACE": ns, "TETHER_LEASE_NAME": lease_name},
+            verbose=True,
         ).start()
 
     first = operator("first")
@@ -78,12 +66,7 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
         apply(
             dev_env,
             ns,
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "ConsulService",
-                "metadata": {"name": "after"},
-                "spec": {"port": 2000},
-            },
+            resource("ConsulService", "after", {"port": 2000}),
         )
         wait_condition(dev_env, ns, "consulservice", "after", timeout=20, op=second)
         print(f"failover: follower led {takeover:.1f}s after the leader was SIGKILLed")
@@ -125,7 +108,7 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
         standby.stop()
         leader.stop()
     # Clean up with a plain operator so finalizers are released.
-    cleaner = OperatorProcess(dev_env, tmp_path / "cleaner.log", args=("-n", ns)).start()
+    cleaner = OperatorProcess(dev_env, tmp_path / "cleaner.log", args=("-n", ns), verbose=True).start()
     try:
         kubectl(dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", ns, "--timeout=60s")
         assert get(dev_env, ns, "consulservice", "after") is None

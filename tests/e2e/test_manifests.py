@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import delete_namespace, kubectl
+
+from tests.support.kube import delete_namespace, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"

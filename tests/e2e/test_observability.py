@@ -7,20 +7,15 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from helpers import kubectl
-from opfixture import OperatorProcess, apply, wait_condition
+from tests.support.kube import apply, kubectl, resource, wait_condition
+from tests.support.operator import OperatorProcess
 
 
 def test_metrics_and_healthz(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
     apply(
         dev_env,
         namespace,
-        {
-            "apiVersion": "tether.dev/v1alpha1",
-            "kind": "ConsulService",
-            "metadata": {"name": "m"},
-            "spec": {"port": 80},
-        },
+        resource("ConsulService", "m", {"port": 80}),
     )
     wait_condition(dev_env, namespace, "consulservice", "m", op=operator)
     metrics = operator.metrics()
@@ -38,17 +33,12 @@ def test_json_logs_name_the_resource(dev_env: dict[str, str], tmp_path: Path) ->
     ns = f"x-log-{uuid.uuid4().hex[:6]}"
     kubectl(dev_env, "create", "namespace", ns)
     log = tmp_path / "op.log"
-    op = OperatorProcess(dev_env, log, args=("-n", ns, "--log-format", "json")).start()
+    op = OperatorProcess(dev_env, log, args=("-n", ns, "--log-format", "json"), verbose=True).start()
     try:
         apply(
             dev_env,
             ns,
-            {
-                "apiVersion": "tether.dev/v1alpha1",
-                "kind": "ConsulService",
-                "metadata": {"name": "logged"},
-                "spec": {"port": 80},
-            },
+            resource("ConsulService", "logged", {"port": 80}),
         )
         wait_condition(dev_env, ns, "consulservice", "logged", op=op)
         kubectl(dev_env, "delete", "consulservice", "logged", "-n", ns, "--timeout=30s")

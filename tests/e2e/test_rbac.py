@@ -19,15 +19,18 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import delete_namespace, kubectl, wait_for
-from opfixture import REPO, OperatorProcess, apply, condition, events, wait_condition
+
+from tests.support import devstack
+from tests.support.kube import apply, condition, delete_namespace, events, kubectl, resource, wait_condition
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 NAMESPACE = "tether-system"
 
 
 @pytest.fixture(scope="module")
 def installed(dev_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    kubectl(dev_env, "apply", "-k", str(REPO / "manifests"))
+    kubectl(dev_env, "apply", "-k", str(devstack.REPO / "manifests"))
     yield dev_env
     delete_namespace(dev_env, NAMESPACE)
 
@@ -52,29 +55,9 @@ def token_kubeconfig(env: dict[str, str], service_account: str, path: Path) -> P
 def workload(env: dict[str, str], ns: str, prefix: str) -> None:
     kubectl(env, "create", "configmap", "app-config", "-n", ns, "--from-literal=mode=blue")
     kubectl(env, "create", "secret", "generic", "app-secret", "-n", ns, "--from-literal=password=hunter2")
-    apply(
-        env,
-        ns,
-        {
-            "apiVersion": "tether.dev/v1alpha1",
-            "kind": "ConsulService",
-            "metadata": {"name": "web"},
-            "spec": {"port": 80},
-        },
-    )
-    apply(
-        env,
-        ns,
-        {
-            "apiVersion": "tether.dev/v1alpha1",
-            "kind": "EtcdConfig",
-            "metadata": {"name": "cfg"},
-            "spec": {
-                "prefix": prefix,
-                "from": [{"configMapRef": {"name": "app-config"}}, {"secretRef": {"name": "app-secret"}}],
-            },
-        },
-    )
+    apply(env, ns, resource("ConsulService", "web", {"port": 80}))
+    sources = [{"configMapRef": {"name": "app-config"}}, {"secretRef": {"name": "app-secret"}}]
+    apply(env, ns, resource("EtcdConfig", "cfg", {"prefix": prefix, "from": sources}))
 
 
 def run_as(env: dict[str, str], kubeconfig: Path, ns: str, log: Path, *extra: str) -> OperatorProcess:
@@ -87,12 +70,13 @@ def run_as(env: dict[str, str], kubeconfig: Path, ns: str, log: Path, *extra: st
             "POD_NAMESPACE": NAMESPACE,
             "TETHER_LEASE_NAME": f"rbac-{uuid.uuid4().hex[:6]}",
         },
+        verbose=True,
     ).start()
 
 
 def cleanup(env: dict[str, str], ns: str, log: Path) -> None:
     """Release finalizers with an admin operator, then remove the namespace."""
-    op = OperatorProcess(env, log, args=("-n", ns)).start()
+    op = OperatorProcess(env, log, args=("-n", ns), verbose=True).start()
     try:
         kubectl(env, "delete", "consulservices,etcdconfigs", "--all", "-n", ns, "--timeout=60s")
     finally:

@@ -29,8 +29,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from faultkit import CLUSTER, OWNERSHIP_PREFIX, Consul, Etcd, Kube, condition, is_ready, log, ready
+from faultkit import CLUSTER, OWNERSHIP_PREFIX, Kube, log
 from generator import BAD_URL, FOREIGN_MARK, Model, service_id
+
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.kube import condition, is_ready
 
 OWNERSHIP_META = ("external-source", "tether-cluster", "tether-namespace", "tether-name")
 #: Fields the API server fills in from the schema's defaults.
@@ -157,7 +161,7 @@ class Auditor:
         for obj in css + ecs:
             meta, status = obj["metadata"], obj.get("status") or {}
             subject = _ident(obj)
-            cond = ready(obj)
+            cond = condition(obj)
             said = (
                 f"Ready={cond.get('status')} {cond.get('reason')}: {cond.get('message')!r} "
                 f"(observedGeneration {status.get('observedGeneration')}, "

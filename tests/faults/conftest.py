@@ -22,24 +22,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import REDUCED, Consul, Etcd, FaultStack, Kube, Operator, log
+from faultkit import HTTP_TIMEOUT, REDUCED, FaultStack, Kube, log
+
+from tests.support import suites
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.operator import OperatorProcess
+
+# A hook, imported so pytest finds it here: it lets `operator` print its log on failure.
+from tests.support.suites import pytest_runtest_makereport  # noqa: F401
 
 FAULTS_DIR = Path(__file__).resolve().parent
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if FAULTS_DIR in item.path.parents:
-            item.add_marker(pytest.mark.faults)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    # Lets fixtures see whether their test failed (to print the operator's log).
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    setattr(item, f"report_{report.when}", report)
+    suites.mark_folder(items, FAULTS_DIR, pytest.mark.faults)
 
 
 def base_seed() -> int:
@@ -95,29 +93,28 @@ def kube(stack: FaultStack) -> Kube:
 
 @pytest.fixture
 def consul(stack: FaultStack) -> Consul:
-    return Consul(stack.env["CONSUL_HTTP_ADDR"])
+    return Consul.from_env(stack.env, timeout=HTTP_TIMEOUT)
 
 
 @pytest.fixture
 def etcd(stack: FaultStack) -> Etcd:
-    return Etcd(stack.env["ETCD_ENDPOINTS"])
+    return Etcd.from_env(stack.env, timeout=HTTP_TIMEOUT)
 
 
 @pytest.fixture
-def operator(stack: FaultStack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Operator]:
+def operator(stack: FaultStack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OperatorProcess]:
     # A test that breaks the stack must leave it whole for the next one.
     stack.resume_all()
     stack.ensure_up()
-    op = Operator(stack.env, tmp_path / "operator.log").start()
+    op = OperatorProcess(stack.env, tmp_path / "operator.log").start()
     log(f"operator pid {op.pid}, log {op.log_path}")
     try:
         yield op
     finally:
         stack.resume_all()
-        report = getattr(request.node, "report_call", None)
-        if report is not None and report.failed:
+        if suites.failed(request):
             print(f"\n--- operator log tail ({op.log_path}):\n{op.log_tail(80)}")
-        op.stop()
+        op.stop(grace=20)
 
 
 @pytest.fixture

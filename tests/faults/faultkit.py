@@ -1,34 +1,28 @@
-"""The fault suite's instruments: the stack it breaks, the operator it kills, the clients it reads with.
+"""The fault suite's own instruments: the stack it breaks and the Kubernetes client it retries with.
 
-Everything here is synchronous and bounded: every HTTP call has a timeout, every
-wait has a deadline, so a test that meets a hung Consul (SIGSTOP) or a dead API
-server fails with a message instead of hanging CI.
+Everything here is synchronous and bounded: every call has a timeout, every wait
+has a deadline, so a test that meets a hung Consul (SIGSTOP) or a dead API server
+fails with a message instead of hanging CI.
 
 - :class:`FaultStack` — a private dev stack (its own state directory, never the
   shared ``.tether/dev``) with ``kill`` / ``pause`` / ``resume`` / ``restart`` per
   component. ``restart`` is ``DevStack.up()``: it starts whatever is down on the
   same ports, as ``tether dev up`` does.
-- :class:`Operator` — ``tether run -A`` as a subprocess with its own log, which
-  can be SIGKILLed, SIGSTOPped and started again on the same ports.
-- :class:`Kube`, :class:`Consul`, :class:`Etcd` — small clients for the three
-  systems, as a user (or an auditor) would read them: the Kubernetes client,
-  Consul's agent HTTP API, etcd's JSON gateway.
+- :class:`Kube` — the Kubernetes client with the bounded retry a careful client
+  uses while the API server restarts.
+
+The operator process (``OperatorProcess``: SIGKILL, SIGSTOP, restart on the same
+ports), the Consul and etcd readers and ``wait_for`` are ``tests.support``'s, shared
+with the end-to-end suite and the benchmarks.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +30,7 @@ from typing import Any, TypeVar
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from tests.support.waiting import wait_for
 from tether.devstack import processes
 from tether.devstack.stack import CONSUL, ETCD, KUBE_APISERVER, DevStack
 
@@ -60,32 +55,6 @@ HTTP_TIMEOUT = 5.0
 def log(message: str) -> None:
     """One timestamped line on stdout (the suite runs with ``-s``)."""
     print(f"[faults {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def wait_for(predicate: Callable[[], T], *, timeout: float, interval: float = 0.5, message: str) -> T:
-    """Poll ``predicate`` until it returns something truthy; raise after ``timeout`` s.
-
-    An exception from the predicate counts as "not yet": a server may be restarting.
-    """
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-            last = value
-        except Exception as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{message}: not true after {timeout:.0f} s (last: {last!r})")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ the stack
@@ -173,120 +142,6 @@ class FaultStack:
         self.dev.down()
 
 
-# --------------------------------------------------------------- the operator
-
-
-class Operator:
-    """``tether run -A`` as a subprocess of this test, logging to ``log_path``.
-
-    The ports are chosen once, so a restarted operator serves metrics where the
-    killed one did. ``starts`` counts processes, for the report.
-    """
-
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env}
-        self.log_path = log_path
-        self.metrics_port = free_port()
-        self.health_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, *, timeout: float = 90.0) -> Operator:
-        tether = Path(sys.executable).with_name("tether")
-        with self.log_path.open("ab") as out:
-            out.write(f"\n--- {time.strftime('%H:%M:%S')} starting the operator\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                [
-                    str(tether),
-                    "run",
-                    "-A",
-                    "--metrics-port",
-                    str(self.metrics_port),
-                    "--health-port",
-                    str(self.health_port),
-                ],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.starts += 1
-        wait_for(self._serving, timeout=timeout, interval=0.3, message=f"operator metrics\n{self.log_tail()}")
-        return self
-
-    def _serving(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            self.metrics()
-        except OSError:
-            return False
-        return True
-
-    def _signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handlers, no last status patch, like an OOM kill."""
-        if self.proc is None:
-            return
-        self._signal(signal.SIGCONT)  # a stopped process cannot die until continued
-        self._signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=15)
-
-    def pause(self) -> None:
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self._signal(signal.SIGCONT)
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[key] = float(value)
-        return out
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no operator log)"
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
 # ----------------------------------------------------------------- Kubernetes
 
 
@@ -297,8 +152,8 @@ class Kube:
     retry a careful client uses while the API server restarts.
     """
 
-    PLURALS = {"cs": "consulservices", "ec": "etcdconfigs"}
-    KINDS = {"cs": "ConsulService", "ec": "EtcdConfig"}
+    PLURALS = {"cs": "consulservices", "ec": "etcdconfigs", "cc": "consulconfigs"}
+    KINDS = {"cs": "ConsulService", "ec": "EtcdConfig", "cc": "ConsulConfig"}
 
     def __init__(self, kubeconfig: str) -> None:
         self.kubeconfig = kubeconfig
@@ -430,165 +285,16 @@ class Kube:
         return [f"{e.type} {e.reason}: {e.message}" for e in found.items]
 
 
-def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
-    """The condition ``type_`` of ``obj`` ({} if none)."""
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return dict(cond)
-    return {}
-
-
-def ready(obj: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The Ready condition of ``obj`` ({} if none)."""
-    return condition(obj, "Ready")
-
-
-def is_ready(obj: Mapping[str, Any] | None) -> bool:
-    """Ready=True at the current generation: the contract's meaning of done."""
-    if not obj:
-        return False
-    status = obj.get("status") or {}
-    return ready(obj).get("status") == "True" and status.get("observedGeneration") == obj["metadata"].get(
-        "generation"
-    )
-
-
-# --------------------------------------------------------------------- Consul
-
-
-class Consul:
-    """The Consul agent's HTTP API, with short timeouts (a paused agent hangs)."""
-
-    def __init__(self, addr: str) -> None:
-        self.addr = addr.rstrip("/")
-
-    def call(self, method: str, path: str, body: Any = None, *, timeout: float = HTTP_TIMEOUT) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.addr + path, data=data, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                text = r.read().decode()
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
-        return json.loads(text) if text.strip() else None
-
-    def services(self) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = self.call("GET", "/v1/agent/services") or {}
-        return result
-
-    def checks(self) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = self.call("GET", "/v1/agent/checks") or {}
-        return result
-
-    def deregister(self, service_id: str) -> None:
-        self.call("PUT", f"/v1/agent/service/deregister/{service_id}")
-
-    def register(self, body: Mapping[str, Any]) -> None:
-        self.call("PUT", "/v1/agent/service/register", dict(body))
-
-
-# ----------------------------------------------------------------------- etcd
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def prefix_end(prefix: str) -> bytes:
-    """The range end that makes [prefix, end) "every key starting with prefix"."""
-    key = bytearray(prefix.encode())
-    while key:
-        if key[-1] < 0xFF:
-            key[-1] += 1
-            return bytes(key)
-        key.pop()
-    return b"\0"
-
-
-class Etcd:
-    """etcd's JSON gateway (the server's own HTTP mapping of the v3 KV API)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint.split(",")[0].rstrip("/")
-
-    def call(self, path: str, body: Mapping[str, Any], *, timeout: float = HTTP_TIMEOUT) -> dict[str, Any]:
-        req = urllib.request.Request(self.endpoint + path, data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            result: dict[str, Any] = json.loads(r.read())
-        return result
-
-    def range(self, prefix: str) -> tuple[int, dict[str, tuple[str, int]]]:
-        """(store revision, {key: (value, mod_revision)}) for every key under ``prefix``."""
-        out = self.call("/v3/kv/range", {"key": _b64(prefix.encode()), "range_end": _b64(prefix_end(prefix))})
-        kvs = {
-            base64.b64decode(kv["key"]).decode(): (
-                base64.b64decode(kv.get("value", "")).decode(errors="replace"),
-                int(kv["mod_revision"]),
-            )
-            for kv in out.get("kvs", [])
-        }
-        return int(out["header"]["revision"]), kvs
-
-    def keys(self, prefix: str) -> dict[str, str]:
-        return {k: v for k, (v, _) in self.range(prefix)[1].items()}
-
-    def count(self, prefix: str) -> int:
-        out = self.call(
-            "/v3/kv/range",
-            {"key": _b64(prefix.encode()), "range_end": _b64(prefix_end(prefix)), "count_only": True},
-        )
-        return int(out.get("count", 0))
-
-    def revision(self) -> int:
-        return self.range("\0")[0]
-
-    def put(self, key: str, value: str) -> int:
-        out = self.call("/v3/kv/put", {"key": _b64(key.encode()), "value": _b64(value.encode())})
-        return int(out["header"]["revision"])
-
-    def delete(self, key: str) -> None:
-        self.call("/v3/kv/deleterange", {"key": _b64(key.encode())})
-
-    def put_if_present(self, key: str, value: str, *, guard: str) -> bool:
-        """Put ``key`` only while both it and ``guard`` exist (one transaction)."""
-        compare = [
-            {"key": _b64(k.encode()), "target": "VERSION", "result": "GREATER", "version": "0"}
-            for k in (key, guard)
-        ]
-        put = {"request_put": {"key": _b64(key.encode()), "value": _b64(value.encode())}}
-        out = self.call("/v3/kv/txn", {"compare": compare, "success": [put]})
-        return bool(out.get("succeeded"))
-
-    def compact(self, revision: int | None = None) -> int:
-        """Compact history up to ``revision`` (default: the current one); return it."""
-        rev = revision or self.revision()
-        try:
-            self.call("/v3/kv/compaction", {"revision": rev}, timeout=30)
-        except urllib.error.HTTPError as exc:
-            # Already compacted at or past it: the history is gone either way.
-            if "compacted" not in exc.read().decode(errors="replace"):
-                raise
-        return rev
-
-
 __all__ = [
     "CLUSTER",
     "CONSUL",
     "ETCD",
     "FINALIZER",
+    "HTTP_TIMEOUT",
     "KUBE_APISERVER",
     "OWNERSHIP_PREFIX",
     "REDUCED",
-    "Consul",
-    "Etcd",
     "FaultStack",
     "Kube",
-    "Operator",
-    "condition",
-    "is_ready",
     "log",
-    "ready",
-    "wait_for",
 ]

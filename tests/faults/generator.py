@@ -25,8 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from faultkit import OWNERSHIP_PREFIX, Etcd, Kube, log
+from faultkit import OWNERSHIP_PREFIX, Kube, log
 from kubernetes.client.exceptions import ApiException
+
+from tests.support.etcd import Etcd
 
 TAGS = ("blue", "green", "canary", "v1", "v2", "v3", "edge", "internal", "primary", "replica")
 META_KEYS = ("team", "tier", "owner", "version", "zone")

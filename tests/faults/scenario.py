@@ -8,14 +8,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from audit import Anomaly, Auditor, converge, split
-from faultkit import Consul, Etcd, FaultStack, Kube, Operator, is_ready, log, ready, wait_for
+from faultkit import FaultStack, Kube, log
 from generator import Decl, Limits, Model, Workload
+
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.kube import condition, is_ready
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 
 @dataclass
 class Scenario:
     stack: FaultStack
-    operator: Operator
+    operator: OperatorProcess
     kube: Kube
     consul: Consul
     etcd: Etcd
@@ -56,7 +62,7 @@ class Scenario:
         try:
             wait_for(check, timeout=timeout, interval=0.5, message=what)
         except AssertionError:
-            detail = "\n".join(f"  {d}: {ready(self.get(d))}" for d in pending[:10])
+            detail = "\n".join(f"  {d}: {condition(self.get(d))}" for d in pending[:10])
             raise AssertionError(
                 f"{len(pending)} resources not {what} after {timeout:.0f} s:\n{detail}\n"
                 f"--- operator log tail:\n{self.operator.log_tail(60)}"
@@ -70,7 +76,7 @@ class Scenario:
 
 def make_scenario(
     stack: FaultStack,
-    operator: Operator,
+    operator: OperatorProcess,
     kube: Kube,
     consul: Consul,
     etcd: Etcd,

@@ -8,10 +8,14 @@ of every category is planted by hand, and one audit pass must name each.
 from __future__ import annotations
 
 from audit import Auditor
-from faultkit import CLUSTER, OWNERSHIP_PREFIX, Consul, Etcd, FaultStack, Kube, Operator, log
+from faultkit import CLUSTER, OWNERSHIP_PREFIX, FaultStack, Kube, log
 from generator import Limits
 from kubernetes.client.exceptions import ApiException
 from scenario import make_scenario
+
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.operator import OperatorProcess
 
 HOLD = "example.com/hold"
 
@@ -41,7 +45,8 @@ def _drop_finalizer(kube: Kube, ns: str, name: str, finalizer: str) -> None:
 
 
 def test_audit_finds_planted_damage(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     sc = make_scenario(
         stack,

@@ -22,23 +22,15 @@ import time
 import urllib.request
 from collections import Counter
 
-from faultkit import (
-    CONSUL,
-    ETCD,
-    KUBE_APISERVER,
-    REDUCED,
-    Consul,
-    Etcd,
-    FaultStack,
-    Kube,
-    Operator,
-    is_ready,
-    log,
-    ready,
-    wait_for,
-)
+from faultkit import CONSUL, ETCD, KUBE_APISERVER, REDUCED, FaultStack, Kube, log
 from generator import Decl, Limits
 from scenario import Scenario, make_scenario
+
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.kube import condition, is_ready
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 CLEAN = Limits(orphan_share=0.0, invalid_share=0.0)
 CONVERGE = 90.0
@@ -83,7 +75,8 @@ def _churn(
 
 
 def test_consul_killed_while_resources_come_and_go(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     rng = random.Random(seed)
     sc = make_scenario(
@@ -126,7 +119,8 @@ def _assert_no_duplicates(sc: Scenario) -> None:
 
 
 def test_etcd_killed_mid_work(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     rng = random.Random(seed)
     sc = make_scenario(
@@ -149,7 +143,7 @@ def test_etcd_killed_mid_work(
     extra = sc.workload.create("ec", ns)
     try:
         seen = wait_for(
-            lambda: (c := ready(sc.get(extra))).get("reason") == "BackendUnavailable" and c,
+            lambda: (c := condition(sc.get(extra))).get("reason") == "BackendUnavailable" and c,
             timeout=45,
             interval=0.5,
             message=f"{extra} to report BackendUnavailable while etcd is down",
@@ -165,7 +159,8 @@ def test_etcd_killed_mid_work(
 
 
 def test_consul_paused_reports_backend_unavailable(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     pause = 12.0 if REDUCED else 30.0
     sc = make_scenario(
@@ -188,7 +183,7 @@ def test_consul_paused_reports_backend_unavailable(
 
         def unavailable() -> bool:
             return all(
-                ready(o).get("reason") == "BackendUnavailable"
+                condition(o).get("reason") == "BackendUnavailable"
                 and (o.get("status") or {}).get("observedGeneration") == o["metadata"]["generation"]
                 for o in (sc.get(d) for d in (*new, base[0]))
             )
@@ -200,7 +195,7 @@ def test_consul_paused_reports_backend_unavailable(
             interval=0.3,
             message="new and updated ConsulServices to report BackendUnavailable while Consul hangs",
         )
-        said = ready(sc.get(new[0]))
+        said = condition(sc.get(new[0]))
         log(
             f"during the pause: {new[0]} said {said.get('reason')}: {said.get('message')!r} "
             f"{time.monotonic() - paused_at:.1f} s in"
@@ -241,7 +236,8 @@ def _wait_repaired(sc: Scenario, decl: Decl, keys: dict[str, str], timeout: floa
 
 
 def test_etcd_compaction_during_watch(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     sc = make_scenario(
         stack, operator, kube, consul, etcd, run_id=run_id, seed=seed, namespaces=1, limits=CLEAN
@@ -309,7 +305,8 @@ def test_etcd_compaction_during_watch(
 
 
 def test_apiserver_restart_operator_resumes(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     rng = random.Random(seed)
     sc = make_scenario(
@@ -366,7 +363,8 @@ def test_apiserver_restart_operator_resumes(
 
 
 def test_status_revision_after_lost_status_patch(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     """A drift repair made while the API server is down must still reach status.revision.
 

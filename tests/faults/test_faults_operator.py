@@ -20,9 +20,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from faultkit import CONSUL, REDUCED, Consul, Etcd, FaultStack, Kube, Operator, is_ready, log, wait_for
+from faultkit import CONSUL, REDUCED, FaultStack, Kube, log
 from generator import Decl, Limits
 from scenario import Scenario, make_scenario
+
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.kube import is_ready
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 CLEAN = Limits(orphan_share=0.0, invalid_share=0.0)
 CONVERGE = 90.0
@@ -80,7 +86,8 @@ def _assert_big(sc: Scenario, decl: Decl) -> None:
 
 
 def test_operator_killed_during_large_write(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     rng = random.Random(seed)
     # Small transactions (a server limit the operator is told about, as
@@ -174,7 +181,8 @@ def test_operator_killed_during_large_write(
 
 
 def test_operator_killed_during_consul_rename(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     """Killed between registering a service's new ID and recording it; renamed again meanwhile.
 
@@ -238,7 +246,8 @@ def test_operator_killed_during_consul_rename(
 
 
 def test_operator_killed_during_burst(
-    stack: FaultStack, operator: Operator, kube: Kube, consul: Consul, etcd: Etcd, run_id: str, seed: int
+    stack: FaultStack, operator: OperatorProcess, kube: Kube, consul: Consul, etcd: Etcd,
+    run_id: str, seed: int,
 ) -> None:
     rng = random.Random(seed)
     sc = make_scenario(

@@ -32,21 +32,14 @@ from typing import Any
 
 import pytest
 from audit import Anomaly, split
-from faultkit import (
-    CONSUL,
-    ETCD,
-    KUBE_APISERVER,
-    REDUCED,
-    Consul,
-    Etcd,
-    FaultStack,
-    Kube,
-    Operator,
-    is_ready,
-    log,
-)
+from faultkit import CONSUL, ETCD, KUBE_APISERVER, REDUCED, FaultStack, Kube, log
 from generator import Limits, Workload
 from scenario import Scenario, make_scenario
+
+from tests.support.consul import Consul
+from tests.support.etcd import Etcd
+from tests.support.kube import is_ready
+from tests.support.operator import OperatorProcess
 
 FAULT_KINDS = (
     "consul-kill",
@@ -329,7 +322,7 @@ def test_random_faults(
     run: int,
     session_seed: int,
     stack: FaultStack,
-    operator: Operator,
+    operator: OperatorProcess,
     kube: Kube,
     consul: Consul,
     etcd: Etcd,

@@ -127,6 +127,9 @@ class ConfigReconciler:
         self.layout = layout
         self.expectations = expectations
         self.sources = source_index
+        # The expectations of each resource's last successful converge in this
+        # process: proof that it owned every one of those keys at that moment.
+        self._confirmed: dict[ObjectRef, Mapping[str, bytes | None]] = {}
 
     def owner(self, ref: ObjectRef) -> str:
         return planner.owner_id(self.cluster, ref.namespace, ref.name)
@@ -143,6 +146,7 @@ class ConfigReconciler:
     async def apply(self, res: Resource) -> Outcome:
         ref = res.ref
         self.expectations.seen(ref)
+        confirmed = self._confirmed.pop(ref, None)
         try:
             spec = self._parse(res.spec)
             # Before resolving: a source that is missing now must wake this
@@ -163,12 +167,13 @@ class ConfigReconciler:
         # place: anything written now repairs drift (not a spec or source change).
         drift = res.reconciled() and self.expectations.expected(ref) == expected
         self.expectations.track(ref, expected)
+        # The same keys converged last time, so each of them was this
+        # resource's: a claim deleted out of band since is taken back, not a
+        # conflict. (Another owner's claim still is one: adopt never overrides it.)
+        reclaim = confirmed == expected
         try:
-            # Drift means every desired key was this resource's at its last
-            # success: a claim deleted out of band is restored, not a conflict.
-            # (Another owner's claim still is one: adopt never overrides it.)
             done = await self._converge(
-                owner, planner.directory(spec.prefix), desired, prune=spec.prune, adopt=spec.adopt or drift
+                owner, planner.directory(spec.prefix), desired, prune=spec.prune, adopt=spec.adopt or reclaim
             )
         except errors.BackendError as exc:
             return Outcome.from_error(exc, doing=f"write to {self.flavor.store}")
@@ -180,6 +185,7 @@ class ConfigReconciler:
                 fields={"keys": len(plan.owned_before)},
             )
 
+        self._confirmed[ref] = expected
         fields: dict[str, int] = {"keys": len(desired)}
         revision = max(done.revisions, default=0) or done.in_place_revision or self._stored(res, plan)
         if revision:
@@ -201,6 +207,7 @@ class ConfigReconciler:
         ref = res.ref
         # Tether's own deletions must not look like drift.
         self.expectations.untrack(ref)
+        self._confirmed.pop(ref, None)
         policy = res.spec.get("deletionPolicy", "Delete")
         directory: str | None = None
         with contextlib.suppress(InvalidSpec):
@@ -231,6 +238,7 @@ class ConfigReconciler:
     def forget(self, ref: ObjectRef) -> None:
         self.expectations.forget(ref)
         self.sources.forget(ref)
+        self._confirmed.pop(ref, None)
 
     def _stored(self, res: Resource, plan: planner.Plan) -> int:
         """The revision to report when nothing was written this time."""
