@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             leader_elect=args.leader_elect,
         )
 
-    from tether.devstack import reporting, stack
+    try:
+        from tether.devstack import reporting, stack
+    except ImportError:
+        # The operator image does not ship the developers' local control plane.
+        print("tether dev: the dev stack is not installed here (it is not part of the operator "
+              "image); run it from a source checkout (make venv)", file=sys.stderr)
+        return 2
 
     try:
         return _dev(args, stack)
