@@ -253,8 +253,12 @@ class Controller:
                 metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
                 return
             # Anything else is taken as the watch says: the watch's order is the
-            # only order resourceVersions have.
+            # only order resourceVersions have. Echoes still expected are
+            # forgotten: after a restore they may never come, and a version
+            # reused later must not pass for one (an echo that does come costs
+            # one reconcile that writes nothing).
             self.cache[ref] = body
+            self._own_writes.pop(ref, None)
         metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
         self.queue.add(ref)
 

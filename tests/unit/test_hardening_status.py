@@ -195,3 +195,15 @@ async def test_healthy_is_unknown_on_invalid_spec() -> None:
     outcome = await services.apply(bad)
     assert outcome.reason == conditions.INVALID_SPEC
     assert [c.status for c in outcome.conditions if c.type == conditions.HEALTHY] == ["Unknown"]
+
+
+async def test_a_reused_version_after_a_restore_is_not_taken_for_our_echo() -> None:
+    kube = FakeKube()
+    ctl = _controller(kube)
+    ctl.observe("ADDED", _body("900"))
+    ctl._remember(_body("901"))  # its echo is lost: the API server is restored from a backup
+    ctl.observe("MODIFIED", _body("42"))  # the relist
+    while len(ctl.queue):
+        ctl.queue.done(await ctl.queue.get())
+    ctl.observe("MODIFIED", _body("901", status={"someone": "else"}))  # later, a real change
+    assert len(ctl.queue) == 1 and ctl.cache[REF]["status"] == {"someone": "else"}
