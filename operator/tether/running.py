@@ -44,7 +44,7 @@ log = logging.getLogger("tether")
 # work — ends the process within this many seconds: first gracefully (tasks
 # cancelled, the Lease released), then, if something still hangs (a Kopf
 # start-up step, a blocking client call in a thread), by a hard exit.
-STOP_GRACE_SECONDS = 1.8
+STOP_GRACE_SECONDS = 1.5
 
 
 def run(
@@ -85,7 +85,7 @@ def _exit_if_threads_linger() -> None:
         if t is not threading.main_thread() and t.is_alive() and not t.daemon
     ]
     if lingering:
-        _hard_exit(f"{len(lingering)} worker threads still in blocking calls after the stop")
+        _hard_exit(f"{len(lingering)} worker threads still alive after the stop (maybe in blocking calls)")
 
 
 def _arm_stop_deadline() -> None:
@@ -119,11 +119,7 @@ async def _main(
             armed = True
             _arm_stop_deadline()
 
-    def install_signal_handlers() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-
-    install_signal_handlers()
+    _keep_signal_handlers(loop, on_signal)
     elector: LeaseElector | None = None
     holder: asyncio.Task[None] | None = None
     if leader_elect:
@@ -197,10 +193,6 @@ async def _main(
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Kopf has just installed its own signal handlers; ours set the same
-        # stop flag Kopf watches, and also bound how long the stop may take
-        # (Kopf alone waits up to 5 s for tasks it considers hung).
-        install_signal_handlers()
         settings.peering.standalone = True
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
@@ -272,6 +264,30 @@ async def _main(
         kube_client.close()
         if health_runner is not None:
             await health_runner.cleanup()
+
+
+def _keep_signal_handlers(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT call ``handler``, for the whole life of the loop.
+
+    Kopf installs its own handlers when it starts; a signal caught by those
+    (while Kopf still logs in, say) stopped Kopf without setting our stop flag,
+    and Kopf then waited 5 s for its waiter on that flag as a hung task. Ours
+    set the very flag Kopf watches (``stop_flag``), so Kopf stops the same way,
+    and they also bound the stop: later registrations for these two signals
+    are therefore ignored.
+    """
+    mine = (signal.SIGTERM, signal.SIGINT)
+    for sig in mine:
+        loop.add_signal_handler(sig, handler)
+    original = loop.add_signal_handler
+
+    def add_signal_handler(sig: int, callback: Callable[..., object], *args: Any) -> None:
+        if sig in mine:
+            log.debug("keeping Tether's handler for %s", signal.Signals(sig).name)
+            return
+        original(sig, callback, *args)
+
+    loop.add_signal_handler = add_signal_handler  # type: ignore[method-assign,assignment]
 
 
 async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
