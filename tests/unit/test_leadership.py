@@ -158,3 +158,26 @@ async def test_a_hung_renewal_gives_up_at_the_renew_deadline_before_the_lease_en
 def test_timings_must_leave_room_for_the_hand_over() -> None:
     with pytest.raises(ValueError):
         _elector(FakeLeases(), "me", lease_seconds=15, renew_deadline=15.0)
+
+
+async def test_tethers_stop_handler_survives_kopf_installing_its_own() -> None:
+    """A SIGTERM while Kopf starts must still reach the handler that bounds the stop."""
+    import os
+    import signal
+
+    from tether import running
+
+    loop = asyncio.get_running_loop()
+    got: list[str] = []
+    running._keep_signal_handlers(loop, lambda: got.append("tether"))
+    try:
+        loop.add_signal_handler(signal.SIGTERM, lambda: got.append("kopf"))  # as Kopf does
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if got:
+                break
+        assert got == ["tether"]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
