@@ -36,8 +36,11 @@ def etcd_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
     """Where Tether records in etcd which resource owns which key."""
     env = os.environ if env is None else env
     prefix = env.get("TETHER_ETCD_OWNERSHIP_PREFIX") or "/tether/"
-    if not prefix.startswith("/"):
-        raise ValueError(f"TETHER_ETCD_OWNERSHIP_PREFIX={prefix!r} must start with '/'")
+    if not prefix.startswith("/") or not prefix.strip("/"):
+        raise ValueError(
+            f"TETHER_ETCD_OWNERSHIP_PREFIX={prefix!r} must start with '/' and name a path below "
+            "the root (e.g. /tether/)"
+        )
     return prefix if prefix.endswith("/") else prefix + "/"
 
 

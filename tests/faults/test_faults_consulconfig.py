@@ -26,7 +26,7 @@ from tests.support.waiting import wait_for
 OWNERSHIP = "tether/"
 CLUSTER = "kubernetes"
 CONVERGE = 120.0
-KEYS = 150  # a new key costs two operations: 150 keys take five transactions of 64
+KEYS = 150  # a new key costs two operations: 150 keys take three transactions of 128
 
 
 def _declare(run_id: str, count: int) -> dict[str, tuple[str, dict[str, str]]]:

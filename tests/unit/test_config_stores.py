@@ -168,7 +168,7 @@ async def test_consul_store_reports_the_index_of_its_writes() -> None:
 
 def test_consul_store_limits_are_the_pinned_servers() -> None:
     limits = ConsulKVStore(_ConsulClient((True, []))).limits
-    assert (limits.store, limits.max_ops) == ("Consul KV", 64)
+    assert (limits.store, limits.max_ops) == ("Consul KV", 128)
     # base64 grows values by 4/3: the largest value must still fit a 512 KiB request.
     assert limits.max_value_bytes * 4 // 3 < 512 * 1024
     assert limits.max_txn_bytes * 4 // 3 < 512 * 1024

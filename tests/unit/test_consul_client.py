@@ -123,7 +123,7 @@ async def test_kv_txn_applied_and_rolled_back(stubbed: Stubbed) -> None:
 @pytest.mark.parametrize(
     ("response", "error", "base"),
     [
-        (Response(413, "Transaction contains too many operations (65 > 64)"), ConsulTooManyOps,
+        (Response(413, "Transaction contains too many operations (129 > 128)"), ConsulTooManyOps,
          errors.TooManyOperations),
         (Response(413, "Request body too large, max size: 524288 bytes"), ConsulRequestTooLarge,
          errors.RequestTooLarge),

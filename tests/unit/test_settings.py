@@ -120,16 +120,10 @@ def test_accepted_ownership_prefixes_make_valid_layouts(etcd: str, consul: str) 
     planner.Layout(s.consul_ownership_prefix, rooted=False)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="settings.py accepts TETHER_ETCD_OWNERSHIP_PREFIX='/', which the etcd Layout refuses later",
-)
 def test_the_root_is_no_etcd_ownership_prefix() -> None:
-    """'/' would make every etcd key reserved; from_env must refuse it, naming the variable.
-
-    Today it is accepted and ``EtcdConfigs`` fails to build its layout after
-    the leader Lease is won (``running.py``), with a message that does not
-    name the variable.
+    """'/' would make every etcd key reserved; from_env must refuse it, naming the variable
+    (before this check it was accepted, and ``EtcdConfigs`` failed to build its layout
+    after the leader Lease was won, with a message that did not name the variable).
     """
     try:
         s = Settings.from_env({"TETHER_ETCD_OWNERSHIP_PREFIX": "/"})
@@ -139,10 +133,6 @@ def test_the_root_is_no_etcd_ownership_prefix() -> None:
     planner.Layout(s.etcd_ownership_prefix, rooted=True)  # raises ValueError: the gap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConsulConnection shows CONSUL_HTTP_TOKEN in its repr (EtcdConnection hides its password)",
-)
 def test_the_consul_token_is_not_in_reprs() -> None:
     s = Settings.from_env(
         {"CONSUL_HTTP_TOKEN": "s3cr3t-token", "ETCD_USERNAME": "u", "ETCD_PASSWORD": "hunter2"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 
@@ -20,7 +20,7 @@ class ConsulConnection:
     scheme: str = "http"
     host: str = "127.0.0.1"
     port: int = 8500
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     ca_cert: str | None = None
     client_cert: str | None = None
     client_key: str | None = None

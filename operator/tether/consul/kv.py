@@ -18,12 +18,13 @@ from typing import Any, Final, Protocol
 from tether.config import planner
 from tether.config.values import Committed, Delete, Entry, Guard, Op, Put
 
-#: Operations per transaction in the pinned Consul (``maxTxnOps`` in its
-#: ``agent/txn_endpoint.go``); the engine lowers it if a server refuses.
-MAX_TXN_OPS: Final = 64
+#: Operations per transaction in the pinned Consul 1.16.3 (``maxTxnOps = 128``
+#: in its ``agent/txn_endpoint.go``; more is refused with 413 "Transaction
+#: contains too many operations"); the engine lowers it if a server refuses.
+MAX_TXN_OPS: Final = 128
 
 #: Consul refuses request bodies above ``txn_max_req_len`` (512 KiB by
-#: default); values travel base64-encoded (4/3 of their size) inside JSON, so
+#: default, raft's suggested maximum; 413 "Request body too large"); values travel base64-encoded (4/3 of their size) inside JSON, so
 #: the budget for the raw estimate stays well below.
 MAX_TXN_BYTES: Final = 320 * 1024
 
