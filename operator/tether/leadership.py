@@ -82,7 +82,8 @@ class LeaseElector:
 
     def __init__(
         self, *, namespace: str, name: str, identity: str, lease_seconds: int = 15,
-        renew_deadline: float = 10.0, retry_period: float = 2.0, on_lost: Callable[[], None],
+        renew_deadline: float = 10.0, retry_period: float = 2.0, acquire_period: float = 1.0,
+        on_lost: Callable[[], None],
         api: Any = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < retry_period < renew_deadline < lease_seconds:
@@ -93,6 +94,9 @@ class LeaseElector:
         self.lease_seconds = lease_seconds
         self.renew_deadline = renew_deadline
         self.retry_period = retry_period
+        # A standby looks more often than the holder renews (reads only): after
+        # a release it takes over within about this long (rolling updates).
+        self.acquire_period = acquire_period
         self.on_lost = on_lost
         self._api = api if api is not None else k8s.CoordinationV1Api()
         self._clock = clock
@@ -173,7 +177,7 @@ class LeaseElector:
                     return
             except Exception as exc:
                 log.warning("leader election attempt failed: %s", exc)
-            await asyncio.sleep(self.retry_period)
+            await asyncio.sleep(self.acquire_period)
 
     async def hold(self) -> None:
         """Renew until the lease is lost or in doubt, then call ``on_lost``."""
