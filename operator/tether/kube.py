@@ -60,6 +60,12 @@ def load_config() -> None:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
 
 
+def preload() -> None:
+    """Import the client's API classes now (they load lazily, and slowly)."""
+    for api in (k8s.CoreV1Api, k8s.CustomObjectsApi, k8s.CoordinationV1Api):
+        api.__name__  # noqa: B018 - touching the attribute triggers the lazy import
+
+
 class KubeClient:
     """Thin async facade over the official client."""
 

@@ -60,6 +60,10 @@ def run(
     for warning in settings.warnings():
         log.warning("INSECURE: %s", warning)
     kube.load_config()
+    # The Kubernetes client imports its API classes on first use, seconds of
+    # synchronous work on a busy machine: done here, before the event loop
+    # starts, it cannot hold up the loop (nor a stop) later.
+    kube.preload()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             _main(
@@ -109,15 +113,10 @@ async def _main(
     # container Python would otherwise ignore it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    armed = False
 
     def on_signal() -> None:
-        nonlocal armed
         health.ready, health.state = False, "stopping"
         stop.set()
-        if not armed:
-            armed = True
-            _arm_stop_deadline()
 
     _keep_signal_handlers(loop, on_signal)
     elector: LeaseElector | None = None
@@ -201,11 +200,9 @@ async def _main(
 
     watchers: list[asyncio.Task[None]] = []
 
-    # Stopping Tether's own tasks in Kopf's cleanup phase lets SIGTERM finish
-    # at once instead of after Kopf's grace period for leftover tasks.
-    async def stop_writers() -> None:
-        """Cancel every watcher and worker, then hand the Lease over: in that order,
-        so that the next leader never overlaps a write of this one."""
+    stopped: asyncio.Task[None] | None = None
+
+    async def _stop_writers() -> None:
         if holder is not None:
             holder.cancel()
         for task in watchers:
@@ -218,11 +215,25 @@ async def _main(
         if elector is not None:
             await elector.release()
 
+    async def stop_writers() -> None:
+        """Cancel every watcher and worker, then hand the Lease over: in that order,
+        so that the next leader never overlaps a write of this one. Once, however
+        many paths ask (the stop flag, Kopf's cleanup, the final clean-up)."""
+        nonlocal stopped
+        if stopped is None:
+            stopped = asyncio.create_task(_stop_writers(), name="stop-writers")
+        await asyncio.shield(stopped)
+
+    async def stop_on_flag() -> None:
+        # Tether's own tasks stop the moment the stop flag is set, not when
+        # Kopf gets round to its cleanup: Kopf skips cleanup handlers when
+        # stopped during its start-up, and may take longer than the stop
+        # deadline to stop itself; the Lease is handed over either way.
+        await stop.wait()
+        await stop_writers()
+
     @kopf.on.cleanup(registry=registry)
     async def stop_tether(**_: Any) -> None:
-        # Should Kopf's handler have caught the signal (before ours were back),
-        # the stop is bounded all the same, and Kopf's waiter on our stop flag
-        # does not count as a hung task that delays the exit.
         on_signal()
         await stop_writers()
 
@@ -246,6 +257,8 @@ async def _main(
         asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
     ]
     watchers.append(asyncio.create_task(mark_ready(), name="readiness"))
+    # Not among the watchers: stop_writers cancels those, and this calls it.
+    stopper = asyncio.create_task(stop_on_flag(), name="stopper")
     try:
         await kopf.operator(
             registry=registry,
@@ -257,6 +270,7 @@ async def _main(
         )
     finally:
         await stop_writers()
+        stopper.cancel()
         if elector is not None:
             elector.close()
         await consul_client.close()
@@ -266,19 +280,34 @@ async def _main(
             await health_runner.cleanup()
 
 
-def _keep_signal_handlers(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
-    """SIGTERM and SIGINT call ``handler``, for the whole life of the loop.
+def _keep_signal_handlers(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[], None], *,
+    on_first: Callable[[], None] = _arm_stop_deadline,
+) -> None:
+    """SIGTERM and SIGINT call ``handler`` in the loop, for the whole life of the process.
 
     Kopf installs its own handlers when it starts; a signal caught by those
     (while Kopf still logs in, say) stopped Kopf without setting our stop flag,
     and Kopf then waited 5 s for its waiter on that flag as a hung task. Ours
-    set the very flag Kopf watches (``stop_flag``), so Kopf stops the same way,
-    and they also bound the stop: later registrations for these two signals
-    are therefore ignored.
+    set the very flag Kopf watches (``stop_flag``), so Kopf stops the same way;
+    later loop registrations for these two signals are therefore ignored.
+
+    The handler is a plain Python one, not the loop's: it runs as soon as the
+    main thread executes Python again, even while the loop is busy with
+    synchronous work, and arms the hard stop deadline (``on_first``) at once.
     """
     mine = (signal.SIGTERM, signal.SIGINT)
+    first = True
+
+    def on_os_signal(signum: int, frame: object) -> None:
+        nonlocal first
+        if first:
+            first = False
+            on_first()
+        loop.call_soon_threadsafe(handler)
+
     for sig in mine:
-        loop.add_signal_handler(sig, handler)
+        signal.signal(sig, on_os_signal)
     original = loop.add_signal_handler
 
     def add_signal_handler(sig: int, callback: Callable[..., object], *args: Any) -> None:

@@ -131,20 +131,50 @@ def test_a_skewed_holder_clock_never_lets_a_candidate_take_over(
         candidate.stop()
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 4.0, 8.0])
-def test_a_stop_at_any_moment_of_start_up_ends_promptly(
-    dev_env: dict[str, str], tmp_path: Path, lease_ns: str, delay: float
+# (moment, log line to wait for before the SIGTERM, or seconds after start)
+MOMENTS = [
+    ("importing", 0.3),
+    ("starting", 2.0),
+    ("waiting for the Lease", "waiting to become leader"),
+    ("just elected", "became leader"),
+    ("Kopf starting", "Activity '_main.<locals>.configure' succeeded"),
+    ("Kopf logged in", "Initial authentication has finished"),
+    ("working", 3.0),  # seconds after Kopf logged in
+]
+
+
+@pytest.mark.parametrize(("moment", "when"), MOMENTS, ids=[m.replace(" ", "-") for m, _ in MOMENTS])
+def test_a_stop_at_any_moment_ends_promptly(
+    dev_env: dict[str, str], tmp_path: Path, lease_ns: str, moment: str, when: float | str
 ) -> None:
-    """SIGTERM while importing, logging in, waiting for the Lease or starting Kopf."""
-    lease = f"tether-leader-{int(delay * 10)}"
+    """SIGTERM while importing, waiting for the Lease, starting Kopf or working."""
+    lease = f"tether-leader-{uuid.uuid4().hex[:6]}"
+    if moment == "waiting for the Lease":
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        held = {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": lease, "namespace": lease_ns},
+            "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 3600,
+                     "acquireTime": stamp, "renewTime": stamp, "leaseTransitions": 0},
+        }
+        kubectl(dev_env, "apply", "-f", "-", input=json.dumps(held))
     op = _candidate(dev_env, tmp_path, lease_ns, "early", lease)
     op.start(wait=False)
     try:
-        time.sleep(delay)
+        if isinstance(when, str):
+            wait_for(lambda: when in op.log_text(), timeout=120, interval=0.05, message=when)
+        elif moment == "working":
+            wait_for(lambda: "Initial authentication has finished" in op.log_text(), timeout=120,
+                     interval=0.05, message="Kopf logged in")
+            time.sleep(when)
+        else:
+            time.sleep(when)
         took = op.stop(grace=30)
         assert op.proc is not None
-        print(f"SIGTERM {delay:.1f}s after start: exited in {took:.2f}s (rc {op.proc.returncode})")
+        print(f"SIGTERM {moment}: exited in {took:.2f}s (rc {op.proc.returncode})")
         assert "no exit" not in op.log_text()
         assert took < 10, op.log_tail()
+        if moment in ("just elected", "Kopf starting", "Kopf logged in", "working"):
+            assert _holder(dev_env, lease_ns, lease) in (None, ""), f"Lease not released:\n{op.log_tail()}"
     finally:
         op.kill()

@@ -169,7 +169,9 @@ async def test_tethers_stop_handler_survives_kopf_installing_its_own() -> None:
 
     loop = asyncio.get_running_loop()
     got: list[str] = []
-    running._keep_signal_handlers(loop, lambda: got.append("tether"))
+    armed: list[str] = []
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    running._keep_signal_handlers(loop, lambda: got.append("tether"), on_first=lambda: armed.append("x"))
     try:
         loop.add_signal_handler(signal.SIGTERM, lambda: got.append("kopf"))  # as Kopf does
         os.kill(os.getpid(), signal.SIGTERM)
@@ -177,7 +179,7 @@ async def test_tethers_stop_handler_survives_kopf_installing_its_own() -> None:
             await asyncio.sleep(0.01)
             if got:
                 break
-        assert got == ["tether"]
+        assert got == ["tether"] and armed == ["x"]  # the stop deadline is armed at once
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        for sig, old in saved.items():
+            signal.signal(sig, old)
