@@ -23,7 +23,8 @@ from benchmarks.processes import cpu_seconds, delta, log, rss_mib, summed
 from benchmarks.stats import latency_summary
 from tests.support.operator import OperatorProcess, writes
 from tether.conditions import now as timestamp_now
-from tether.etcd.client import EtcdClient, Put
+from tether.etcd.client import EtcdClient
+from tether.etcd.values import Put
 
 NS = workload.NAMESPACE
 POLL_SECONDS = 0.005  # how often a change/drift probe looks at Consul or etcd

@@ -56,7 +56,8 @@ from benchmarks.processes import (  # noqa: E402
     summarize_profile,
 )
 from tests.support.operator import OperatorProcess, writes  # noqa: E402
-from tether.etcd.client import EtcdClient, EtcdConnection  # noqa: E402
+from tether.etcd.client import EtcdClient  # noqa: E402
+from tether.etcd.connection import EtcdConnection  # noqa: E402
 
 DEFAULT_WORKERS = 16  # tether run's default TETHER_WORKERS
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.api import consulservices as csvc_api
+from tether.config import planner as config_planner
 from tether.consul import planner as consul_planner
-from tether.etcd import planner as etcd_planner
-from tether.etcd.client import Compare, Delete, Put
+from tether.etcd import store as etcd_store
+from tether.etcd.values import Compare, Delete, Put
 
 NAMESPACE = "bench"
 CLUSTER = "kubernetes"  # TETHER_CLUSTER_NAME's default; the operator runs with it
@@ -102,18 +103,20 @@ def registration(item: Item) -> dict[str, Any]:
 
 def transaction(item: Item) -> tuple[list[Compare], list[Put | Delete]]:
     """Tether's transaction for a new EtcdConfig over an empty store (one step)."""
-    layout = etcd_planner.Layout(OWNERSHIP_PREFIX)
+    layout = config_planner.Layout(OWNERSHIP_PREFIX, rooted=True)
     spec = etcd_spec(item.name, item.index)
     desired = {
         f"{spec['prefix']}/{key}": value.encode() for key, value in spec["data"].items()
     }
-    owner = etcd_planner.owner_id(CLUSTER, NAMESPACE, item.name)
-    plan = etcd_planner.plan(
+    owner = config_planner.owner_id(CLUSTER, NAMESPACE, item.name)
+    plan = config_planner.plan(
         owner=owner, layout=layout, desired=desired, data={}, claims={}, index=None,
-        prune=True, adopt=False,
+        prune=True, adopt=False, kind="EtcdConfig",
     )
-    (step,) = etcd_planner.steps(plan)
-    return etcd_planner.transaction(step, index_key=plan.index_key, index_revision=0)
+    (step,) = config_planner.steps(
+        plan, max_ops=etcd_store.DEFAULT_MAX_TXN_OPS, max_bytes=etcd_store.MAX_TXN_BYTES
+    )
+    return etcd_store.transaction(step, index_key=plan.index_key, index_revision=0)
 
 
 def ready_status(item: Item, generation: int, timestamp: str, extra: dict[str, Any]) -> dict[str, Any]:

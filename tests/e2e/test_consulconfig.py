@@ -12,6 +12,7 @@ import base64
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from tests.support.consulkv import ConsulKV
@@ -216,7 +217,7 @@ def test_sources_propagate_and_secrets_stay_secret(
 
 
 def test_bad_input_is_invalid_spec(
-    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:
     # The schema refuses a leading '/'; keys from a ConfigMap are checked by the operator.
     result = kubectl(
@@ -230,14 +231,19 @@ def test_bad_input_is_invalid_spec(
         input=json.dumps(ccfg("slash", prefix="/rooted", data={"a": "1"})),
     )
     assert result.returncode != 0 and "prefix" in result.stderr
-    kubectl(dev_env, "create", "configmap", "dots", "-n", namespace, "--from-literal=..=x")
+    # A ConfigMap value Kubernetes accepts (up to 1 MiB) but Consul KV would refuse
+    # (512 KiB per value, and a transaction body of 512 KiB): InvalidSpec naming the key.
+    big = tmp_path / "blob"
+    big.write_text("x" * 400_000)
+    kubectl(dev_env, "create", "configmap", "big", "-n", namespace, f"--from-file=blob={big}")
     apply(
         dev_env,
         namespace,
-        ccfg("dots", prefix=unique_prefix(), **{"from": [{"configMapRef": {"name": "dots"}}]}),
+        ccfg("big", prefix=unique_prefix(), **{"from": [{"configMapRef": {"name": "big"}}]}),
     )
-    obj = wait_condition(dev_env, namespace, KIND, "dots", status="False", reason="InvalidSpec", op=operator)
-    assert "'..'" in condition(obj)["message"] and "Consul KV key" in condition(obj)["message"]
+    obj = wait_condition(dev_env, namespace, KIND, "big", status="False", reason="InvalidSpec", op=operator)
+    message = condition(obj)["message"]
+    assert "/blob" in message and "Consul KV" in message and "x" * 20 not in message
     apply(dev_env, namespace, ccfg("reserved", prefix="tether/mine", data={"a": "1"}))
     obj = wait_condition(
         dev_env, namespace, KIND, "reserved", status="False", reason="InvalidSpec", op=operator

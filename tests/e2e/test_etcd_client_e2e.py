@@ -27,20 +27,10 @@ import pytest
 from aetcd import rpc
 
 from tests.support.ports import free_port
-from tether.etcd.client import (
-    PAGE_SIZE,
-    Compacted,
-    Compare,
-    Delete,
-    EtcdClient,
-    EtcdConnection,
-    EtcdRejected,
-    EtcdUnavailable,
-    Put,
-    RequestTooLarge,
-    TooManyOps,
-    WatchEvent,
-)
+from tether.etcd.client import PAGE_SIZE, EtcdClient
+from tether.etcd.connection import EtcdConnection
+from tether.etcd.errors import Compacted, EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
+from tether.etcd.values import Compare, Delete, Put, WatchEvent
 
 pytestmark = pytest.mark.e2e
 

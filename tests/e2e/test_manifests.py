@@ -486,6 +486,8 @@ _PERMISSIONS = [
     ("list", "etcdconfigs.tether.dev", "", True),
     ("patch", "consulservices.tether.dev", "default", True),
     ("patch", "etcdconfigs.tether.dev/status", "default", True),
+    ("list", "consulconfigs.tether.dev", "", True),
+    ("patch", "consulconfigs.tether.dev/status", "default", True),
     ("update", "consulservices.tether.dev/finalizers", "default", True),
     ("create", "events", "default", True),
     ("create", "events.events.k8s.io", "default", False),
@@ -500,6 +502,7 @@ _PERMISSIONS = [
     # What it must not do:
     ("create", "consulservices.tether.dev", "default", False),
     ("delete", "etcdconfigs.tether.dev", "default", False),
+    ("create", "consulconfigs.tether.dev", "default", False),
     ("update", "secrets", "default", False),
     ("create", "configmaps", "default", False),
     ("create", "leases.coordination.k8s.io", "kube-system", False),
