@@ -251,8 +251,10 @@ def test_deployment_runs_the_operator_as_designed(
         "metrics": int(_flag(args, "--metrics-port")),
         "health": int(_flag(args, "--health-port")),
     }
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for probe in ("livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    # Readiness has its own endpoint (issue 14): not ready while starting or stopping.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
