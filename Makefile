@@ -21,7 +21,7 @@ PY    := $(VENV)/bin/python
 TETHER := $(VENV)/bin/tether
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down clean
+.PHONY: lock venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -60,6 +60,12 @@ bench: venv binaries
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(TETHER) dev up
 	$(PY) benchmarks/medians.py $(MEDIANS_ARGS) | tee benchmarks/results/medians-latest.json
+
+# requirements.lock: every runtime package and build tool, pinned with hashes, for the image.
+lock: venv
+	$(VENV)/bin/python -m pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --all-build-deps \
+		--no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 dev-up: venv binaries
 	$(TETHER) dev up
