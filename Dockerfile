@@ -11,9 +11,15 @@
 # runtime image.
 
 # One pinned base for both stages. The virtualenv links to the base's
-# /usr/local/bin/python3.11, so both stages must have the very same
-# interpreter. Pin a digest as well (python:3.11.15-slim-bookworm@sha256:...)
-# for bit-for-bit reproducible builds.
+# python3.11, so both stages must have the very same interpreter. Pin a digest
+# as well (python:3.11.15-slim-bookworm@sha256:...) for bit-for-bit
+# reproducible builds.
+#
+# Where that image cannot be pulled (no registry reachable),
+# scripts/kind/operator-image.sh (`make image`) passes
+#   --build-arg PYTHON_IMAGE=<a debootstrapped Debian bookworm with python3.11>
+# built by scripts/kind/images.sh python-base; everything below works on both
+# (hence "python3", which both have, before the virtualenv exists).
 ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -24,35 +30,38 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only
-# when the dependency list changes, not on every source edit.
+# Dependencies first, from the lock file alone: this layer is rebuilt only
+# when the lock changes, not on every source edit. requirements.lock (make
+# lock) pins every package, build tools included, with its hashes, so two
+# builds install the very same files and a tampered download fails the build.
 # --only-binary: a dependency that would need compiling fails the build here
 # rather than pulling a compiler into the image.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" \
-        > /tmp/requirements.txt \
-    && pip install --only-binary=:all: -r /tmp/requirements.txt
+COPY requirements.lock ./
+RUN pip install --require-hashes --only-binary=:all: -r requirements.lock
 
-# Then the operator itself, as a regular (non-editable) install; its
+# Then the operator itself, as a regular (non-editable) install, built with the
+# locked setuptools (no build isolation: nothing unpinned is downloaded); its
 # dependencies are already in place. pip compiles the bytecode now, as the
-# runtime root filesystem is read-only. pip and setuptools are removed after:
-# nothing needs them at run time. `tether --help` proves the entry point
-# imports.
-COPY README.md ./
+# runtime root filesystem is read-only. The dev stack (tether.devstack: a
+# local control plane for developers) is not shipped, nor are pip, setuptools
+# and wheel: nothing needs them at run time. `tether --version` proves the
+# entry point imports.
+COPY pyproject.toml README.md ./
 COPY operator ./operator
-RUN pip install --no-deps . \
-    && pip uninstall --yes pip setuptools \
-    && tether --help > /dev/null
+RUN pip install --no-deps --no-build-isolation . \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/tether/devstack \
+    && pip uninstall --yes pip setuptools wheel \
+    && tether --version
 
 
 FROM ${PYTHON_IMAGE}
 
 LABEL org.opencontainers.image.title="tether" \
-      org.opencontainers.image.description="Kubernetes operator: ConsulService and EtcdConfig resources as the source of truth for Consul registrations and etcd configuration" \
+      org.opencontainers.image.description="Kubernetes operator: ConsulService, EtcdConfig and ConsulConfig resources as the source of truth for Consul registrations, etcd and Consul KV configuration" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # A fixed non-root UID/GID, the one the Deployment's securityContext names

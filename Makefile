@@ -10,8 +10,10 @@
 #   make lint         ruff + mypy --strict + import-linter layer contracts
 #   make binaries     build/locate kube-apiserver, kubectl, etcd, consul (cached outside the repo)
 #   make dev-up / dev-down / dev-status
-#   make image        docker build (needs a Docker engine)
-#   make e2e-kind     the end-to-end suite on a kind cluster (needs Docker and kind)
+#   make image        the operator image (docker build; starts an engine if none answers)
+#   make e2e-kind     the end-to-end suite on a kind cluster (scripts/e2e-kind.sh: builds
+#                     what it cannot pull; see the README's kind section)
+#   make engine-up / engine-down   the Docker engine scripts/kind/engine.sh starts
 
 SHELL := /bin/bash
 VENV  ?= .venv
@@ -19,7 +21,7 @@ PY    := $(VENV)/bin/python
 TETHER := $(VENV)/bin/tether
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind clean
+.PHONY: lock venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -46,13 +48,24 @@ e2e: venv binaries
 test: venv binaries lint
 	$(PY) -m pytest tests/unit tests/e2e tests/kind -m "not faults" -v -rs $(PYTEST_ARGS)
 
+# The HA runs partition members with iptables (root); Debian images may lack it.
 test-faults: venv binaries
+	@command -v iptables >/dev/null || [ "$$(id -u)" != 0 ] || { \
+		echo "installing iptables for the HA fault runs"; \
+		apt-get install -y -qq iptables >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq iptables >/dev/null; }; }
 	$(PY) -m pytest tests/faults -v -s $(PYTEST_ARGS)
 
 bench: venv binaries
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(TETHER) dev up
 	$(PY) benchmarks/medians.py $(MEDIANS_ARGS) | tee benchmarks/results/medians-latest.json
+
+# requirements.lock: every runtime package and build tool, pinned with hashes, for the image.
+lock: venv
+	$(VENV)/bin/python -m pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --all-build-deps \
+		--no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 dev-up: venv binaries
 	$(TETHER) dev up
@@ -61,11 +74,17 @@ dev-down: venv
 dev-status: venv
 	$(TETHER) dev status
 
+# The pinned python base, or (no registry) a Debian bookworm base built here.
 image:
-	docker build -t tether:dev .
+	@DOCKER_HOST="$${DOCKER_HOST:-$$(scripts/kind/engine.sh up)}" scripts/kind/operator-image.sh tether:dev
 
 e2e-kind: venv
 	scripts/e2e-kind.sh
+
+engine-up:
+	@host="$$(scripts/kind/engine.sh up)"; echo "export DOCKER_HOST=$$host"
+engine-down:
+	scripts/kind/engine.sh down
 
 clean:
 	-$(TETHER) dev down

@@ -1,57 +1,108 @@
 #!/usr/bin/env bash
 # End-to-end run on kind, what `make e2e-kind` runs:
 #
-#   1. create a kind cluster from kind-config.yaml (or reuse one of that name);
-#   2. build the operator image (`docker build`) and load it into the cluster;
-#   3. deploy a throwaway Consul and etcd (scripts/kind/*.yaml);
+#   0. a Docker engine: the one that answers, else one started from pinned builds
+#      (scripts/kind/engine.sh; stopped again at the end);
+#   1. create a kind cluster from kind-config.yaml (or reuse one of that name), with
+#      the pinned node image, or, where it cannot be pulled, a node image built here
+#      (scripts/kind/images.sh node);
+#   2. build the operator image (scripts/kind/operator-image.sh, what `make image`
+#      runs) and load it into the cluster;
+#   3. deploy a throwaway Consul and etcd (scripts/kind/*.yaml), their images pulled
+#      or, without a registry, built from the dev stack's programs;
 #   4. install Tether exactly as a user would, `kubectl apply -k`, through the
 #      overlay scripts/kind/overlay (local image, in-cluster endpoints);
 #   5. wait for the Deployment, then run tests/kind against the cluster;
-#   6. delete the cluster (keep it with KEEP_CLUSTER=1).
+#   6. delete the cluster (keep it with KEEP_CLUSTER=1) and stop what step 0 started.
+# Each stage's time is printed at the end and written to .tether/kind/timings.txt.
 #
-# Needs Docker (a running engine), kind v0.31.0+ and kubectl. The kubeconfig is
-# written to .tether/kind/ and never touches ~/.kube/config.
+# Needs: nothing but this repository, Go and Debian's apt on a machine without
+# Docker or a registry (everything is built from pinned sources into
+# ~/.cache/tether; the first run takes long); Docker, kind v0.31.0+ and kubectl on a
+# machine with them. The kubeconfig is written to .tether/kind/ and never touches
+# ~/.kube/config.
 #
 # Environment:
 #   KIND_CLUSTER_NAME  cluster name (default: tether-e2e)
-#   KEEP_CLUSTER=1     leave the cluster running afterwards (a rerun reuses it)
+#   KEEP_CLUSTER=1     leave the cluster (and a started engine) running afterwards
+#                      (a rerun reuses them)
+#   KIND_NODE_IMAGE    node image to use instead of kind-config.yaml's
 #   PYTHON             interpreter with pytest (default: .venv/bin/python, else python3)
 # Extra arguments are passed to pytest, e.g. scripts/e2e-kind.sh -k failover
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=scripts/kind/lib.sh
+source "$ROOT/scripts/kind/lib.sh"
 
 CLUSTER="${KIND_CLUSTER_NAME:-tether-e2e}"
 KEEP_CLUSTER="${KEEP_CLUSTER:-0}"
 # Must match "images:" in scripts/kind/overlay/kustomization.yaml.
 IMAGE="tether:e2e"
 STATE_DIR="$ROOT/.tether/kind"
+TIMINGS="$STATE_DIR/timings.txt"
 export KUBECONFIG="$STATE_DIR/$CLUSTER.kubeconfig"
+mkdir -p "$STATE_DIR"
 
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-
-log() { printf '\n==> %s\n' "$*" >&2; }
-die() { printf 'e2e-kind: %s\n' "$*" >&2; exit 1; }
-
-# --- prerequisites: fail early, saying what to install -----------------------
-missing=()
-command -v docker >/dev/null 2>&1 || missing+=("docker: install Docker, https://docs.docker.com/get-docker/")
-command -v kind >/dev/null 2>&1 || missing+=("kind: install kind v0.31.0 or newer, e.g. go install sigs.k8s.io/kind@v0.31.0")
-command -v kubectl >/dev/null 2>&1 || missing+=("kubectl: install kubectl v1.35, https://kubernetes.io/docs/tasks/tools/")
-if ((${#missing[@]})); then
-    printf 'e2e-kind: missing tools:\n' >&2
-    printf '  - %s\n' "${missing[@]}" >&2
-    exit 1
-fi
-docker info >/dev/null 2>&1 \
-    || die "docker is installed but its engine is not reachable (\`docker info\` failed): start Docker and retry"
 "$PYTHON" -c 'import pytest' 2>/dev/null \
     || die "$PYTHON has no pytest: run \`pip install -e '.[dev]'\` (or set PYTHON=...)"
 
-# --- the cluster ---------------------------------------------------------------
+# --- stage timing -----------------------------------------------------------------
+declare -a STAGES=()
+stage_started=0
+stage_name=""
+stage() {  # stage NAME: close the running stage, start NAME
+    stage_end
+    stage_name=$1
+    stage_started=$SECONDS
+    log "stage: $1"
+}
+stage_end() {
+    if [[ -n "$stage_name" ]]; then
+        STAGES+=("$(printf '%-16s %5d s' "$stage_name" $((SECONDS - stage_started)))")
+        stage_name=""
+    fi
+}
+print_timings() {
+    stage_end
+    ((${#STAGES[@]})) || return 0
+    { echo "# scripts/e2e-kind.sh $(date -u +%FT%TZ)"; printf '%s\n' "${STAGES[@]}"; } >"$TIMINGS"
+    log "stage times (also in ${TIMINGS#"$ROOT"/})"
+    printf '  %s\n' "${STAGES[@]}" >&2
+}
+
+# pullable IMAGE: present, or pulled now (bounded: without a registry a pull can hang).
+pullable() {
+    docker image inspect "$1" >/dev/null 2>&1 && return 0
+    timeout 120 docker pull -q "$1" >/dev/null 2>&1
+}
+
+# --- 0. engine and tools --------------------------------------------------------------
+stage engine
+ENGINE_STARTED=0
+if [[ -z "${DOCKER_HOST:-}" ]] && ! timeout 20 docker info >/dev/null 2>&1 \
+    && ! "$ROOT/scripts/kind/engine.sh" status | grep -q 'started by this script'; then
+    ENGINE_STARTED=1
+fi
+docker_host="$("$ROOT/scripts/kind/engine.sh" up)"
+if [[ -n "$docker_host" ]]; then export DOCKER_HOST="$docker_host"; fi
+
+if ! command -v kind >/dev/null; then
+    PATH="$(gobuild kind CGO_ENABLED=0):$PATH"
+fi
+if ! command -v kubectl >/dev/null || ! kubectl version --client 2>/dev/null | grep -q 'v1\.3[4-6]\.'; then
+    # kubectl within one minor of the cluster: the dev stack's pinned build.
+    kubectl_path="$( (cd operator && "$PYTHON" -m tether.devstack.binaries) | awk '$1 == "kubectl" {print $2}')"
+    [[ -x "$kubectl_path" ]] || die "no kubectl (make binaries builds one)"
+    PATH="$(dirname "$kubectl_path"):$PATH"
+fi
+log "docker: ${DOCKER_HOST:-default engine}; kind: $(command -v kind); kubectl: $(command -v kubectl)"
+
+# --- diagnostics and cleanup -------------------------------------------------------------
 diagnostics() {
     log "diagnostics (the run failed)"
     kubectl get pods -A -o wide || true
@@ -68,44 +119,70 @@ diagnostics() {
 cleanup() {
     local rc=$?
     trap - EXIT
+    stage_end
     if ((rc != 0)); then diagnostics; fi
     if [[ "$KEEP_CLUSTER" == 1 ]]; then
-        log "KEEP_CLUSTER=1: cluster '$CLUSTER' left running (KUBECONFIG=$KUBECONFIG);" \
+        log "KEEP_CLUSTER=1: cluster '$CLUSTER' left running (KUBECONFIG=$KUBECONFIG${DOCKER_HOST:+, DOCKER_HOST=$DOCKER_HOST});" \
             "delete it with: kind delete cluster --name $CLUSTER"
     else
         log "deleting cluster '$CLUSTER'"
-        kind delete cluster --name "$CLUSTER" || true
+        timeout 180 kind delete cluster --name "$CLUSTER" || true
         rm -f "$KUBECONFIG"
+        if ((ENGINE_STARTED)); then "$ROOT/scripts/kind/engine.sh" down || true; fi
     fi
+    print_timings
     exit "$rc"
 }
 trap cleanup EXIT
 
-mkdir -p "$STATE_DIR"
+# --- 1. node image and cluster ----------------------------------------------------------------
+stage node-image
+node_args=()
+if [[ -n "${KIND_NODE_IMAGE:-}" ]]; then
+    node_args=(--image "$KIND_NODE_IMAGE")
+else
+    pinned_node="$(awk '$1 == "image:" {print $2; exit}' kind-config.yaml)"
+    if pullable "$pinned_node"; then
+        log "node image: $pinned_node (kind-config.yaml)"
+    else
+        log "cannot pull $pinned_node: building a node image of Kubernetes $K8S_VERSION here"
+        node_args=(--image "$("$ROOT/scripts/kind/images.sh" node)")
+    fi
+fi
+
+stage cluster-up
 reused=0
 if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
     log "reusing kind cluster '$CLUSTER'"
     reused=1
     kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG"
 else
-    log "creating kind cluster '$CLUSTER' from kind-config.yaml"
-    kind create cluster --name "$CLUSTER" --config kind-config.yaml \
-        --kubeconfig "$KUBECONFIG" --wait 180s
+    log "creating kind cluster '$CLUSTER' from kind-config.yaml ${node_args[*]}"
+    kind create cluster --name "$CLUSTER" --config kind-config.yaml "${node_args[@]}" \
+        --kubeconfig "$KUBECONFIG" --wait 300s
 fi
 
-# --- the image -------------------------------------------------------------------
-log "building image $IMAGE"
-docker build -t "$IMAGE" .
+# --- 2. the operator image -------------------------------------------------------------------
+stage operator-image
+"$ROOT/scripts/kind/operator-image.sh" "$IMAGE"
 log "loading $IMAGE into the cluster"
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
-# --- Consul and etcd for the test ---------------------------------------------------
+# --- 3. Consul and etcd for the test ------------------------------------------------------------
+stage install
+service_images=("$(awk '$1 == "image:" {print $2}' scripts/kind/consul.yaml)"
+                "$(awk '$1 == "image:" {print $2}' scripts/kind/etcd.yaml)")
+if ! pullable "${service_images[0]}" || ! pullable "${service_images[1]}"; then
+    log "cannot pull ${service_images[*]}: building them from the dev stack's programs"
+    "$ROOT/scripts/kind/images.sh" services
+fi
+kind load docker-image "${service_images[@]}" --name "$CLUSTER"
 log "deploying in-cluster Consul and etcd (scripts/kind/)"
 kubectl apply -f scripts/kind/consul.yaml -f scripts/kind/etcd.yaml
 kubectl -n consul rollout status deployment/consul-server --timeout=300s
 kubectl -n etcd rollout status deployment/etcd --timeout=300s
 
-# --- Tether, as a user installs it -----------------------------------------------------
+# --- 4. Tether, as a user installs it --------------------------------------------------------------
 log "installing Tether: kubectl apply -k scripts/kind/overlay (manifests/ + local image)"
 kubectl apply -k scripts/kind/overlay
 kubectl wait --for=condition=Established --timeout=60s \
@@ -117,9 +194,12 @@ fi
 kubectl -n tether-system rollout status deployment/tether --timeout=300s
 kubectl -n tether-system wait --for=condition=Available deployment/tether --timeout=120s
 
-# --- the tests ----------------------------------------------------------------------------
+# --- 5. the tests ----------------------------------------------------------------------------------
+stage tests
 log "running tests/kind"
 # TETHER_KIND_REQUIRED=1: here a missing cluster or tool fails the run; it is
-# never silently skipped.
+# never silently skipped. -rP shows what passing tests printed: the failover times
+# and the write counts of the rolling restart.
 KIND_CLUSTER_NAME="$CLUSTER" TETHER_KIND_KUBECONFIG="$KUBECONFIG" TETHER_KIND_REQUIRED=1 \
-    "$PYTHON" -m pytest tests/kind -v -rs -p no:cacheprovider "$@"
+    "$PYTHON" -m pytest tests/kind -v -rsP -p no:cacheprovider "$@"
+stage_end

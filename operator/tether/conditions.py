@@ -27,6 +27,21 @@ BACKEND_REJECTED = "BackendRejected"
 DELETING = "Deleting"
 
 
+# The CRDs cap a condition's message at 32768 characters; a longer one makes
+# the API server refuse the whole status patch (422), leaving the resource with
+# no condition at all and retried forever. Messages carry user input (key
+# names, check names, URLs), so every one is bounded here, well under the cap.
+MAX_MESSAGE = 4096
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut to ``limit`` characters, saying how much was left out."""
+    if len(message) <= limit:
+        return message
+    tail = f"… ({len(message) - limit} more characters)"
+    return message[: limit - len(tail)] + tail
+
+
 @dataclass(frozen=True)
 class Condition:
     """A condition as a reconcile decides it, before timestamps are attached."""
@@ -63,7 +78,7 @@ def merge(
             "type": cond.type,
             "status": cond.status,
             "reason": cond.reason,
-            "message": cond.message,
+            "message": bounded(cond.message),
             "lastTransitionTime": timestamp
             if changed or old is None or not old.get("lastTransitionTime")
             else old["lastTransitionTime"],

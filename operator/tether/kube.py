@@ -60,10 +60,16 @@ def load_config() -> None:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
 
 
+def preload() -> None:
+    """Import the client's API classes now (they load lazily, and slowly)."""
+    for api in (k8s.CoreV1Api, k8s.CustomObjectsApi, k8s.CoordinationV1Api):
+        api.__name__  # noqa: B018 - touching the attribute triggers the lazy import
+
+
 class KubeClient:
     """Thin async facade over the official client."""
 
-    def __init__(self, *, threads: int = 16, component: str = "tether") -> None:
+    def __init__(self, *, threads: int = 16, component: str = "tether", instance: str = "") -> None:
         configuration = k8s.Configuration.get_default_copy()
         configuration.connection_pool_maxsize = threads
         self._api = k8s.ApiClient(configuration)
@@ -72,6 +78,9 @@ class KubeClient:
         self._discovery = k8s.DiscoveryV1Api(self._api)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._component = component
+        # The replica that posted an event (the Pod's name), as Kubernetes'
+        # own recorders fill reportingInstance.
+        self._instance = instance or component
         self._recent_events: OrderedDict[tuple[str, str, str, str], float] = OrderedDict()
 
     async def _call(self, fn: Callable[[], T], *, what: str) -> T:
@@ -82,6 +91,16 @@ class KubeClient:
             raise KubeError(f"{what}: {exc.status} {exc.reason}: {_api_message(exc)}", exc.status) from None
         except Exception as exc:  # urllib3 connection errors and friends
             raise KubeError(f"{what}: {exc}") from exc
+
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """The custom resource as the API server holds it now, or None if absent."""
+        body: Any = await self._read_or_none(
+            lambda: self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, ref.namespace, ref.plural, ref.name
+            ),
+            what=f"read {ref}",
+        )
+        return None if body is None else dict(body)
 
     async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> dict[str, Any]:
         metrics.WRITES.labels(system="kubernetes").inc()
@@ -140,7 +159,7 @@ class KubeClient:
             count=1,
             source=k8s.V1EventSource(component=self._component),
             reporting_component=self._component,
-            reporting_instance=self._component,
+            reporting_instance=self._instance,
         )
         metrics.WRITES.labels(system="kubernetes").inc()
         try:

@@ -32,6 +32,12 @@ DRIFT_REPAIRS = Counter(
 MANAGED = Gauge("tether_managed_objects", "Resources currently managed", ["kind"])
 LEADER = Gauge("tether_leader", "1 while this replica holds the leader Lease")
 QUEUE_DEPTH = Gauge("tether_queue_depth", "Keys waiting to be reconciled", ["kind"])
+# A count per kind and reason, not a series per resource (which would grow
+# with the number of resources); per-resource Ready is kube-state-metrics'
+# business (see the README).
+NOT_READY = Gauge(
+    "tether_resources_not_ready", "Resources whose Ready condition is not True", ["kind", "reason"]
+)
 
 
 def serve(port: int) -> None:

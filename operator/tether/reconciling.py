@@ -173,13 +173,17 @@ def build_status(
 
 
 def _announcement(old: Mapping[str, Any], outcome: Outcome) -> tuple[Note, ...]:
-    """A Warning event for a failure, once: when ``Ready`` turns to it (reason or message)."""
+    """A Warning event for a failure, once: when ``Ready`` turns to its reason.
+
+    Only the reason counts: a resource stuck in one failure whose message
+    varies between retries (a timeout, then a refused connection) is still
+    the same failure, and an event per retry would be an idle write. The
+    message in the status shows the latest detail.
+    """
     if outcome.ready != "False" or outcome.reason not in _WARNING_REASONS:
         return ()
     before = conditions.find(old.get("conditions"), conditions.READY) or {}
-    if (before.get("status"), before.get("reason"), before.get("message")) == (
-        "False", outcome.reason, outcome.message,
-    ):
+    if (before.get("status"), before.get("reason")) == ("False", outcome.reason):
         return ()
     return (Note("Warning", outcome.reason, outcome.message),)
 
@@ -193,11 +197,14 @@ def _fields(ref: ObjectRef) -> dict[str, dict[str, str]]:
     return {"tether_ref": {"namespace": ref.namespace, "name": ref.name, "kind": ref.plural}}
 
 
-def _rv(body: Mapping[str, Any]) -> int:
-    try:
-        return int((body.get("metadata") or {}).get("resourceVersion", "0"))
-    except ValueError:
-        return 0
+def _rv(body: Mapping[str, Any]) -> str:
+    """The resourceVersion: an opaque string, compared for equality only, never ordered.
+
+    Ordering them as integers broke after an API server restore: the relisted
+    objects carried smaller versions, every event was dropped as "older", the
+    cache stayed stale and every finalizer patch met 409 forever.
+    """
+    return str((body.get("metadata") or {}).get("resourceVersion") or "")
 
 
 class Controller:
@@ -216,8 +223,11 @@ class Controller:
         self.listeners: list[Callable[[ObjectRef, Mapping[str, Any] | None], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.processed = 0  # reconciles finished (liveness watches it move)
-        # resourceVersions our own patches produced, whose watch echoes need no reconcile
-        self._own_writes: dict[ObjectRef, set[int]] = {}
+        # Ready reason of every resource not Ready, for the not-ready gauge.
+        self._not_ready: dict[ObjectRef, str] = {}
+        # resourceVersions our own patches produced, oldest first, whose watch
+        # echoes need no reconcile (the watch delivers them in this order)
+        self._own_writes: dict[ObjectRef, list[str]] = {}
 
     # -- inputs -----------------------------------------------------------
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -228,19 +238,27 @@ class Controller:
             self.cache.pop(ref, None)
             self._own_writes.pop(ref, None)
         else:
-            old = self.cache.get(ref)
-            # Our own patch responses may already be newer than a late event.
-            if old is not None and _rv(old) > _rv(body) > 0:
-                return
-            self.cache[ref] = body
             # The echo of our own status/finalizer patch: the cache already holds
-            # it and nothing outside changed, so reconciling again would only
-            # re-read the backend. Drift is the backend watchers' business.
+            # it (or a later write of ours) and nothing outside changed, so
+            # reconciling again would only re-read the backend. Drift is the
+            # backend watchers' business. The watch delivers in order, so the
+            # echoes of earlier writes of ours are consumed along the way.
             own = self._own_writes.get(ref)
-            if own is not None and _rv(body) in own:
-                own.discard(_rv(body))
+            rv = _rv(body)
+            if own and rv in own:
+                position = own.index(rv)
+                del own[: position + 1]
+                if not own:
+                    self.cache[ref] = body
                 metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
                 return
+            # Anything else is taken as the watch says: the watch's order is the
+            # only order resourceVersions have. Echoes still expected are
+            # forgotten: after a restore they may never come, and a version
+            # reused later must not pass for one (an echo that does come costs
+            # one reconcile that writes nothing).
+            self.cache[ref] = body
+            self._own_writes.pop(ref, None)
         metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
         self.queue.add(ref)
 
@@ -282,6 +300,7 @@ class Controller:
         body = self.cache.get(ref)
         if body is None:
             self.reconciler.forget(ref)
+            self._count_not_ready(ref, None)
             self.backoff.reset(ref)
             self.queue.cancel_delayed(ref)
             return
@@ -315,8 +334,12 @@ class Controller:
             if exc.status == 404:
                 return  # gone; its DELETED event cleans up
             if exc.status == 409:
-                # Stale cache: the newer object is on its way through the watch.
-                self.queue.add_after(ref, 0.2)
+                # Stale cache: the newer object is usually on its way through the
+                # watch, but not always (an API server restored from backup): read
+                # it afresh, and retry with backoff, never at a fixed rate.
+                metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
+                await self._refresh(ref)
+                self.queue.add_after(ref, self.backoff.next_delay(ref))
                 return
             metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
             log.warning("Kubernetes call failed for %s: %s", ref, exc, extra=_fields(ref))
@@ -348,6 +371,7 @@ class Controller:
         await self._record(res, (*_announcement(res.status, outcome), *outcome.notes))
         result = outcome.reason if outcome.ready != "True" else "ready"
         metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
+        self._count_not_ready(ref, None if outcome.ready == "True" else outcome.reason)
         if outcome.retry:
             delay = self.backoff.next_delay(ref)
             log.info(
@@ -359,6 +383,19 @@ class Controller:
             self.backoff.reset(ref)
             self.queue.cancel_delayed(ref)
 
+    def _count_not_ready(self, ref: ObjectRef, reason: str | None) -> None:
+        """Keep ``tether_resources_not_ready`` in step (None: Ready, or gone)."""
+        before = self._not_ready.get(ref)
+        if before == reason:
+            return
+        if reason is None:
+            self._not_ready.pop(ref, None)
+        else:
+            self._not_ready[ref] = reason
+        for changed in {before, reason} - {None}:
+            count = sum(1 for r in self._not_ready.values() if r == changed)
+            metrics.NOT_READY.labels(kind=self.reconciler.kind, reason=changed).set(count)
+
     async def _record(self, res: Resource, notes: tuple[Note, ...]) -> None:
         involved = Involved(self.reconciler.kind, res.ref, res.uid)
         for note in notes:
@@ -369,13 +406,26 @@ class Controller:
             )
             await self.kube.event(involved, type_=note.type, reason=note.reason, message=note.message)
 
+    async def _refresh(self, ref: ObjectRef) -> None:
+        """Replace the cached object by the API server's current one (after a 409)."""
+        try:
+            body = await self.kube.get(ref)
+        except KubeError as exc:
+            log.info("could not re-read %s after a conflict: %s", ref, exc, extra=_fields(ref))
+            return
+        if body is None:
+            return  # deleted: its DELETED event cleans up
+        if ref in self.cache:
+            self.cache[ref] = body
+            self._own_writes.pop(ref, None)
+
     def _remember(self, body: Mapping[str, Any]) -> None:
+        """Cache the response of our own patch: the newest version we know of."""
         meta = body.get("metadata") or {}
         ref = ObjectRef(self.reconciler.plural, meta.get("namespace", ""), meta.get("name", ""))
-        old = self.cache.get(ref)
-        if ref in self.cache and (old is None or _rv(body) >= _rv(old)):
+        if ref in self.cache:
             self.cache[ref] = body
-            own = self._own_writes.setdefault(ref, set())
-            if len(own) > 16:  # echoes that never came (a missed watch event)
+            own = self._own_writes.setdefault(ref, [])
+            if len(own) >= 16:  # echoes that never came (a missed watch event)
                 own.clear()
-            own.add(_rv(body))
+            own.append(_rv(body))

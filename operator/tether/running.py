@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,18 +42,30 @@ from tether.settings import Settings
 
 log = logging.getLogger("tether")
 
+# A stop (SIGTERM, SIGINT) at any moment — start-up, waiting for the Lease,
+# work — ends the process within this many seconds: first gracefully (tasks
+# cancelled, the Lease released), then, if something still hangs (a Kopf
+# start-up step, a blocking client call in a thread), by a hard exit.
+STOP_GRACE_SECONDS = 1.5
+
 
 def run(
     *, namespaces: list[str], metrics_port: int, health_port: int, log_format: str,
-    leader_elect: bool, verbose: bool,
+    leader_elect: bool, log_level: str = "info",
 ) -> int:
-    logs.configure(fmt=log_format, verbose=verbose)
+    logs.configure(fmt=log_format, level=log_level)
     try:
         settings = Settings.from_env()
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
+    for warning in settings.warnings():
+        log.warning("INSECURE: %s", warning)
     kube.load_config()
+    # The Kubernetes client imports its API classes on first use, seconds of
+    # synchronous work on a busy machine: done here, before the event loop
+    # starts, it cannot hold up the loop (nor a stop) later.
+    kube.preload()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             _main(
@@ -60,7 +73,34 @@ def run(
                 leader_elect=leader_elect,
             )
         )
+    _exit_if_threads_linger()
     return 0
+
+
+def _hard_exit(reason: str) -> None:
+    """End the process now: flush what was logged, skip every join."""
+    log.warning("%s; exiting now", reason)
+    logging.shutdown()
+    os._exit(0)
+
+
+def _exit_if_threads_linger() -> None:
+    """Python joins worker threads at exit; one stuck in a blocking call would hang it."""
+    lingering = [
+        t for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if lingering:
+        _hard_exit(f"{len(lingering)} worker threads still alive after the stop (maybe in blocking calls)")
+
+
+def _arm_stop_deadline() -> None:
+    """From the first stop signal on, the process has STOP_GRACE_SECONDS to end."""
+    timer = threading.Timer(
+        STOP_GRACE_SECONDS, _hard_exit, args=(f"not stopped {STOP_GRACE_SECONDS}s after the signal",)
+    )
+    timer.daemon = True
+    timer.start()
 
 
 async def _main(
@@ -75,8 +115,14 @@ async def _main(
     # container Python would otherwise ignore it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_signal() -> None:
+        health.ready, health.state = False, "stopping"
+        stop.set()
+
+    _keep_signal_handlers(loop, on_signal)
+    elector: LeaseElector | None = None
+    holder: asyncio.Task[None] | None = None
     if leader_elect:
         elector = LeaseElector(
             namespace=settings.lease_namespace,
@@ -84,21 +130,26 @@ async def _main(
             identity=settings.identity,
             on_lost=lambda: os._exit(1),
         )
-        health.state = "waiting for the leader Lease"
+        # A standby is doing its job: ready (controller-runtime's choice too).
+        health.state, health.ready = "waiting for the leader Lease", True
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             acquiring.cancel()
+            await asyncio.gather(acquiring, return_exceptions=True)
+            # Won in the same instant as the stop: hand it straight back.
+            await elector.release()
+            elector.close()
             if health_runner is not None:
                 await health_runner.cleanup()
             return
         stopping.cancel()
+        health.state, health.ready = "starting as leader", False
         holder = asyncio.create_task(elector.hold(), name="lease-holder")
-    else:
-        holder = None
 
-    kube_client = kube.KubeClient()
+    # Events name this replica as their reporting instance (the Pod's name).
+    kube_client = kube.KubeClient(instance=settings.identity)
     consul_client = ConsulClient(settings.consul)
     etcd_client = EtcdClient(settings.etcd)
     cluster = settings.cluster
@@ -163,30 +214,65 @@ async def _main(
 
     watchers: list[asyncio.Task[None]] = []
 
-    # Stopping Tether's own tasks in Kopf's cleanup phase lets SIGTERM finish
-    # at once instead of after Kopf's grace period for leftover tasks.
-    @kopf.on.cleanup(registry=registry)
-    async def stop_tether(**_: Any) -> None:
+    stopped: asyncio.Task[None] | None = None
+
+    async def _stop_writers() -> None:
+        if holder is not None:
+            holder.cancel()
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         for controller in controllers:
             await controller.stop()
-        # Kopf replaced our signal handlers; its waiter on our stop flag would
-        # otherwise count as a hung task and delay the exit.
-        stop.set()
+        if holder is not None:
+            await asyncio.gather(holder, return_exceptions=True)
+        if elector is not None:
+            await elector.release()
+
+    async def stop_writers() -> None:
+        """Cancel every watcher and worker, then hand the Lease over: in that order,
+        so that the next leader never overlaps a write of this one. Once, however
+        many paths ask (the stop flag, Kopf's cleanup, the final clean-up)."""
+        nonlocal stopped
+        if stopped is None:
+            stopped = asyncio.create_task(_stop_writers(), name="stop-writers")
+        await asyncio.shield(stopped)
+
+    async def stop_on_flag() -> None:
+        # Tether's own tasks stop the moment the stop flag is set, not when
+        # Kopf gets round to its cleanup: Kopf skips cleanup handlers when
+        # stopped during its start-up, and may take longer than the stop
+        # deadline to stop itself; the Lease is handed over either way.
+        await stop.wait()
+        await stop_writers()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_tether(**_: Any) -> None:
+        on_signal()
+        await stop_writers()
 
     health.progress = lambda: (
         not all(c.queue.idle() for c in controllers),
         sum(c.processed for c in controllers),
     )
-    health.state = "ok"
+    health.state = "starting"
+    # Kopf sets this once its start-up (login, startup handlers) is done and
+    # the watches begin: from then on this replica does its job.
+    kopf_ready = asyncio.Event()
+
+    async def mark_ready() -> None:
+        await kopf_ready.wait()
+        if not stop.is_set():
+            health.state, health.ready = "ok", True
 
     for controller in controllers:
         controller.start()
     watchers += [
         asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
     ]
+    watchers.append(asyncio.create_task(mark_ready(), name="readiness"))
+    # Not among the watchers: stop_writers cancels those, and this calls it.
+    stopper = asyncio.create_task(stop_on_flag(), name="stopper")
     try:
         await kopf.operator(
             registry=registry,
@@ -194,20 +280,57 @@ async def _main(
             namespaces=namespaces,
             standalone=True,
             stop_flag=stop,
+            ready_flag=kopf_ready,
         )
     finally:
-        for task in watchers:
-            task.cancel()
-        if holder is not None:
-            holder.cancel()
-        for controller in controllers:
-            await controller.stop()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        await stop_writers()
+        stopper.cancel()
+        if elector is not None:
+            elector.close()
         await consul_client.close()
         await etcd_client.close()
         kube_client.close()
         if health_runner is not None:
             await health_runner.cleanup()
+
+
+def _keep_signal_handlers(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[], None], *,
+    on_first: Callable[[], None] = _arm_stop_deadline,
+) -> None:
+    """SIGTERM and SIGINT call ``handler`` in the loop, for the whole life of the process.
+
+    Kopf installs its own handlers when it starts; a signal caught by those
+    (while Kopf still logs in, say) stopped Kopf without setting our stop flag,
+    and Kopf then waited 5 s for its waiter on that flag as a hung task. Ours
+    set the very flag Kopf watches (``stop_flag``), so Kopf stops the same way;
+    later loop registrations for these two signals are therefore ignored.
+
+    The handler is a plain Python one, not the loop's: it runs as soon as the
+    main thread executes Python again, even while the loop is busy with
+    synchronous work, and arms the hard stop deadline (``on_first``) at once.
+    """
+    mine = (signal.SIGTERM, signal.SIGINT)
+    first = True
+
+    def on_os_signal(signum: int, frame: object) -> None:
+        nonlocal first
+        if first:
+            first = False
+            on_first()
+        loop.call_soon_threadsafe(handler)
+
+    for sig in mine:
+        signal.signal(sig, on_os_signal)
+    original = loop.add_signal_handler
+
+    def add_signal_handler(sig: int, callback: Callable[..., object], *args: Any) -> None:
+        if sig in mine:
+            log.debug("keeping Tether's handler for %s", signal.Signals(sig).name)
+            return
+        original(sig, callback, *args)
+
+    loop.add_signal_handler = add_signal_handler  # type: ignore[method-assign,assignment]
 
 
 async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:

@@ -102,6 +102,10 @@ class Settings:
     lease_name: str
     identity: str
 
+    def warnings(self) -> list[str]:
+        """Settings that work but are unsafe (credentials in cleartext), for a loud log line."""
+        return [*self.consul.warnings(), *self.etcd.warnings()]
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env

@@ -243,17 +243,17 @@ def test_ttl_check_health_follows_consul(
     apply(dev_env, namespace, csvc("ttl", id=sid, port=80, checks=[{"name": "beat", "ttl": "10m"}]))
     obj = wait_condition(dev_env, namespace, KIND, "ttl", op=operator)
     assert obj["status"]["health"] == "critical"
-    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/pass/{sid}:beat")
+    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/pass/{sid}/beat")
     wait_condition(dev_env, namespace, KIND, "ttl", type_="Healthy", status="True", timeout=10, op=operator)
     assert get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "passing"  # type: ignore[index]
-    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/warn/{sid}:beat")
+    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/warn/{sid}/beat")
     wait_for(
         lambda: get(dev_env, namespace, KIND, "ttl")["status"]["health"] == "warning",  # type: ignore[index]
         timeout=10,
         interval=0.2,
         message="health warning",
     )
-    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/fail/{sid}:beat")
+    Consul.from_env(dev_env).call("PUT", f"/v1/agent/check/fail/{sid}/beat")
     wait_condition(
         dev_env,
         namespace,

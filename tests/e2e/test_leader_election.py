@@ -73,11 +73,14 @@ def test_one_leader_reconciles_and_the_other_takes_over(dev_env: dict[str, str],
         assert takeover <= 20.0
 
         # A leader that loses its lease (someone else holds it) stops at once.
-        holder = json.loads(kubectl(dev_env, "get", "lease", lease, "-n", ns, "-o", "json").stdout)
-        holder["spec"]["holderIdentity"] = "usurper"
-        holder["spec"]["renewTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-        holder["spec"]["leaseDurationSeconds"] = 60
-        kubectl(dev_env, "replace", "-f", "-", input=json.dumps(holder))
+        # Read-modify-replace races the leader's renewals (409): try again.
+        for _ in range(10):
+            holder = json.loads(kubectl(dev_env, "get", "lease", lease, "-n", ns, "-o", "json").stdout)
+            holder["spec"]["holderIdentity"] = "usurper"
+            holder["spec"]["renewTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+            holder["spec"]["leaseDurationSeconds"] = 60
+            if kubectl(dev_env, "replace", "-f", "-", input=json.dumps(holder), check=False).returncode == 0:
+                break
         lost = time.monotonic()
         assert second.proc is not None
         wait_for(

@@ -111,6 +111,8 @@ def test_kustomize_installs_everything(rendered: list[Manifest]) -> None:
         ("CustomResourceDefinition", "consulconfigs.tether.dev"),
         ("ServiceAccount", "tether"),
         ("ClusterRole", "tether"),
+        ("ClusterRole", "tether-edit"),
+        ("ClusterRole", "tether-view"),
         ("ClusterRoleBinding", "tether"),
         ("Role", "tether-leader-election"),
         ("RoleBinding", "tether-leader-election"),
@@ -158,23 +160,22 @@ def test_cluster_role_is_least_privilege(rendered: list[Manifest]) -> None:
     main = _rule_for(rules, "consulservices")
     assert main["apiGroups"] == ["tether.dev"]
     assert sorted(main["resources"]) == sorted(kinds)
-    assert sorted(main["verbs"]) == ["get", "list", "patch", "update", "watch"]
+    assert sorted(main["verbs"]) == ["get", "list", "patch", "watch"]
 
     # Subresources in rules of their own, not mixed with anything else.
     status = _rule_for(rules, "consulservices/status")
     assert sorted(status["resources"]) == sorted(f"{k}/status" for k in kinds)
-    assert sorted(status["verbs"]) == ["get", "patch", "update"]
+    assert sorted(status["verbs"]) == ["get", "patch"]
     finalizers = _rule_for(rules, "consulservices/finalizers")
     assert sorted(finalizers["resources"]) == sorted(f"{k}/finalizers" for k in kinds)
     assert finalizers["verbs"] == ["update"]
 
-    # Inputs are read only; events are only created or patched.
+    # Inputs are read only; events are only created (core/v1).
     inputs = _rule_for(rules, "secrets")
     assert inputs["apiGroups"] == [""]
     assert sorted(inputs["verbs"]) == ["get", "list", "watch"]
-    for group in ("", "events.k8s.io"):
-        events = [r for r in rules if "events" in r["resources"] and r["apiGroups"] == [group]]
-        assert len(events) == 1 and sorted(events[0]["verbs"]) == ["create", "patch"], events
+    events = [r for r in rules if "events" in r["resources"]]
+    assert len(events) == 1 and events[0]["apiGroups"] == [""] and events[0]["verbs"] == ["create"], events
     assert sorted(_rule_for(rules, "namespaces")["verbs"]) == ["get", "list", "watch"]
     crds = _rule_for(rules, "customresourcedefinitions")
     assert crds["apiGroups"] == ["apiextensions.k8s.io"]
@@ -200,7 +201,7 @@ def test_leases_only_in_the_operator_namespace(rendered: list[Manifest]) -> None
     assert role["rules"] == [{
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],
-        "verbs": ["get", "list", "watch", "create", "update", "patch"],
+        "verbs": ["get", "create", "update"],
     }]
     binding = _one(rendered, "RoleBinding", "tether-leader-election")
     assert binding["roleRef"]["name"] == "tether-leader-election"
@@ -250,8 +251,10 @@ def test_deployment_runs_the_operator_as_designed(
         "metrics": int(_flag(args, "--metrics-port")),
         "health": int(_flag(args, "--health-port")),
     }
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for probe in ("livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    # Readiness has its own endpoint (issue 14): not ready while starting or stopping.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
@@ -489,7 +492,9 @@ _PERMISSIONS = [
     ("patch", "consulconfigs.tether.dev/status", "default", True),
     ("update", "consulservices.tether.dev/finalizers", "default", True),
     ("create", "events", "default", True),
-    ("create", "events.events.k8s.io", "default", True),
+    ("create", "events.events.k8s.io", "default", False),
+    ("patch", "events", "default", False),
+    ("update", "consulservices.tether.dev", "default", False),
     ("watch", "secrets", "", True),
     ("watch", "configmaps", "", True),
     ("list", "namespaces", None, True),
@@ -515,7 +520,11 @@ def test_service_account_may_do_exactly_what_the_operator_needs(dev_env: Env) ->
     wrong = []
     for verb, resource, namespace, allowed in _PERMISSIONS:
         scope = [] if namespace is None else (["-A"] if namespace == "" else ["-n", namespace])
-        done = kubectl(dev_env, "auth", "can-i", verb, resource, *scope,
+        # "kind/finalizers" would be read as the object named "finalizers": ask for
+        # the subresource itself.
+        kind, _, sub = resource.partition("/")
+        extra = [f"--subresource={sub}"] if sub else []
+        done = kubectl(dev_env, "auth", "can-i", verb, kind, *extra, *scope,
                        f"--as={SERVICE_ACCOUNT}", check=False)
         answer = done.stdout.strip()
         if answer != ("yes" if allowed else "no"):

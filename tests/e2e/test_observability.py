@@ -27,6 +27,9 @@ def test_metrics_and_healthz(dev_env: dict[str, str], operator: OperatorProcess,
     with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as r:
         assert r.status == 200
         assert json.loads(r.read())["status"] == "ok"
+    # Readiness apart from liveness (issue 14): ready once Kopf's watches run.
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/readyz", timeout=5) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ready"
 
 
 def test_json_logs_name_the_resource(dev_env: dict[str, str], tmp_path: Path) -> None:
@@ -50,3 +53,7 @@ def test_json_logs_name_the_resource(dev_env: dict[str, str], tmp_path: Path) ->
     about = [r for r in records if "logged" in r.get("message", "")]
     assert about, "no log line about the resource"
     assert all(r.get("namespace") == ns and r.get("name") == "logged" for r in about), about
+    # python-json-logger's lines (issue 14): ISO 8601 time with its zone, and a level.
+    ours = [r for r in records if r.get("logger", "").startswith("tether")]
+    assert ours and all("+00:00" in r["time"] and "T" in r["time"] for r in ours)
+    assert all(r.get("level") in ("debug", "info", "warning", "error", "critical") for r in about)

@@ -278,6 +278,23 @@ class Auditor:
             have_checks = sorted(str(c.get("Name")) for c in checks.values() if c.get("ServiceID") == sid)
             if want_checks != have_checks:
                 found.append(Anomaly("wrong", subject, f"checks {have_checks}, expected {want_checks}"))
+            # Check IDs are agent-wide: each of ours is <service ID>/<name>, on our service.
+            for name in want_checks:
+                check = checks.get(f"{sid}/{name}")
+                if check is not None and check.get("ServiceID") != sid:
+                    found.append(Anomaly(
+                        "check-ownership", subject,
+                        f"check {sid}/{name} belongs to {check.get('ServiceID')!r}",
+                    ))
+        # No check of another service under a Tether service's check-ID space
+        # (registering would have moved it onto ours; a foreign one means a takeover).
+        for cid, check in checks.items():
+            owner_sid, sep, _ = cid.partition("/")
+            if sep and owner_sid in expected and check.get("ServiceID") not in (owner_sid, None):
+                found.append(Anomaly(
+                    "check-ownership", f"Consul check {cid}",
+                    f"in {owner_sid}'s check-ID space but on service {check.get('ServiceID')!r}",
+                ))
         orphan_ok = self.model.orphan_ids()
         for sid, svc in services.items():
             meta = svc.get("Meta") or {}
@@ -286,7 +303,14 @@ class Auditor:
             if not ours or sid in expected:
                 continue
             if sid in orphan_ok:
-                continue  # left on purpose by deletionPolicy: Orphan
+                # Left on purpose by deletionPolicy: Orphan, and released: no
+                # ownership meta, so that nothing of Tether's finds it again.
+                if meta.get("tether-namespace") or meta.get("tether-name"):
+                    found.append(Anomaly(
+                        "orphan-still-owned", f"Consul service {sid}",
+                        f"left by deletionPolicy: Orphan but still claimed by {ns}/{name}",
+                    ))
+                continue
             owner = f"{ns}/{name}" if ns else "no ownership meta"
             live = any(
                 o["metadata"]["namespace"] == ns

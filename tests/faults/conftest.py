@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import HTTP_TIMEOUT, REDUCED, FaultStack, Kube, log
+from hakit import HaFaultStack
 
 from tests.support import suites
 from tests.support.consul import Consul
@@ -121,3 +122,71 @@ def operator(stack: FaultStack, tmp_path: Path, request: pytest.FixtureRequest) 
 def run_id() -> str:
     """Names this test's namespaces and etcd root, so tests never see each other's objects."""
     return uuid.uuid4().hex[:6]
+
+
+# ------------------------------------------------------------------ the HA stack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def network_faults_healed() -> Iterator[None]:
+    """No partition or slowdown outlives the session, nor comes in from a crashed one.
+
+    Every rule and qdisc the HA faults add is tagged (``tether-fault``); this
+    removes whatever is tagged before the first test and after the last, on
+    top of each fault's own ``finally`` and watchdog.
+    """
+    from tether.devstack import faults
+
+    for line in faults.heal_all():
+        log(f"removed a leftover network fault: {line}")
+    try:
+        yield
+    finally:
+        for line in faults.heal_all():
+            log(f"removed a network fault left at the end of the session: {line}")
+
+
+@pytest.fixture(scope="session")
+def ha_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaFaultStack]:
+    """A private HA dev stack (3 etcd members, 3 Consul servers + agent) for the session."""
+    base = tmp_path_factory.mktemp("faults-ha")
+    st = HaFaultStack(base / "stack")
+    took = st.up()
+    log(f"private HA dev stack up in {took:.1f} s at {st.state_dir}")
+    try:
+        yield st
+    finally:
+        from tether.devstack import faults
+
+        faults.heal_all()
+        st.resume_all()
+        logs = base / "stack-logs"
+        logs.mkdir(exist_ok=True)
+        for path in st.state_dir.glob("*.log"):
+            shutil.copy(path, logs / path.name)
+        if os.environ.get("TETHER_FAULTS_KEEP") == "1":
+            log(f"keeping the HA stack at {st.state_dir}")
+        else:
+            st.down()
+            log(f"HA stack removed; member logs kept in {logs}")
+
+
+@pytest.fixture
+def ha_operator(
+    ha_stack: HaFaultStack, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    """``tether run -A`` against the HA stack (etcd: all members; Consul: the client agent)."""
+    from tether.devstack import faults
+
+    faults.heal_all()
+    ha_stack.resume_all()
+    ha_stack.settle()
+    op = OperatorProcess(ha_stack.env, tmp_path / "operator.log").start()
+    log(f"operator pid {op.pid} on the HA stack, log {op.log_path}")
+    try:
+        yield op
+    finally:
+        faults.heal_all()
+        if suites.failed(request):
+            print(f"\n--- operator log tail ({op.log_path}):\n{op.log_tail(80)}")
+        op.stop(grace=20)

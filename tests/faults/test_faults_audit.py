@@ -113,6 +113,11 @@ def test_audit_finds_planted_damage(
                 "Meta": current["Meta"],
             }
         )
+        # Another tool's service holding a check in svc's check-ID space.
+        consul.register({
+            "ID": f"{ns}-thief", "Name": "thief", "Port": 1,
+            "Checks": [{"CheckID": f"{sid}/stolen", "Name": "stolen", "TTL": "10m"}],
+        })
         etcd.put(f"{sc.model.root}/{ns}/cfg/a", "tampered")
         etcd.put(f"{sc.model.root}/{ns}/stray/key", "x")
         etcd.put(f"{OWNERSHIP_PREFIX}keys{sc.model.root}/{ns}/stray/key", f"{CLUSTER}/{ns}/gone")
@@ -133,6 +138,7 @@ def test_audit_finds_planted_damage(
             f"[orphan] etcd index {OWNERSHIP_PREFIX}owners/{CLUSTER}/{ns}/gone",
             f"[foreign-touched] etcd key {foreign}",
             f"[lost-update] ec {ns}/cfg",
+            f"[check-ownership] Consul check {sid}/stolen",
             f"[wrong] ec {ns}/cfg",
         ]
         missing = [line for line in expected if line not in text]
@@ -141,6 +147,7 @@ def test_audit_finds_planted_damage(
         operator.resume()
     # Undo what the operator is not meant to undo, then everything must converge.
     consul.deregister(f"{ns}-ghost")
+    consul.deregister(f"{ns}-thief")
     for key in (
         f"{sc.model.root}/{ns}/stray/key",
         f"{OWNERSHIP_PREFIX}keys{sc.model.root}/{ns}/stray/key",

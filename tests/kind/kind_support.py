@@ -37,6 +37,11 @@ OPERATOR_DEPLOYMENT = "tether"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=tether,app.kubernetes.io/component=operator"
 LEASE_NAME = "tether-leader"
 CLUSTER_MARKER = "kind-tether-e2e"  # TETHER_CLUSTER_NAME in scripts/kind/overlay/config.yaml
+#: The operator image scripts/e2e-kind.sh loads; it has Python, so tests also use it
+#: for a small HTTP server (nothing can be pulled on a machine without a registry).
+OPERATOR_IMAGE = "tether:e2e"
+#: The overlay scripts/e2e-kind.sh installs with `kubectl apply -k`.
+OVERLAY = REPO / "scripts" / "kind" / "overlay"
 
 Manifest = dict[str, Any]
 
@@ -175,6 +180,19 @@ class KindCluster:
         lease = self.get_json("lease", LEASE_NAME, "-n", OPERATOR_NAMESPACE)
         return str(lease.get("spec", {}).get("holderIdentity") or "")
 
+    def pod_metrics(self, pod: str, namespace: str = OPERATOR_NAMESPACE) -> dict[str, float]:
+        """A pod's Prometheus samples (``name{labels}`` -> value), via the API server proxy."""
+        raw = self.kubectl(
+            "get", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}:8080/proxy/metrics",
+            timeout=30,
+        ).stdout
+        samples: dict[str, float] = {}
+        for line in raw.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
     def describe(self, namespace: str) -> str:
         """What a person needs when a test fails: resources, events, operator logs."""
         parts = []
@@ -277,6 +295,21 @@ class Consul:
             return str(body.get("AggregatedStatus", "unknown"))
         return f"unexpected answer {status}: {body}"
 
+    def catalog_indexes(self, service_name: str) -> dict[str, int]:
+        """ModifyIndex of each catalog entry of a service: moves on every write to it."""
+        status, body = _http("GET", f"{self.url}/v1/catalog/service/{service_name}")
+        assert status == 200, f"GET /v1/catalog/service/{service_name}: {status} {body}"
+        return {str(entry["ServiceID"]): int(entry["ModifyIndex"]) for entry in body}
+
+    def checks(self, service_id: str) -> dict[str, str]:
+        """The status of each check of one service instance on the agent."""
+        status, body = _http("GET", f"{self.url}/v1/agent/checks")
+        assert status == 200, f"GET /v1/agent/checks: {status} {body}"
+        return {
+            str(check["Name"]): str(check["Status"])
+            for check in body.values() if check.get("ServiceID") == service_id
+        }
+
     def deregister(self, service_id: str) -> None:
         status, body = _http("PUT", f"{self.url}/v1/agent/service/deregister/{service_id}")
         assert status == 200, f"deregister {service_id}: {status} {body}"
@@ -318,6 +351,12 @@ class Etcd:
             )
             for kv in body.get("kvs", [])
         }
+
+    def revision(self) -> int:
+        """The store's revision: it moves on every write, whoever makes it."""
+        status, body = _http("POST", f"{self.url}/v3/kv/range", {"key": _b64("/")})
+        assert status == 200, f"range /: {status} {body}"
+        return int(body["header"]["revision"])
 
     def put(self, key: str, value: str) -> None:
         status, body = _http("POST", f"{self.url}/v3/kv/put",

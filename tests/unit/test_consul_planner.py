@@ -86,7 +86,7 @@ def test_registration_carries_every_field_and_ownership() -> None:
     assert http["Header"] == {"X-Probe": ["tether"]} and http["TLSSkipVerify"] is True
     assert http["DeregisterCriticalServiceAfter"] == "5m0s" and http["Interval"] == "10s"
     assert body["Checks"][2]["Interval"] == "1m30s"
-    assert body["Checks"][3] == {"CheckID": "web-1:ttl", "Name": "ttl", "TTL": "30s"}
+    assert body["Checks"][3] == {"CheckID": "web-1/ttl", "Name": "ttl", "TTL": "30s"}
 
 
 def test_defaults_name_and_id_from_metadata() -> None:

@@ -83,10 +83,21 @@ class FakeAgent:
         self._call()
         return copy.deepcopy(self.check_states)
 
-    async def register(self, body: Mapping[str, Any]) -> None:
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None:
         self._call()
         self.writes.append(("register", body["ID"]))
+        kept = {cid: c for cid, c in self.check_states.items() if c["ServiceID"] == body["ID"]}
         self.plant(body)
+        if not replace_checks:  # the agent keeps checks the body does not list
+            self.check_states.update({cid: c for cid, c in kept.items() if cid not in self.check_states})
+
+    async def node_name(self) -> str:
+        self._call()
+        return "node-1"
+
+    async def checks_with_ids(self, check_ids: Any) -> list[dict[str, Any]]:
+        self._call()
+        return [dict(c) for cid, c in self.check_states.items() if cid in set(check_ids)]
 
     async def deregister(self, service_id: str) -> None:
         self._call()
@@ -293,6 +304,8 @@ async def test_orphan_release_leaves_the_registration() -> None:
     out = await services.release(resource(spec, service_id="team-a-web"))
     assert out.released and notes(out) == [("Normal", "Orphaned")]
     assert "team-a-web" in agent.registered and ("deregister", "team-a-web") not in agent.writes
+    # Released (issue 14): no ownership meta left, so no later resource finds it as its own.
+    assert planner.owner_of(agent.registered["team-a-web"]["Meta"]) is None
     # No longer watched: an edit of it now is nobody's drift.
     agent.registered["team-a-web"]["Port"] = 1
     assert index.drifted(await agent.services(), await agent.checks()) == []

@@ -290,9 +290,10 @@ async def test_the_skeleton_warns_once_per_failure_transition() -> None:
     assert await reconcile(down) == []
     assert kube.status_patches == patches
 
-    # Another message is another failure: announced once.
+    # The same reason with another message is the same failure: the status
+    # shows the new detail, no second event (issue 14: no idle writes when stuck).
     worse = Outcome.from_error(errors.BackendUnavailable("etcd has no leader"), doing="write to etcd")
-    assert await reconcile(worse) == [("Warning", "BackendUnavailable", worse.message)]
+    assert await reconcile(worse) == []
     conflict = Outcome.failed("Conflict", "key /app/a is owned by EtcdConfig ns/other. Nothing was written.")
     assert await reconcile(conflict) == [("Warning", "Conflict", conflict.message)]
     assert await reconcile(conflict) == []

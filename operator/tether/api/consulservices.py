@@ -42,9 +42,11 @@ _SERVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Consul raises any deregisterCriticalServiceAfter below one minute to one minute;
+# Consul raises any deregisterCriticalServiceAfter below one minute to one minute,
+# and any check interval below one second to one second (checks.MinInterval);
 # accepting a smaller value would make the status lie about what Consul does.
 _MIN_DEREGISTER_NS = 60_000_000_000
+_MIN_INTERVAL_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Check:
     header: tuple[tuple[str, tuple[str, ...]], ...] = ()
     tls_skip_verify: bool = False
     ttl_ns: int | None = None
+    grpc_use_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,9 +208,11 @@ def _parse_meta(raw: Any) -> tuple[tuple[str, str], ...]:
             )
         if not isinstance(value, str):
             raise InvalidSpec(f"spec.meta.{key}: value must be a string, not {type(value).__name__}")
-        if len(value) > _META_MAX_VALUE:
+        # Consul counts bytes (Go's len), not characters: 512 'é' are 1024 bytes.
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > _META_MAX_VALUE:
             raise InvalidSpec(
-                f"spec.meta.{key}: value is {len(value)} characters; Consul allows {_META_MAX_VALUE}"
+                f"spec.meta.{key}: value is {size} bytes in UTF-8; Consul allows {_META_MAX_VALUE} bytes"
             )
         out.append((key, value))
     return tuple(out)
@@ -220,7 +225,7 @@ def _parse_check(index: int, raw: Any) -> Check:
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidSpec(f"{where}.name: required")
-    where = f"spec.checks[{index}] ({name})"
+    where = f"spec.checks[{index}] ({name if len(name) <= 64 else name[:64] + '…'})"
     kinds = [k for k in CHECK_KINDS if raw.get(k) not in (None, "")]
     if len(kinds) != 1:
         found = ", ".join(kinds) or "none"
@@ -257,14 +262,27 @@ def _parse_check(index: int, raw: Any) -> Check:
     if kind not in ("http", "grpc") and tls_skip:
         raise InvalidSpec(f"{where}: tlsSkipVerify applies to http and grpc checks only")
 
+    grpc_tls = raw.get("grpcUseTLS", False)
+    if not isinstance(grpc_tls, bool):
+        raise InvalidSpec(f"{where}.grpcUseTLS: must be true or false")
+    if kind != "grpc" and grpc_tls:
+        raise InvalidSpec(f"{where}: grpcUseTLS applies to grpc checks only")
+
     ttl_ns = None
     if kind == "ttl":
         ttl_ns = durations.parse_ns(target, field=f"{where}.ttl")
+        if ttl_ns <= 0:
+            # Consul: "TTL must be > 0 for TTL checks".
+            raise InvalidSpec(f"{where}.ttl: must be positive (e.g. 30s)")
         if interval is not None or timeout is not None:
             raise InvalidSpec(f"{where}: a ttl check takes no interval or timeout")
     else:
         if interval is None:
             raise InvalidSpec(f"{where}.interval: required for {kind} checks (e.g. 10s)")
+        if interval < _MIN_INTERVAL_NS:
+            raise InvalidSpec(
+                f"{where}.interval: Consul's minimum is 1s (it silently raises smaller values)"
+            )
         if timeout is not None and timeout > interval:
             raise InvalidSpec(f"{where}.timeout: must not exceed interval")
     if kind == "http":
@@ -285,6 +303,7 @@ def _parse_check(index: int, raw: Any) -> Check:
         header=header,
         tls_skip_verify=bool(tls_skip),
         ttl_ns=ttl_ns,
+        grpc_use_tls=grpc_tls,
     )
 
 

@@ -67,6 +67,10 @@ class Limits:
 # protobuf tags, lengths and revision fields.
 _OP_OVERHEAD = 16
 
+# The end of a conflict message: true of the plan; the reconciler replaces it
+# when an earlier round of the same reconcile had already written chunks.
+NOTHING_WRITTEN = "Nothing was written."
+
 # How many keys a conflict message names before summarising the rest.
 _CONFLICTS_SHOWN = 3
 
@@ -255,11 +259,14 @@ class Plan:
     owned_after: frozenset[str] = frozenset()
     writes: tuple[Item, ...] = ()
     deletes: tuple[Item, ...] = ()
-    conflict: str | None = None
+    conflict: str | None = None  # why nothing may be written; ends with NOTHING_WRITTEN
     put_keys: tuple[str, ...] = ()  # data keys written
     deleted_keys: tuple[str, ...] = ()  # data keys deleted (prune, deletion)
     released_keys: tuple[str, ...] = ()  # claims dropped while the data stays
     claimed_keys: tuple[str, ...] = ()  # claims created (new or adopted keys)
+    # (claim key, full key) of every claim this plan creates: the chunker grows
+    # the index together with each, never ahead of it.
+    new_claims: tuple[tuple[str, str], ...] = ()
 
     @property
     def noop(self) -> bool:
@@ -324,6 +331,13 @@ def plan(
         for key in (*listed, *claims)
         if (claim := claims.get(key)) is not None and claim.value == owner_bytes
     )
+    # A key the index lists whose claim is gone (deleted out of band) is still
+    # this owner's: the index record is written only by this owner, and never
+    # lists a key before its claim is committed (see steps()), so a listed key
+    # without a claim lost it (or is being released by this owner). Its claim
+    # is drift to restore; treating the key as foreign would block the
+    # resource on its own keys for good and leave them behind on deletion.
+    lost = frozenset(key for key in listed if key not in claims)
     index_revision = index.revision if index else 0
     index_before = index.value if index else None
 
@@ -334,7 +348,7 @@ def plan(
             conflicts.append(
                 f"key {key} is owned by {describe_owner(claim.value, cluster=cluster, kind=kind)}"
             )
-        elif claim is None and key in data and not adopt:
+        elif claim is None and key in data and not adopt and key not in lost:
             conflicts.append(
                 f"key {key} exists and is not managed by Tether; set adopt: true to take it over"
             )
@@ -345,17 +359,19 @@ def plan(
         return Plan(
             index_key=index_key, index_revision=index_revision, index_before=index_before,
             index_after=index_before, owned_before=owned, owned_after=owned,
-            conflict=f"{shown}{suffix}. Nothing was written.",
+            conflict=f"{shown}{suffix}. {NOTHING_WRITTEN}",
         )
 
     writes: list[Item] = []
     put_keys: list[str] = []
     claimed: list[str] = []
+    new_claims: list[tuple[str, str]] = []
     for key in sorted(desired):
         value = desired[key]
         claim_key = layout.claim_key(key)
         if key not in owned:
             claimed.append(key)
+            new_claims.append((claim_key, key))
             writes.append(Item(Put(claim_key, owner_bytes), _absent(claim_key)))
         current = data.get(key)
         if current is None or current.value != value:
@@ -366,15 +382,16 @@ def plan(
     deletes: list[Item] = []
     deleted: list[str] = []
     released: list[str] = []
-    for key in sorted(owned - desired.keys()):
+    for key in sorted((owned | lost) - desired.keys()):
         current = data.get(key)
         if prune and current is not None:
             deleted.append(key)
             deletes.append(Item(Delete(key), _unchanged(key, current)))
-        elif not prune and current is not None:
+        elif not prune and current is not None and key in owned:
             released.append(key)
-        claim_key = layout.claim_key(key)
-        deletes.append(Item(Delete(claim_key), _unchanged(claim_key, claims[key])))
+        if key in owned:  # a lost claim has nothing left to delete
+            claim_key = layout.claim_key(key)
+            deletes.append(Item(Delete(claim_key), _unchanged(claim_key, claims[key])))
 
     return Plan(
         index_key=index_key,
@@ -389,6 +406,7 @@ def plan(
         deleted_keys=tuple(deleted),
         released_keys=tuple(released),
         claimed_keys=tuple(claimed),
+        new_claims=tuple(new_claims),
     )
 
 
@@ -445,6 +463,16 @@ class _Packer:
             self.flush()
         self.items.append(item)
 
+    def add_claim(self, item: Item, index: bytes) -> None:
+        """A new claim, with the index grown to list its key in the same transaction."""
+        old = len(self.index) if self.index is not None else 0
+        if not self._fits(1, 0 if self.wrote_index else 1, item.size() + len(index) - old):
+            self.flush()
+        self.items.append(item)
+        # The step's one index write takes the newest union: every claim of the
+        # step commits with it.
+        self.index, self.delete_index, self.wrote_index = index, False, True
+
     def add_index(self, value: bytes | None) -> None:
         size = (len(value) if value is not None else 0) + self.index_key_size + _OP_OVERHEAD
         # Two writes of the record cannot share a transaction (both stores refuse a
@@ -462,10 +490,12 @@ class _Packer:
 def steps(plan: Plan, *, max_ops: int, max_bytes: int) -> list[Step]:
     """The transactions that carry out ``plan``, in order.
 
-    One transaction when everything fits. Otherwise ordered chunks: the index
-    first grows to cover old and new keys, then claims and puts, then deletes,
-    and finally the index shrinks to the new set, so that at every moment in
-    between each claim of this owner is listed in the index.
+    One transaction when everything fits. Otherwise ordered chunks: claims and
+    puts, then deletes, and finally the index shrinks to the new set. The index
+    grows in the very transaction that writes a new claim, so that at every
+    moment each claim of this owner is listed in the index, and the index never
+    lists a key whose claim was not committed (a listed key without a claim
+    therefore lost its claim out of band: see plan()).
     """
     if max_ops < 2:
         raise ValueError(f"max_ops must be at least 2 (one operation and the index guard), not {max_ops}")
@@ -486,15 +516,23 @@ def steps(plan: Plan, *, max_ops: int, max_bytes: int) -> list[Step]:
 
     packer = _Packer(max_ops, max_bytes, index_key_size)
     before = set(_listed(plan.index_before))
-    # Owned keys the record failed to list (a damaged record) join the union
-    # too, so that the invariant holds from the first chunk on.
-    union = before | set(_listed(plan.index_after)) | plan.owned_before
+    # Owned keys the record failed to list (a damaged record) are listed
+    # first, so that the invariant holds from the first chunk on.
+    listed = before | plan.owned_before
     current = plan.index_before
-    if union != before:
-        current = encode_index(union)
+    if listed != before:
+        current = encode_index(listed)
         packer.add_index(current)
+    new_claims = dict(plan.new_claims)
     for item in items:
-        packer.add_item(item)
+        full = new_claims.get(item.op.key) if isinstance(item.op, Put) else None
+        if full is not None and full not in listed:
+            listed.add(full)
+            current = encode_index(listed)
+            assert current is not None  # it lists at least ``full``
+            packer.add_claim(item, current)
+        else:
+            packer.add_item(item)
     if plan.index_after != current:
         packer.add_index(plan.index_after)
     packer.flush()

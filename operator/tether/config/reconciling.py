@@ -180,7 +180,10 @@ class ConfigReconciler:
         plan = done.plan
         if plan.conflict:
             self.expectations.untrack(ref)
-            return Outcome.failed(conditions.CONFLICT, plan.conflict, fields={"keys": len(plan.owned_before)})
+            return Outcome.failed(
+                conditions.CONFLICT, _conflict_message(plan.conflict, done),
+                fields={"keys": len(plan.owned_before)},
+            )
 
         self._confirmed[ref] = expected
         fields: dict[str, int] = {"keys": len(desired)}
@@ -383,6 +386,23 @@ def _lowered(limits: planner.Limits, *, ops: int | None = None, size: int | None
         max_txn_bytes=min(limits.max_txn_bytes, size) if size is not None else limits.max_txn_bytes,
         max_value_bytes=limits.max_value_bytes,
     )
+
+
+def _conflict_message(conflict: str, done: _Converged) -> str:
+    """The conflict, and honestly whether this reconcile wrote anything before meeting it.
+
+    A multi-chunk write can commit its first chunks and then find, on the
+    next read, that a concurrent writer took a key: those chunks stay (every
+    written key is owned and listed), so "nothing was written" would be false.
+    """
+    if not done.revisions:
+        return conflict
+    txns = len(done.revisions)
+    wrote = (
+        f"Part of this update was already written ({_plural(txns, 'transaction')}, every key in it "
+        "owned by this resource) before the conflict appeared; the rest waits until it is resolved."
+    )
+    return conflict.removesuffix(planner.NOTHING_WRITTEN).rstrip() + " " + wrote
 
 
 def _written_message(done: _Converged) -> str:

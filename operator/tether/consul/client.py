@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -25,6 +26,7 @@ from tether.consul.connection import ConsulConnection
 from tether.errors import BackendError, BackendRejected, BackendUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConsulError(BackendError):
@@ -68,15 +70,19 @@ class Catalog(Protocol):
 class Agent(Protocol):
     """What the reconciler and the watcher need from a Consul agent."""
 
+    async def node_name(self) -> str: ...
+
     async def service(self, service_id: str) -> dict[str, Any] | None: ...
 
     async def service_checks(self, service_id: str) -> list[dict[str, Any]]: ...
+
+    async def checks_with_ids(self, check_ids: Sequence[str]) -> list[dict[str, Any]]: ...
 
     async def services(self) -> dict[str, dict[str, Any]]: ...
 
     async def checks(self) -> dict[str, dict[str, Any]]: ...
 
-    async def register(self, body: Mapping[str, Any]) -> None: ...
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None: ...
 
     async def deregister(self, service_id: str) -> None: ...
 
@@ -100,6 +106,7 @@ class ConsulClient:
         # argument; pin the token we were given so settings stay explicit.
         self._client.token = conn.token
         self._http = self._client.http
+        self._self_denied = False  # the token may not read /v1/agent/self
 
     def _headers(self) -> dict[str, str]:
         return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
@@ -150,6 +157,28 @@ class ConsulClient:
         metrics.BACKEND_UP.labels(backend="consul").set(0)
         metrics.BACKEND_ERRORS.labels(backend="consul").inc()
 
+    async def node_name(self) -> str:
+        """The name of the node of the agent that answered (``/v1/agent/self``); "" if unknown.
+
+        It needs ``agent:read``. A token without it is not an error (the rest
+        works without): the check is skipped from then on, said once in the log.
+        """
+        if self._self_denied:
+            return ""
+        try:
+            result: dict[str, Any] = await self._call(
+                lambda: self._http.get(CB.json(), "/v1/agent/self", headers=self._headers()),
+                what="read of the agent's own configuration",
+            )
+        except ConsulRejected as exc:
+            self._self_denied = True
+            log.info(
+                "cannot tell whether CONSUL_HTTP_ADDR reaches one agent (%s); grant agent:read "
+                "to CONSUL_HTTP_TOKEN to detect a load-balanced address", exc,
+            )
+            return ""
+        return str(((result or {}).get("Config") or {}).get("NodeName") or "")
+
     async def service(self, service_id: str) -> dict[str, Any] | None:
         path = f"/v1/agent/service/{quote(service_id, safe='')}"
         result: dict[str, Any] | None = await self._call(
@@ -168,6 +197,19 @@ class ConsulClient:
         )
         return list((result or {}).values())
 
+    async def checks_with_ids(self, check_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The agent's checks under any of ``check_ids``, whichever service holds them."""
+        if not check_ids:
+            return []
+        expr = " or ".join(f"CheckID == {json.dumps(cid)}" for cid in sorted(set(check_ids)))
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(
+                CB.json(), "/v1/agent/checks", params=[("filter", expr)], headers=self._headers()
+            ),
+            what="read of checks by ID",
+        )
+        return list((result or {}).values())
+
     async def services(self) -> dict[str, dict[str, Any]]:
         result: dict[str, dict[str, Any]] = await self._call(
             lambda: self._http.get(CB.json(), "/v1/agent/services", headers=self._headers()),
@@ -182,12 +224,14 @@ class ConsulClient:
         )
         return result or {}
 
-    async def register(self, body: Mapping[str, Any]) -> None:
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None:
+        """Register ``body``; ``replace_checks=False`` keeps checks the body does not list."""
         metrics.WRITES.labels(system="consul").inc()
+        params = [("replace-existing-checks", "true")] if replace_checks else []
         await self._call(
             lambda: self._http.put(
                 CB.boolean(), "/v1/agent/service/register",
-                params=[("replace-existing-checks", "true")],
+                params=params,
                 data=json.dumps(body), headers=self._headers(),
             ),
             what=f"registration of {body.get('ID')!r}",

@@ -6,6 +6,7 @@ client exists.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,16 @@ class ConsulConnection:
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
+    def warnings(self) -> list[str]:
+        """What is allowed but unsafe, to be logged loudly at start-up."""
+        if self.scheme == "http" and self.token and not _loopback(self.host):
+            return [
+                f"CONSUL_HTTP_TOKEN is sent in cleartext to {self.url}: anyone on the network "
+                "path can read the ACL token; use an https:// CONSUL_HTTP_ADDR"
+            ]
+        return []
+
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulConnection:
         env = os.environ if env is None else env
@@ -49,12 +60,21 @@ class ConsulConnection:
         cert, key = env.get("CONSUL_CLIENT_CERT") or None, env.get("CONSUL_CLIENT_KEY") or None
         if bool(cert) != bool(key):
             raise ValueError("CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY must be set together")
+        ca = env.get("CONSUL_CACERT") or None
+        if parts.scheme == "http" and (ca or cert):
+            # These used to be ignored in silence, and the ACL token went out in
+            # cleartext; etcd's settings refuse the same mix.
+            given = ", ".join(n for n, v in (("CONSUL_CACERT", ca), ("CONSUL_CLIENT_CERT", cert)) if v)
+            raise ValueError(
+                f"{given} set but CONSUL_HTTP_ADDR={addr!r} is plain HTTP: use an https:// address "
+                "(or CONSUL_HTTP_SSL=true with host:port), or unset the TLS variables"
+            )
         return cls(
             scheme=parts.scheme,
             host=parts.hostname,
             port=port,
             token=env.get("CONSUL_HTTP_TOKEN") or None,
-            ca_cert=env.get("CONSUL_CACERT") or None,
+            ca_cert=ca,
             client_cert=cert,
             client_key=key,
             timeout=_seconds(env, "TETHER_CONSUL_TIMEOUT", 5.0),
@@ -72,3 +92,13 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 < value <= 300:
         raise ValueError(f"{name}={value}: must be more than 0 and at most 300 seconds")
     return value
+
+
+def _loopback(host: str) -> bool:
+    """A loopback address: cleartext never leaves the machine (or the Pod)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -24,8 +24,9 @@ from tether.config.values import Committed, Delete, Entry, Guard, Op, Put
 MAX_TXN_OPS: Final = 128
 
 #: Consul refuses request bodies above ``txn_max_req_len`` (512 KiB by
-#: default, raft's suggested maximum; 413 "Request body too large"); values travel base64-encoded (4/3 of their size) inside JSON, so
-#: the budget for the raw estimate stays well below.
+#: default, raft's suggested maximum; 413 "Request body too large"); values
+#: travel base64-encoded (4/3 of their size) inside JSON, so the budget for
+#: the raw estimate stays well below.
 MAX_TXN_BYTES: Final = 320 * 1024
 
 #: Consul's ``kv_max_value_size`` (512 KiB by default) bounds one value; its

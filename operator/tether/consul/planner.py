@@ -51,8 +51,32 @@ def owner_of(meta: Mapping[str, Any] | None) -> Owner | None:
 
 
 def check_id(service_id: str, check_name: str) -> str:
-    """Stable check IDs, so a check is updated in place rather than re-created."""
-    return f"{service_id}:{check_name}"
+    """Stable check IDs, so a check is updated in place rather than re-created.
+
+    Check IDs are agent-wide, not per service, so the ID must be a one-to-one
+    function of (service ID, check name): a service ID never contains ``/``
+    (``api.parse`` refuses it), so everything before the first ``/`` is the
+    service ID and the rest the check name. With ``:`` as the separator, id
+    ``a`` with check ``y:z`` and id ``a:y`` with check ``z`` both produced
+    ``a:y:z`` and two resources rewrote each other's check forever.
+    """
+    return f"{service_id}/{check_name}"
+
+
+def foreign_checks(
+    desired: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """Checks on the agent under one of ``desired``'s check IDs that belong elsewhere.
+
+    Registering a check ID that exists moves that check onto the registering
+    service: a foreign service's check would be taken over (its critical
+    state hidden, and deleted with ours). Such a check is a conflict.
+    """
+    wanted = {str(c["CheckID"]) for c in desired.get("Checks") or []}
+    return [
+        c for c in checks
+        if str(c.get("CheckID", "")) in wanted and str(c.get("ServiceID", "")) != desired["ID"]
+    ]
 
 
 def registration(spec: api.ConsulServiceSpec, owner: Owner) -> dict[str, Any]:
@@ -82,6 +106,8 @@ def _check_body(service_id: str, check: api.Check) -> dict[str, Any]:
         body["TCP"] = check.target
     elif check.kind == "grpc":
         body["GRPC"] = check.target
+        # Without GRPCUseTLS Consul probes in plaintext and ignores TLSSkipVerify.
+        body["GRPCUseTLS"] = check.grpc_use_tls
         body["TLSSkipVerify"] = check.tls_skip_verify
     else:
         body["TTL"] = durations.render(check.ttl_ns or 0)
@@ -235,15 +261,30 @@ def plan(
     observed_service: Mapping[str, Any] | None,
     observed_checks: Sequence[Mapping[str, Any]],
     stale: Mapping[str, Mapping[str, Any] | None],
+    *,
+    other_checks: Sequence[Mapping[str, Any]] = (),
 ) -> Plan:
     """Decide the writes for one resource.
 
     ``stale`` maps other service IDs this resource may have registered before
     (a previous ``spec.id``) to what the agent holds there now (None: absent).
+    ``other_checks`` are agent checks under the desired check IDs, whatever
+    service they belong to (see :func:`foreign_checks`).
     """
     deregister = tuple(
         sorted(sid for sid, svc in stale.items() if svc is not None and owner_of(svc.get("Meta")) == owner)
     )
+    taken = foreign_checks(desired, other_checks)
+    if taken:
+        first = taken[0]
+        holder = str(first.get("ServiceID") or "") or "the agent's node (no service)"
+        return Plan(
+            conflict=(
+                f"Consul check ID {first.get('CheckID')!r} already belongs to {holder!r}; "
+                "Tether will not take over a check it does not own. Remove that check from "
+                "Consul, or rename the check in spec.checks."
+            ),
+        )
     if observed_service is not None:
         current = owner_of(observed_service.get("Meta"))
         if current != owner:
@@ -263,13 +304,45 @@ def plan(
 
 
 def release(owner: Owner, observed: Mapping[str, Mapping[str, Any] | None]) -> tuple[str, ...]:
-    """The service IDs to deregister when the resource is deleted (``Delete`` policy).
+    """The service IDs to let go of when the resource is deleted.
 
     ``observed`` maps every ID the resource may have registered (its status,
     its spec, the owner index) to what the agent holds there now. Exactly the
-    registrations whose meta names this owner go; a foreign one under the
-    same ID is never touched.
+    registrations whose meta names this owner go (deregistered with
+    ``Delete``, released with ``Orphan``); a foreign one under the same ID is
+    never touched.
     """
     return tuple(
         sorted(sid for sid, svc in observed.items() if svc is not None and owner_of(svc.get("Meta")) == owner)
     )
+
+
+def released(service: Mapping[str, Any]) -> dict[str, Any]:
+    """The body that re-registers ``service`` (as the agent shows it) without Tether's claim.
+
+    What ``deletionPolicy: Orphan`` means in Consul: the registration stays,
+    but its meta no longer names an owner, exactly as etcd's claims are
+    dropped. Keeping the ownership meta would let a later resource of the
+    same namespace/name find it through the owner index and deregister it.
+    The body carries no ``Checks`` and is sent without
+    ``replace-existing-checks``: the agent keeps the running checks as they
+    are (their definitions are not readable back, so they cannot be resent).
+    ``external-source`` stays: it says where the registration came from, not
+    who owns it.
+    """
+    meta = {
+        k: v for k, v in (service.get("Meta") or {}).items()
+        if k not in (api.META_CLUSTER, api.META_NAMESPACE, api.META_NAME)
+    }
+    body: dict[str, Any] = {
+        "ID": service.get("ID"),
+        "Name": service.get("Service"),
+        "Address": service.get("Address") or "",
+        "Port": int(service.get("Port") or 0),
+        "Tags": list(service.get("Tags") or ()),
+        "Meta": meta,
+    }
+    for key in ("Weights", "EnableTagOverride"):
+        if service.get(key) is not None:
+            body[key] = service[key]
+    return body

@@ -14,15 +14,16 @@ queue, two ways of reaching Consul.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from tether import conditions, metrics
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
 from tether.conditions import Condition
-from tether.consul import planner
+from tether.consul import planner, topology
 from tether.consul.catalogreconciling import CatalogServices
-from tether.consul.client import Agent, ConsulError
+from tether.consul.client import Agent, ConsulError, ConsulRejected
 from tether.consul.index import AgentIndex, Tracked
 from tether.reconciling import Note, Outcome, Resource
 
@@ -35,6 +36,13 @@ def _healthy(health: str) -> Condition:
         conditions.HEALTHY, status, health.capitalize(),
         f"Consul reports the instance's checks as {health}",
     )
+
+
+# Whenever a reconcile cannot tell the instance's health, ``status.health`` says
+# unknown and ``Healthy`` says Unknown with it: a Healthy=True left over from
+# before a Conflict or an outage would contradict the status beside it.
+_UNKNOWN_HEALTH = (_healthy("unknown"),)
+_UNKNOWN: dict[str, Any] = {"health": "unknown"}
 
 
 class ConsulServices:
@@ -52,6 +60,13 @@ class ConsulServices:
         self.cluster = cluster
         self.agent_url = agent_url
         self.endpoints = endpoints
+        self.nodes = topology.NodeTracker(agent_url or "(the configured address)")
+
+    async def _one_agent(self) -> None:
+        """Raise BackendRejected when the address turns out to reach several agents."""
+        problem = self.nodes.seen(await self.agent.node_name(), time.monotonic())
+        if problem:
+            raise ConsulRejected(problem)
 
     def owner(self, ref: ObjectRef) -> planner.Owner:
         return planner.Owner(self.cluster, ref.namespace, ref.name)
@@ -63,7 +78,7 @@ class ConsulServices:
             self.index.untrack(res.ref)
             if self.endpoints is not None:
                 self.endpoints.forget(res.ref)
-            return Outcome.from_error(exc, doing="register")
+            return Outcome.from_error(exc, doing="register", fields=_UNKNOWN, conditions=_UNKNOWN_HEALTH)
         owner = self.owner(res.ref)
         if spec.endpoints is not None and self.endpoints is not None:
             # Switched from a fixed instance: its agent registration goes first.
@@ -82,26 +97,34 @@ class ConsulServices:
         fields: dict[str, Any] = {"serviceID": spec.id}
         unknown = {**fields, "health": "unknown"}
         try:
+            await self._one_agent()
             previous = {str(res.status.get("serviceID") or "")} | self.index.owned_ids(owner)
             previous -= {"", spec.id}
             observed = await self.agent.service(spec.id)
             checks = await self.agent.service_checks(spec.id) if observed else []
             stale = {sid: await self.agent.service(sid) for sid in sorted(previous)}
-            plan = planner.plan(desired, owner, observed, checks, stale)
+            # Check IDs are agent-wide: one of ours may already be another service's.
+            same_ids = await self.agent.checks_with_ids([str(c["CheckID"]) for c in desired["Checks"]])
+            plan = planner.plan(desired, owner, observed, checks, stale, other_checks=same_ids)
             if plan.conflict:
                 self.index.untrack(res.ref)
-                return Outcome.failed(conditions.CONFLICT, plan.conflict, fields=unknown)
+                return Outcome.failed(
+                    conditions.CONFLICT, plan.conflict, fields=unknown, conditions=_UNKNOWN_HEALTH
+                )
             notes = []
             if plan.register is not None:
                 await self.agent.register(plan.register)
                 notes.append(self._registered_note(res, spec.id, plan))
                 checks = await self.agent.service_checks(spec.id)
+                await self._one_agent()  # still the agent that was read and written?
             for sid in plan.deregister:
                 await self.agent.deregister(sid)
                 self.index.forget_id(owner, sid)
                 notes.append(Note("Normal", "Deregistered", f"Removed old registration {sid!r}"))
         except ConsulError as exc:
-            return Outcome.from_error(exc, doing=f"register {spec.id!r} in Consul", fields=unknown)
+            return Outcome.from_error(
+                exc, doing=f"register {spec.id!r} in Consul", fields=unknown, conditions=_UNKNOWN_HEALTH
+            )
         health = planner.aggregate_health([str(c.get("Status", "")) for c in checks])
         self.index.track(res.ref, Tracked(spec.id, planner.desired_signature(desired), health))
         fields["health"] = health
@@ -140,23 +163,28 @@ class ConsulServices:
         with contextlib.suppress(InvalidSpec):
             ids.add(api.parse(res.ref.namespace, res.ref.name, res.spec).id)
         ids.discard("")
-        if res.spec.get("deletionPolicy", "Delete") == "Orphan":
-            self.index.untrack(res.ref)
-            return Outcome(
-                "False", conditions.DELETING, "deletionPolicy Orphan: registration left in Consul",
-                released=True,
-                notes=(Note("Normal", "Orphaned", f"Left {sorted(ids)} in Consul (deletionPolicy Orphan)"),),
-            )
+        orphan = res.spec.get("deletionPolicy", "Delete") == "Orphan"
         try:
+            await self._one_agent()
             observed = {sid: await self.agent.service(sid) for sid in sorted(ids)}
             removed = planner.release(owner, observed)
             for sid in removed:
-                await self.agent.deregister(sid)
+                if orphan:
+                    # Released, not left claimed: without the ownership meta no
+                    # later resource of this namespace/name can find it and remove it.
+                    svc = observed[sid] or {}
+                    await self.agent.register(planner.released(svc), replace_checks=False)
+                else:
+                    await self.agent.deregister(sid)
                 self.index.forget_id(owner, sid)
         except ConsulError as exc:
             failed = Outcome.from_error(exc, doing="deregister from Consul")
             return Outcome.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
         self.index.untrack(res.ref)
+        if orphan:
+            message = f"released {list(removed)} in Consul (deletionPolicy Orphan: left, no longer owned)"
+            notes = (Note("Normal", "Orphaned", message),) if removed else ()
+            return Outcome("False", conditions.DELETING, message, released=True, notes=notes)
         done = Note("Normal", "Deregistered", f"Deregistered {list(removed)} from Consul")
         notes = (done,) if removed else ()
         return Outcome("False", conditions.DELETING, "deregistered", released=True, notes=notes)

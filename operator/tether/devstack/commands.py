@@ -25,12 +25,12 @@ SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
 
 
-def http_url(port: int) -> str:
-    return f"http://{HOST}:{port}"
+def http_url(port: int, host: str = HOST) -> str:
+    return f"http://{host}:{port}"
 
 
-def https_url(port: int) -> str:
-    return f"https://{HOST}:{port}"
+def https_url(port: int, host: str = HOST) -> str:
+    return f"https://{host}:{port}"
 
 
 # ---------------------------------------------------------------------- etcd
@@ -56,6 +56,46 @@ def etcd(binary: Path, *, name: str, data_dir: Path, client_port: int, peer_port
         f"--initial-advertise-peer-urls={peer}",
         f"--initial-cluster={name}={peer}",
         "--initial-cluster-state=new",
+        "--unsafe-no-fsync",
+        "--log-outputs=stderr",
+    ]
+
+
+def etcd_member(
+    binary: Path,
+    *,
+    name: str,
+    host: str,
+    data_dir: Path,
+    client_port: int,
+    peer_port: int,
+    peers: Mapping[str, str],
+    cluster_token: str,
+) -> list[str]:
+    """One member of the HA stack's 3-member etcd, on its own loopback address.
+
+    ``peers`` maps every member's name (this one's included) to its peer URL.
+    ``--initial-cluster*`` only matter for the first start: a restarted member
+    finds its membership in its data directory. The token keeps two stacks on
+    one machine from ever joining each other. Raft timing is etcd's default
+    (100 ms heartbeats, 1 s election timeout) so measured elections are the
+    ones users get; ``--unsafe-no-fsync`` as for the single member.
+    """
+    client, peer = http_url(client_port, host), http_url(peer_port, host)
+    initial = ",".join(f"{member}={url}" for member, url in sorted(peers.items()))
+    return [
+        str(binary),
+        f"--name={name}",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster={initial}",
+        f"--initial-cluster-token={cluster_token}",
+        "--initial-cluster-state=new",
+        "--heartbeat-interval=100",
+        "--election-timeout=1000",
         "--unsafe-no-fsync",
         "--log-outputs=stderr",
     ]
@@ -233,6 +273,63 @@ def consul_config(
             "enable_token_persistence": False,
             "tokens": {"initial_management": acl_initial_token, "agent": acl_initial_token},
         }
+    return config
+
+
+def consul_agent(binary: Path, *, config_file: Path) -> list[str]:
+    """``consul agent`` (not dev mode: a datacenter member) with its config file."""
+    return [str(binary), "agent", f"-config-file={config_file}"]
+
+
+def consul_member_config(
+    ports: ConsulPorts,
+    *,
+    node_name: str,
+    host: str,
+    data_dir: Path,
+    join: list[str],
+    server: bool,
+    bootstrap_expect: int = 3,
+) -> dict[str, Any]:
+    """Configuration of one agent of the HA stack's Consul datacenter.
+
+    Every agent binds (Serf, RPC, HTTP) to its own loopback address, so a fault
+    can cut one off. ``join`` lists the servers' Serf LAN addresses
+    (``host:port``); ``retry_join`` keeps trying them, which is what brings a
+    restarted agent back. Servers bootstrap once ``bootstrap_expect`` of them
+    have met. ``raft_multiplier: 1`` is Consul's production recommendation
+    (the default 5 is tuned for tiny cloud instances) and keeps elections to
+    about a second. ``leave_on_terminate`` is off for servers (a SIGTERM is a
+    restart, not a decommissioning) and on for the client agent, as Consul's
+    defaults have it.
+    """
+    config: dict[str, Any] = {
+        "node_name": node_name,
+        "datacenter": "dc1",
+        "data_dir": str(data_dir),
+        "server": server,
+        "bind_addr": host,
+        "client_addr": host,
+        "advertise_addr": host,
+        "retry_join": join,
+        "retry_interval": "1s",
+        "ports": {
+            "http": ports.http,
+            "https": -1,
+            "grpc": -1,
+            "grpc_tls": -1,
+            "dns": -1,
+            "serf_lan": ports.serf_lan,
+            "serf_wan": ports.serf_wan,
+            "server": ports.server,
+        },
+        "performance": {"raft_multiplier": 1},
+        "disable_update_check": True,
+        "log_level": "INFO",
+    }
+    if server:
+        config["bootstrap_expect"] = bootstrap_expect
+        config["leave_on_terminate"] = False
     return config
 
 

@@ -54,8 +54,8 @@ def candidate_range(ephemeral: int) -> range:
     return range(10000, max(10000 + 1000, ephemeral))
 
 
-def _try_bind(port: int) -> list[socket.socket] | None:
-    """Bind TCP and UDP on ``port``; the sockets if both succeed, else None."""
+def _try_bind(port: int, host: str = HOST) -> list[socket.socket] | None:
+    """Bind TCP and UDP on ``host:port``; the sockets if both succeed, else None."""
     held: list[socket.socket] = []
     try:
         for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
@@ -66,7 +66,7 @@ def _try_bind(port: int) -> list[socket.socket] | None:
                 # whose only users are TIME_WAIT leftovers of a killed server is free
                 # to listen on again; one with a listener is not.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((HOST, port))
+            sock.bind((host, port))
         return held
     except OSError:
         for sock in held:
@@ -74,9 +74,14 @@ def _try_bind(port: int) -> list[socket.socket] | None:
         return None
 
 
-def allocate(count: int, *, rng: random.Random | None = None) -> list[int]:
-    """``count`` distinct ports, free right now on 127.0.0.1 for TCP and UDP."""
+def allocate(count: int, *, rng: random.Random | None = None, host: str = HOST) -> list[int]:
+    """``count`` distinct ports, free right now on ``host`` (127.0.0.1) for TCP and UDP.
+
+    The HA stack gives each member its own loopback address; a port is then
+    checked on that address, where the member will listen.
+    """
     rng = rng or random.Random()
+    # (127.0.0.1 keeps the one-argument call the unit tests stub.)
     candidates = candidate_range(ephemeral_start())
     held: list[socket.socket] = []
     ports: list[int] = []
@@ -86,14 +91,14 @@ def allocate(count: int, *, rng: random.Random | None = None) -> list[int]:
                 port = rng.choice(candidates)
                 if port in ports:
                     continue
-                sockets = _try_bind(port)
+                sockets = _try_bind(port) if host == HOST else _try_bind(port, host)
                 if sockets is not None:
                     held += sockets
                     ports.append(port)
                     break
             else:
                 raise DevStackError(
-                    f"found no free port on {HOST} after {MAX_ATTEMPTS} attempts"
+                    f"found no free port on {host} after {MAX_ATTEMPTS} attempts"
                 )
         return ports
     finally:
@@ -101,9 +106,9 @@ def allocate(count: int, *, rng: random.Random | None = None) -> list[int]:
             sock.close()
 
 
-def is_free(port: int) -> bool:
-    """Whether ``port`` could be bound right now (TCP and UDP on 127.0.0.1)."""
-    sockets = _try_bind(port)
+def is_free(port: int, host: str = HOST) -> bool:
+    """Whether ``port`` could be bound right now (TCP and UDP on ``host``)."""
+    sockets = _try_bind(port, host)
     if sockets is None:
         return False
     for sock in sockets:

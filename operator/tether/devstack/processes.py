@@ -53,8 +53,22 @@ def is_running(pid: int | None, argv: Sequence[str]) -> bool:
     return read_cmdline(pid) == tuple(argv)
 
 
-def spawn(argv: Sequence[str], *, log: Path, cwd: Path, env: Mapping[str, str]) -> int:
-    """Start ``argv`` detached, output appended to ``log``; return its pid."""
+def spawn(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    cwd: Path,
+    env: Mapping[str, str],
+    group: int | None = None,
+) -> int:
+    """Start ``argv`` detached, output appended to ``log``; return its pid.
+
+    ``group`` (root only) runs the program with that primary group and no
+    supplementary ones, user unchanged. The HA stack gives each member a group
+    of its own: packets from its sockets then carry it, which is how the fault
+    tooling tells one member's traffic from another's on the shared loopback
+    (``iptables -m owner --gid-owner``).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting: {' '.join(argv)}\n".encode())
@@ -67,6 +81,8 @@ def spawn(argv: Sequence[str], *, log: Path, cwd: Path, env: Mapping[str, str]) 
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            group=group,
+            extra_groups=[] if group is not None else None,
         )
     _children[child.pid] = child
     # Popen returns once exec has closed the close-on-exec pipe, but the kernel

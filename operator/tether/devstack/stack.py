@@ -1,5 +1,13 @@
 """The dev stack: kube-etcd, kube-apiserver, a configuration etcd and a Consul agent.
 
+``up(ha=True)`` (``tether dev up --ha``) starts the highly available variant
+instead: the configuration etcd is a 3-member cluster (``etcd-0``…``etcd-2``) and
+Consul a datacenter of three servers (``consul-server-0``…``2``) plus one client
+agent (``consul-agent``), which is what Tether talks to. Each member listens on
+a loopback address of its own (see :data:`HA_HOSTS`), so that a fault can cut
+one member off without touching the others; Kubernetes stays on 127.0.0.1.
+The mode is recorded in the state file; ``status`` and ``down`` follow it.
+
 :class:`DevStack` owns one state directory (``.tether/dev`` by default)::
 
     state.json        ports (chosen once) and, per component, pid + command line
@@ -29,6 +37,8 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,19 +62,54 @@ ETCD = "etcd"
 CONSUL = "consul"
 #: Every component, in the order status reports them.
 COMPONENTS: tuple[str, ...] = (KUBE_ETCD, KUBE_APISERVER, ETCD, CONSUL)
+
+#: The HA stack's members.
+ETCD_MEMBERS: tuple[str, ...] = ("etcd-0", "etcd-1", "etcd-2")
+CONSUL_SERVERS: tuple[str, ...] = ("consul-server-0", "consul-server-1", "consul-server-2")
+CONSUL_AGENT = "consul-agent"
+HA_MEMBERS: tuple[str, ...] = (*ETCD_MEMBERS, *CONSUL_SERVERS, CONSUL_AGENT)
+HA_COMPONENTS: tuple[str, ...] = (KUBE_ETCD, KUBE_APISERVER, *HA_MEMBERS)
+#: One loopback address per HA member. Every address in 127.0.0.0/8 reaches
+#: ``lo`` on Linux with no set-up; the default stack (and most other software)
+#: uses 127.0.0.1 only, so these never collide with it, and a member's traffic
+#: can be told apart by address. Ports are still chosen free per address, so two
+#: HA stacks (say a dev one and the fault suite's) can share the addresses.
+HA_HOSTS: Mapping[str, str] = {
+    **{name: f"127.0.0.{10 + i}" for i, name in enumerate(ETCD_MEMBERS)},
+    **{name: f"127.0.0.{20 + i}" for i, name in enumerate(CONSUL_SERVERS)},
+    CONSUL_AGENT: "127.0.0.30",
+}
+#: First of the groups HA members run under (root only; see processes.spawn);
+#: the stack adds an offset derived from its directory so two stacks differ.
+HA_GROUP_BASE = 61000
+MODE_SINGLE = "single"
+MODE_HA = "ha"
 #: The named ports each component listens on.
 PORT_NAMES: Mapping[str, tuple[str, ...]] = {
     KUBE_ETCD: ("client", "peer"),
     KUBE_APISERVER: ("secure",),
     ETCD: ("client", "peer"),
     CONSUL: ("http", "serf_lan", "serf_wan", "server"),
+    **{name: ("client", "peer") for name in ETCD_MEMBERS},
+    **{name: ("http", "serf_lan", "serf_wan", "server") for name in (*CONSUL_SERVERS, CONSUL_AGENT)},
 }
 _PROGRAMS: Mapping[str, str] = {
     KUBE_ETCD: "etcd",
     KUBE_APISERVER: "kube-apiserver",
     ETCD: "etcd",
     CONSUL: "consul",
+    **{name: "etcd" for name in ETCD_MEMBERS},
+    **{name: "consul" for name in (*CONSUL_SERVERS, CONSUL_AGENT)},
 }
+
+
+def host_of(name: str) -> str:
+    """The loopback address ``name`` listens on."""
+    return HA_HOSTS.get(name, commands.HOST)
+
+
+def components_of(mode: str) -> tuple[str, ...]:
+    return HA_COMPONENTS if mode == MODE_HA else COMPONENTS
 
 #: How long each component may take to answer after (re)starting.
 READY_TIMEOUT = 60.0
@@ -95,6 +140,9 @@ class Component:
     argv: tuple[str, ...]
     log: Path
     ports: Mapping[str, int]
+    host: str = commands.HOST
+    #: The group the process runs under (HA members started as root), else None.
+    group: int | None = None
 
     @property
     def running(self) -> bool:
@@ -128,6 +176,42 @@ def _etcd_healthy(status: int, body: str) -> bool:
 
 def _consul_has_leader(status: int, body: str) -> bool:
     return status == 200 and body.strip() not in ("", '""')
+
+
+def _post_json(url: str, body: Mapping[str, Any], *, timeout: float = 2.0) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def etcd_role(url: str) -> str | None:
+    """``leader`` or ``follower`` as the member at ``url`` sees itself; None if it does not answer."""
+    try:
+        answer = _post_json(f"{url}/v3/maintenance/status", {})
+    except (OSError, ValueError):
+        return None
+    member, leader = answer.get("header", {}).get("member_id"), answer.get("leader")
+    if not member or not leader:
+        return "follower"  # no leader known (an isolated member): not the leader
+    return "leader" if member == leader else "follower"
+
+
+def consul_role(url: str) -> str | None:
+    """``leader``, ``follower`` (or ``candidate``) for a server, ``client`` for a client agent."""
+    try:
+        status, body = probes.http_get(f"{url}/v1/agent/self")
+        answer = json.loads(body) if status == 200 else None
+    except (OSError, ValueError):
+        return None
+    if not answer:
+        return None
+    if not answer.get("Config", {}).get("Server"):
+        return "client"
+    state = str(answer.get("Stats", {}).get("raft", {}).get("state", "")).lower()
+    return state or None
 
 
 # ------------------------------------------------------------ a separate Consul
@@ -253,9 +337,18 @@ class DevStack:
             return ""
         if name == KUBE_APISERVER:
             return commands.https_url(component_ports["secure"])
-        if name == CONSUL:
-            return commands.http_url(component_ports["http"])
-        return commands.http_url(component_ports["client"])
+        if "http" in component_ports:  # Consul, every agent of the HA datacenter
+            return commands.http_url(component_ports["http"], host_of(name))
+        return commands.http_url(component_ports["client"], host_of(name))
+
+    @staticmethod
+    def _mode(state: Mapping[str, Any]) -> str:
+        return str(state.get("mode", MODE_SINGLE))
+
+    @property
+    def mode(self) -> str:
+        """``single`` or ``ha``: what the state directory holds (``single`` when empty)."""
+        return self._mode(self._load())
 
     def _component(self, name: str, state: Mapping[str, Any]) -> Component:
         component_ports: dict[str, int] = dict(state["ports"].get(name, {}))
@@ -267,12 +360,14 @@ class DevStack:
             argv=tuple(record.get("argv", ())),
             log=self.log_file(name),
             ports=component_ports,
+            host=host_of(name),
+            group=record.get("group"),
         )
 
     def components(self) -> dict[str, Component]:
         """Every component as recorded (running or not)."""
         state = self._load()
-        return {name: self._component(name, state) for name in COMPONENTS}
+        return {name: self._component(name, state) for name in components_of(self._mode(state))}
 
     def env(self) -> dict[str, str]:
         """The variables of the env file, expanded against the current environment."""
@@ -280,12 +375,27 @@ class DevStack:
 
     # ------------------------------------------------------------------- up
 
-    def up(self) -> None:
-        """Start every component that is down, wait until all answer, install the CRDs."""
+    def up(self, *, ha: bool = False) -> None:
+        """Start every component that is down, wait until all answer, install the CRDs.
+
+        ``ha`` asks for the HA variant; a state directory keeps the mode it was
+        first brought up in, and asking for the other one is an error (``down``
+        first) rather than a silent switch that would strand running processes.
+        """
         started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        wanted = MODE_HA if ha else MODE_SINGLE
         with locks.exclusive(self._lock_file, timeout=LOCK_TIMEOUT, what="the dev stack"):
             state = self._load()
+            # A state file from before the HA mode existed has ports but no mode: single.
+            mode = state.get("mode") or (MODE_SINGLE if state["ports"] else wanted)
+            state["mode"] = mode
+            if mode != wanted:
+                flag = "with --ha" if mode == MODE_HA else "without --ha"
+                raise DevStackError(
+                    f"{self.state_dir} holds a {mode} stack: run `tether dev up` {flag}, "
+                    "or `tether dev down` first to switch"
+                )
             self._assign_ports(state)
             self._save(state)
 
@@ -294,9 +404,10 @@ class DevStack:
             certificates.ensure(self.pki.directory)
             self._write_kubeconfig(state)
 
-            # The API server needs its etcd; the other two are independent. Start
-            # all three, then wait for each, so their start-ups overlap.
-            backends = (KUBE_ETCD, ETCD, CONSUL)
+            # The API server needs its etcd; the other backends are independent.
+            # Start them all, then wait for each, so their start-ups overlap (an
+            # etcd or Consul cluster cannot answer before a quorum is up anyway).
+            backends = tuple(name for name in components_of(mode) if name != KUBE_APISERVER)
             for name in backends:
                 self._ensure_started(name, state, programs)
             for name in backends:
@@ -311,17 +422,21 @@ class DevStack:
         self.progress(f"up in {time.monotonic() - started:.1f} s")
 
     def _assign_ports(self, state: dict[str, Any]) -> None:
-        """Choose ports for components that have none yet (the first `up`)."""
-        needed = [
-            (name, port_name)
-            for name in COMPONENTS
-            for port_name in PORT_NAMES[name]
-            if port_name not in state["ports"].get(name, {})
-        ]
-        if not needed:
-            return
-        for (name, port_name), port in zip(needed, ports.allocate(len(needed)), strict=True):
-            state["ports"].setdefault(name, {})[port_name] = port
+        """Choose ports for components that have none yet (the first `up`).
+
+        Ports are allocated per address, all of one address in one call (so
+        they are distinct there): 127.0.0.1 for the default stack and
+        Kubernetes, one address per HA member.
+        """
+        by_host: dict[str, list[tuple[str, str]]] = {}
+        for name in components_of(self._mode(state)):
+            for port_name in PORT_NAMES[name]:
+                if port_name not in state["ports"].get(name, {}):
+                    by_host.setdefault(host_of(name), []).append((name, port_name))
+        for host, needed in by_host.items():
+            chosen = ports.allocate(len(needed), host=host)
+            for (name, port_name), port in zip(needed, chosen, strict=True):
+                state["ports"].setdefault(name, {})[port_name] = port
 
     def _link_programs(self, programs: Mapping[str, Path]) -> None:
         """Point ``bin/<program>`` at each program, replacing links atomically."""
@@ -346,6 +461,36 @@ class DevStack:
     def _argv(self, name: str, state: Mapping[str, Any], programs: Mapping[str, Path]) -> list[str]:
         component_ports: Mapping[str, int] = state["ports"][name]
         binary = programs[_PROGRAMS[name]]
+        if name in ETCD_MEMBERS:
+            return commands.etcd_member(
+                binary,
+                name=name,
+                host=host_of(name),
+                data_dir=self.state_dir / name,
+                client_port=component_ports["client"],
+                peer_port=component_ports["peer"],
+                peers={
+                    member: commands.http_url(state["ports"][member]["peer"], host_of(member))
+                    for member in ETCD_MEMBERS
+                },
+                cluster_token=f"tether-{zlib.crc32(str(self.state_dir).encode()):08x}",
+            )
+        if name in (*CONSUL_SERVERS, CONSUL_AGENT):
+            config_file = self.state_dir / f"{name}.json"
+            config = commands.consul_member_config(
+                commands.ConsulPorts(**component_ports),
+                node_name=name,
+                host=host_of(name),
+                data_dir=self.state_dir / name,
+                join=[
+                    f"{host_of(server)}:{state['ports'][server]['serf_lan']}"
+                    for server in CONSUL_SERVERS
+                    if server != name
+                ],
+                server=name != CONSUL_AGENT,
+            )
+            _write_atomic(config_file, commands.consul_config_text(config), mode=0o600)
+            return commands.consul_agent(binary, config_file=config_file)
         if name in (KUBE_ETCD, ETCD):
             return commands.etcd(
                 binary,
@@ -373,18 +518,33 @@ class DevStack:
         if self._component(name, state).running:
             return
         component_ports: Mapping[str, int] = state["ports"][name]
-        taken = [port for port in component_ports.values() if not ports.is_free(port)]
+        host = host_of(name)
+        taken = [port for port in component_ports.values() if not ports.is_free(port, host)]
         if taken:
             raise DevStackError(
-                f"cannot start {name}: its port(s) {', '.join(map(str, taken))} are taken by "
-                "another process; stop it, or `tether dev down` to start afresh on new ports"
+                f"cannot start {name}: its port(s) {', '.join(map(str, taken))} on {host} are "
+                "taken by another process; stop it, or `tether dev down` to start afresh on new ports"
             )
         argv = self._argv(name, state, programs)
-        pid = processes.spawn(argv, log=self.log_file(name), cwd=self.state_dir, env=_child_env())
+        group = self._group(name)
+        pid = processes.spawn(
+            argv, log=self.log_file(name), cwd=self.state_dir, env=_child_env(), group=group
+        )
         # Recorded at once, so that even if we fail from here on, `down` finds it.
-        state["processes"][name] = {"pid": pid, "argv": argv}
+        state["processes"][name] = {"pid": pid, "argv": argv, "group": group}
         self._save(state)
         self.progress(f"started {name} (pid {pid}), log in {self.log_file(name)}")
+
+    def _group(self, name: str) -> int | None:
+        """The group an HA member runs under when we are root, else None.
+
+        Derived from the state directory, so two HA stacks on one machine use
+        different groups and a fault aimed at one never matches the other.
+        """
+        if name not in HA_MEMBERS or os.geteuid() != 0:
+            return None
+        offset = (zlib.crc32(str(self.state_dir).encode()) % 256) * 16
+        return HA_GROUP_BASE + offset + HA_MEMBERS.index(name)
 
     def _check(self, name: str, url: str) -> probes.Check:
         if name == KUBE_APISERVER:
@@ -393,7 +553,7 @@ class DevStack:
                 f"{url}/readyz", lambda status, body: status == 200 and body.strip() == "ok",
                 context=context,
             )
-        if name == CONSUL:
+        if name == CONSUL or name in (*CONSUL_SERVERS, CONSUL_AGENT):
             return probes.check_http(f"{url}/v1/status/leader", _consul_has_leader)
         return probes.check_http(f"{url}/health", _etcd_healthy)
 
@@ -410,10 +570,18 @@ class DevStack:
             self.progress(f"{name} answered after {took:.1f} s")
 
     def _write_env(self, state: Mapping[str, Any]) -> None:
+        if self._mode(state) == MODE_HA:
+            # Tether talks to the client agent (as users' services do) and knows
+            # every etcd member, so its client can fail over.
+            consul = self._url(CONSUL_AGENT, state["ports"][CONSUL_AGENT])
+            etcd = ",".join(self._url(name, state["ports"][name]) for name in ETCD_MEMBERS)
+        else:
+            consul = self._url(CONSUL, state["ports"][CONSUL])
+            etcd = self._url(ETCD, state["ports"][ETCD])
         text = envfiles.render(
             kubeconfig=self.kubeconfig,
-            consul_http_addr=self._url(CONSUL, state["ports"][CONSUL]),
-            etcd_endpoints=self._url(ETCD, state["ports"][ETCD]),
+            consul_http_addr=consul,
+            etcd_endpoints=etcd,
             state_dir=self.state_dir,
             bin_dir=self.bin_dir,
         )
@@ -466,9 +634,23 @@ class DevStack:
 
     # --------------------------------------------------------------- status
 
+    def role(self, name: str, url: str) -> str | None:
+        """The component's role in its cluster, asked from it; None if it does not answer.
+
+        etcd members (and the single etcds) say ``leader``/``follower``, Consul
+        servers ``leader``/``follower``/``candidate``, the client agent
+        ``client``; the API server is always ``apiserver``.
+        """
+        if name == KUBE_APISERVER:
+            return "apiserver"
+        if name == CONSUL or name in (*CONSUL_SERVERS, CONSUL_AGENT):
+            return consul_role(url)
+        return etcd_role(url)
+
     def status(self) -> dict[str, Any]:
-        """``{"components": {name: {"pid", "running", "ready", "url", "log", "ports"}}}``."""
-        components = self.components()
+        """``{"mode", "components": {name: {"pid", "running", "ready", "role", "url", ...}}}``."""
+        state = self._load()
+        components = {name: self._component(name, state) for name in components_of(self._mode(state))}
         context = None
         if self.pki.admin_key.exists():
             context = probes.client_tls(self.pki.ca_cert, self.pki.admin_cert, self.pki.admin_key)
@@ -482,11 +664,14 @@ class DevStack:
                 "pid": component.pid if running else None,
                 "running": running,
                 "ready": ready,
+                "role": self.role(name, component.url) if running else None,
                 "url": component.url,
+                "address": component.host,
+                "group": component.group,
                 "log": str(component.log),
                 "ports": dict(component.ports),
             }
-        return {"state_dir": str(self.state_dir), "components": report}
+        return {"state_dir": str(self.state_dir), "mode": self._mode(state), "components": report}
 
     # ----------------------------------------------------------------- down
 
@@ -508,8 +693,10 @@ class DevStack:
                     state = self._load()
                 except DevStackError:
                     state = {"ports": {}, "processes": {}}
-                # API server first, so it does not spend its last seconds retrying etcd.
-                for name in (KUBE_APISERVER, CONSUL, ETCD, KUBE_ETCD):
+                # API server first, so it does not spend its last seconds retrying
+                # etcd; the client agent before the servers it would keep calling.
+                for name in (KUBE_APISERVER, CONSUL, ETCD, CONSUL_AGENT, *CONSUL_SERVERS,
+                             *ETCD_MEMBERS, KUBE_ETCD):
                     component = self._component(name, state)
                     if processes.terminate(component.pid, component.argv):
                         self.progress(f"stopped {name} (pid {component.pid})")

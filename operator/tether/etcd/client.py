@@ -508,6 +508,14 @@ class EtcdClient:
                         if connected
                         else "no connection when sending; most likely not applied"
                     )
+                    # Never retried here and never reported as success: the caller
+                    # re-reads and re-plans, its compares making a repeat safe. The
+                    # warning is how an operator (and the HA fault suite, which
+                    # counts the writes repeated this way) learns it happened.
+                    logger.warning(
+                        "etcd transaction outcome unknown on %s: %s (%s); re-reading before deciding",
+                        endpoint.url, code.name, outcome,
+                    )
                     raise EtcdUnavailable(f"{error} ({outcome})") from exc
                 logger.debug("etcd %s.%s failed on %s: %s", service, method, endpoint.url, code.name)
                 last_error = error

@@ -6,6 +6,7 @@ client or gRPC channel exists.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,18 @@ class EtcdConnection:
             raise ValueError(
                 f"etcd: TLS files are configured but endpoint {plain[0]} is plaintext; use https:// endpoints"
             )
+
+    def warnings(self) -> list[str]:
+        """What is allowed but unsafe, to be logged loudly at start-up."""
+        if self.username is None:
+            return []
+        plain = [e for e in self.endpoints if e.startswith("http://") and not _loopback(e)]
+        if not plain:
+            return []
+        return [
+            f"ETCD_USERNAME/ETCD_PASSWORD are sent in cleartext to {plain[0]}: anyone on the "
+            "network path can read them; use https:// endpoints"
+        ]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EtcdConnection:
@@ -137,3 +150,14 @@ def split_endpoint(endpoint: str) -> tuple[str, str, int]:
     if ":" in host:
         host = f"[{host}]"  # IPv6 literal: keep the brackets gRPC expects
     return parts.scheme, host, port
+
+
+def _loopback(endpoint: str) -> bool:
+    """An endpoint on a loopback address: cleartext never leaves the machine (or the Pod)."""
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

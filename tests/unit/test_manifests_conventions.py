@@ -1,0 +1,122 @@
+"""Operating conventions in the install files (issue 14): least-privilege RBAC with
+no unused verb, aggregated edit/view roles, recommended labels, an optional
+monitoring component, CRDs that point users at user documents only. Read
+straight from the YAML (the e2e suite renders them with kustomize too)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether import metrics
+from tether.api import ObjectRef
+from tether.reconciling import Controller
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+KINDS = {"consulservices", "etcdconfigs", "consulconfigs"}
+RECOMMENDED = {
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+    "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
+}
+
+
+def _objects(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _installed() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    out = []
+    for entry in kustomization["resources"]:
+        path = MANIFESTS / entry
+        if path.is_dir():
+            crds = yaml.safe_load((path / "Kustomization").read_text())
+            pairs = {k: v for entry in crds.get("labels", []) for k, v in entry["pairs"].items()}
+            for name in crds["resources"]:
+                for obj in _objects(path / name):
+                    obj["metadata"]["labels"] = {**pairs, **(obj["metadata"].get("labels") or {})}
+                    out.append(obj)
+        else:
+            out += _objects(path)
+    return out
+
+
+def _rules(kind: str, name: str) -> list[dict[str, Any]]:
+    for obj in _installed():
+        if obj["kind"] == kind and obj["metadata"]["name"] == name:
+            return list(obj["rules"])
+    raise AssertionError(f"{kind}/{name} not installed")
+
+
+def test_operator_role_drops_verbs_it_never_uses() -> None:
+    rules = _rules("ClusterRole", "tether")
+    main = next(r for r in rules if "consulservices" in r["resources"])
+    assert set(main["resources"]) == KINDS and sorted(main["verbs"]) == ["get", "list", "patch", "watch"]
+    status = next(r for r in rules if "consulservices/status" in r["resources"])
+    assert sorted(status["verbs"]) == ["get", "patch"]
+    events = [r for r in rules if "events" in r["resources"]]
+    assert events == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    lease = _rules("Role", "tether-leader-election")
+    assert sorted(lease[0]["verbs"]) == ["create", "get", "update"]
+
+
+def test_aggregated_edit_and_view_roles_cover_every_kind() -> None:
+    objs = {o["metadata"]["name"]: o for o in _installed() if o["kind"] == "ClusterRole"}
+    edit, view = objs["tether-edit"], objs["tether-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert set(edit["rules"][0]["resources"]) == KINDS and "create" in edit["rules"][0]["verbs"]
+    assert set(view["rules"][0]["resources"]) == KINDS
+    assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+
+
+def test_every_installed_object_carries_the_recommended_labels() -> None:
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    common = {k for entry in kustomization["labels"] for k in entry["pairs"]}
+    for obj in _installed():
+        labels = set(obj["metadata"].get("labels") or {})
+        missing = RECOMMENDED - labels - common
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {sorted(missing)}"
+
+
+def test_monitoring_component_has_service_monitor_and_rules() -> None:
+    comp = MANIFESTS / "components" / "monitoring"
+    spec = yaml.safe_load((comp / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component"
+    objs = [o for name in spec["resources"] for o in _objects(comp / name)]
+    assert {o["kind"] for o in objs} == {"ServiceMonitor", "PrometheusRule"}
+    rules = next(o for o in objs if o["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"]
+    alerts = {r["alert"] for r in rules}
+    assert {"TetherBackendDown", "TetherResourcesNotReady", "TetherQueueStuck"} <= alerts
+    exported = {"tether_backend_up", "tether_resources_not_ready", "tether_queue_depth",
+                "tether_reconciles_total", "tether_leader"}
+    for rule in rules:
+        for name in re.findall(r"tether_[a-z_]+", rule["expr"]):
+            assert name in exported, name
+
+
+def test_crd_files_do_not_point_users_at_developer_documents() -> None:
+    for path in (REPO / "crds").glob("*.yaml"):
+        assert "DESIGN.md" not in path.read_text(), path.name
+
+
+def test_not_ready_gauge_counts_by_kind_and_reason() -> None:
+    class Kind:
+        kind, plural = "Thing", "things"
+
+    ctl = Controller(Kind(), None)  # type: ignore[arg-type]
+    a, b = ObjectRef("things", "ns", "a"), ObjectRef("things", "ns", "b")
+    gauge = metrics.NOT_READY.labels(kind="Thing", reason="Conflict")
+    ctl._count_not_ready(a, "Conflict")
+    ctl._count_not_ready(b, "Conflict")
+    assert gauge._value.get() == 2
+    ctl._count_not_ready(a, None)
+    assert gauge._value.get() == 1
+    ctl._count_not_ready(b, "BackendUnavailable")
+    assert gauge._value.get() == 0
+    assert metrics.NOT_READY.labels(kind="Thing", reason="BackendUnavailable")._value.get() == 1
