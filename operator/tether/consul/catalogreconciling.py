@@ -86,6 +86,14 @@ def _healthy(counts: endpoints.Counts, note: str = "") -> Condition:
     return Condition(conditions.HEALTHY, status, counts.health.capitalize(), message + note)
 
 
+# As in fixed-instance mode: when a reconcile cannot tell the instances' health,
+# status.health is unknown and Healthy says Unknown with it, rather than a
+# Healthy=True left from before the outage contradicting it.
+_UNKNOWN_HEALTH = (
+    Condition(conditions.HEALTHY, "Unknown", "Unknown", "Consul's view of the instances is not known"),
+)
+
+
 class CatalogServices:
     """Endpoints mode of ConsulService, on the synthetic node ``node``."""
 
@@ -139,9 +147,14 @@ class CatalogServices:
         try:
             eps, note = await self._endpoints(res, spec)
         except InvalidSpec as exc:
-            return Outcome.from_error(exc, doing="follow the Service", fields=unknown)
+            return Outcome.from_error(
+                exc, doing="follow the Service", fields=unknown, conditions=_UNKNOWN_HEALTH
+            )
         except KubeError as exc:
-            return Outcome.from_error(exc, doing=f"read Service {spec.endpoints.service!r}", fields=unknown)
+            return Outcome.from_error(
+                exc, doing=f"read Service {spec.endpoints.service!r}", fields=unknown,
+                conditions=_UNKNOWN_HEALTH,
+            )
         want = endpoints.desired(spec, owner, eps)
         before = self.index.wanted(res.ref)
         plan = endpoints.CatalogPlan()
@@ -154,7 +167,9 @@ class CatalogServices:
                     conflict = endpoints.node_conflict(node, name=self.node, cluster=self.cluster)
                     if conflict:
                         self.index.unwant(res.ref)
-                        return Outcome.failed(conditions.CONFLICT, conflict, fields=unknown)
+                        return Outcome.failed(
+                            conditions.CONFLICT, conflict, fields=unknown, conditions=_UNKNOWN_HEALTH
+                        )
                     plan = endpoints.plan(
                         want, services, checks, owner=owner, node=self.node,
                         node_present=node is not None, cluster=self.cluster, max_ops=self.max_txn_ops,
@@ -173,7 +188,10 @@ class CatalogServices:
                             raise
                         log.debug("%s: catalog changed under a guarded write; re-planning", res.ref)
         except ConsulError as exc:
-            return Outcome.from_error(exc, doing=f"register the instances of {spec.name!r}", fields=unknown)
+            return Outcome.from_error(
+                exc, doing=f"register the instances of {spec.name!r}", fields=unknown,
+                conditions=_UNKNOWN_HEALTH,
+            )
         written = _without(want, plan.conflicts)
         tally = endpoints.counts(inst.status for inst in written.values())
         fields.update({"health": tally.health, "instances": tally.as_status()})
