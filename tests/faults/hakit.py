@@ -395,8 +395,8 @@ def check_linearizable(history: list[Event], acks: Acks, *, gaps: list[str]) -> 
     g, status.revision r") claims that its transaction(s) for g had been applied
     by revision r. For each such acknowledgement and each key k that generation
     declares through ``spec.data`` (ConfigMap-sourced values change without a
-    generation and are left out; the generator's ConfigMap keys never collide
-    with its data keys):
+    generation and are left out; a key that ``data`` overrode and a newer
+    generation leaves to its ConfigMap may take the ConfigMap's value):
 
     1. **not lost / not false** — the last event on k at or before r puts exactly
        the value generation g declares. An acknowledgement without that write
@@ -468,6 +468,11 @@ def check_linearizable(history: list[Event], acks: Acks, *, gaps: list[str]) -> 
                     explained = any(
                         (s.get("data") or {}).get(relative) == event.value
                         and _key(s["prefix"], relative) == key
+                        for s in newer.values()
+                    ) or any(
+                        # A newer generation no longer overrides the key in data
+                        # but reads it from a ConfigMap: the ConfigMap's value.
+                        s.get("from") and relative not in (s.get("data") or {})
                         for s in newer.values()
                     )
                 unseen = set(range(generation, max(declared[resource]) + 1)) - set(declared[resource])

@@ -648,7 +648,10 @@ class DevStack:
         return etcd_role(url)
 
     def status(self) -> dict[str, Any]:
-        """``{"mode", "components": {name: {"pid", "running", "ready", "role", "url", ...}}}``."""
+        """``{"mode", "components": {name: {"pid", "running", "ready", "url", ...}}}``.
+
+        In HA mode each component also has ``role``, ``address`` and ``group``.
+        """
         state = self._load()
         components = {name: self._component(name, state) for name in components_of(self._mode(state))}
         context = None
@@ -664,13 +667,18 @@ class DevStack:
                 "pid": component.pid if running else None,
                 "running": running,
                 "ready": ready,
-                "role": self.role(name, component.url) if running else None,
                 "url": component.url,
-                "address": component.host,
-                "group": component.group,
                 "log": str(component.log),
                 "ports": dict(component.ports),
             }
+            if self._mode(state) == MODE_HA:
+                # Only the HA stack reports roles and addresses: the default
+                # stack's report stays exactly what its users parse.
+                report[name].update(
+                    role=self.role(name, component.url) if running else None,
+                    address=component.host,
+                    group=component.group,
+                )
         return {"state_dir": str(self.state_dir), "mode": self._mode(state), "components": report}
 
     # ----------------------------------------------------------------- down
