@@ -46,7 +46,10 @@ log = logging.getLogger("tether")
 # work — ends the process within this many seconds: first gracefully (tasks
 # cancelled, the Lease released), then, if something still hangs (a Kopf
 # start-up step, a blocking client call in a thread), by a hard exit.
-STOP_GRACE_SECONDS = 1.5
+STOP_GRACE_SECONDS = 1.8
+# Within it: cancelled tasks get this long to unwind before the Lease is
+# released (itself bounded to 1 s by the elector).
+_UNWIND_SECONDS = 0.5
 
 
 def run(
@@ -217,15 +220,15 @@ async def _main(
     stopped: asyncio.Task[None] | None = None
 
     async def _stop_writers() -> None:
-        if holder is not None:
-            holder.cancel()
-        for task in watchers:
+        # Everything is cancelled at once and given a bounded moment to unwind:
+        # on a loaded machine a sequential stop ate the whole stop deadline
+        # and the Lease was never released. A cancelled task writes nothing
+        # more; the next leader polls about once a second anyway.
+        tasks = [t for t in (holder, *watchers) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
-        for controller in controllers:
-            await controller.stop()
-        if holder is not None:
-            await asyncio.gather(holder, return_exceptions=True)
+        stops = [asyncio.create_task(c.stop()) for c in controllers]
+        await asyncio.wait([*tasks, *stops], timeout=_UNWIND_SECONDS)
         if elector is not None:
             await elector.release()
 
