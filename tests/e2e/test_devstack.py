@@ -158,11 +158,6 @@ def test_down_stops_everything_and_removes_the_state(tmp_path: Path) -> None:
         "url": "",
         "log": str(directory / "etcd.log"),
         "ports": {},
-        # The member fields every component reports since the HA stack (role
-        # and group matter there; a stopped single etcd has neither).
-        "address": "127.0.0.1",
-        "group": None,
-        "role": None,
     }
 
 
