@@ -11,6 +11,9 @@ or appeared between the read and the write makes Consul roll the whole
 transaction back instead of overwriting someone else's entry. And the
 planner only ever emits an operation on an entry whose meta names this
 resource as its owner, or on an ID where nothing exists yet.
+
+(Over 500 lines on purpose: desired instances, the catalog diff, batching and
+the status are one pure function of endpoints and catalog, tested as one.)
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ where a later run would trust it. Before Consul is built, the LICENSE of every
 the result is recorded in ``LICENSES.txt`` in the cache directory.
 
 ``python -m tether.devstack.binaries`` pre-builds everything (for CI images).
+
+(Over 500 lines on purpose: locating, building and licence-checking the four
+programs is one pinned procedure that reads best end to end.)
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Kubernetes etcd comes before the API server; the rest start in parallel.
 
 :func:`start_consul` / :func:`stop` start and stop one extra, separate Consul
 agent (for example an ACL-enabled one for a test), with the same machinery.
+
+(Over 500 lines on purpose: the single and the HA stack share one state file,
+one lock and one start/probe/stop sequence; split, each would repeat them.)
 """
 
 from __future__ import annotations
