@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import socket
+from tether.devstack import ports
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now.
 
-    The kernel picks it (bind to port 0) and the socket is closed at once, so another
-    process could take it before ours binds: good enough for tests on one machine,
-    where ports are plentiful and the window is milliseconds.
+    Chosen as the dev stack chooses its own: at random from *below* the kernel's
+    ephemeral range and checked bindable. A port the kernel picked (bind to port
+    0) is an ephemeral one, and the kernel may hand it to any outgoing connection
+    (a test's own HTTP calls) before the process it was meant for binds it: over
+    a long fault run that race was lost once ("Address already in use").
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return ports.allocate(1)[0]
