@@ -314,6 +314,21 @@ class Consul:
         status, body = _http("PUT", f"{self.url}/v1/agent/service/deregister/{service_id}")
         assert status == 200, f"deregister {service_id}: {status} {body}"
 
+    def node_instances(self, node: str) -> dict[str, tuple[dict[str, Any], str]]:
+        """Each service instance in the catalog on ``node`` (endpoints mode's synthetic
+        node), by ID, with the status of its check (``none`` without one)."""
+        status, body = _http("GET", f"{self.url}/v1/catalog/node-services/{node}")
+        if status == 404 or not body:
+            return {}
+        assert status == 200, f"GET /v1/catalog/node-services/{node}: {status} {body}"
+        status, checks = _http("GET", f"{self.url}/v1/health/node/{node}")
+        assert status == 200, f"GET /v1/health/node/{node}: {status} {checks}"
+        by_service = {str(c.get("ServiceID")): str(c["Status"]) for c in checks or []}
+        return {
+            str(svc["ID"]): (svc, by_service.get(str(svc["ID"]), "none"))
+            for svc in body.get("Services") or []
+        }
+
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
