@@ -79,6 +79,12 @@ class TxnSummary:
     foreign: list[str] = field(default_factory=list)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A killed operator resets its connections: expected in a fault run, not worth a traceback.
+        pass
+
+
 class WriteRecorder:
     """A transparent HTTP proxy to ``upstream`` (Consul) that records every write."""
 
@@ -135,7 +141,7 @@ class WriteRecorder:
 
             do_GET = do_PUT = do_POST = do_DELETE = _forward
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=f"recorder-{name}", daemon=True

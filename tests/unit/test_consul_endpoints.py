@@ -321,6 +321,25 @@ def test_a_readiness_flip_is_one_check_write() -> None:
     assert plan.ops == 1 and "Check" in plan.batches[0][0]
 
 
+def test_a_rename_updates_instances_and_checks_in_place() -> None:
+    """spec.name changes, spec.id does not: same instance IDs, their checks still filed under the old name."""
+    cat = Catalog()
+    eps = [endpoints.Endpoint(f"10.0.1.{i}", 8080, "passing", "ready") for i in range(3)]
+    converge(cat, endpoints.desired(spec(), OWNER, eps))
+    _, services, _ = cat.view()
+    # The reconciler reads the checks of every name the owner's instances carry.
+    where = endpoints.checks_filter("api", services, OWNER)
+    assert where == 'ServiceName == "api" or ServiceName == "web"'
+    old_checks = {k: c["ModifyIndex"] for k, c in cat.checks.items()}
+    plan = converge(cat, endpoints.desired(spec(name="api"), OWNER, eps))
+    # Each instance: its service and its check rewritten under their guards, none re-created.
+    assert (plan.added, plan.updated, plan.removed) == (0, 3, 0)
+    check_ops = [op["Check"]["Check"] for ops in plan.batches for op in ops if "Check" in op]
+    assert sorted((c["CheckID"], c["ModifyIndex"]) for c in check_ops) == sorted(old_checks.items())
+    assert {c["ServiceName"] for c in cat.checks.values()} == {"api"}
+    assert not plan_for(cat, endpoints.desired(spec(name="api"), OWNER, eps)).ops
+
+
 def test_another_clusters_node_is_a_conflict() -> None:
     theirs = {"Node": NODE, "Meta": endpoints.node_meta("green")}
     assert "cluster 'green'" in (endpoints.node_conflict(theirs, name=NODE, cluster=CLUSTER) or "")

@@ -130,12 +130,16 @@ class CatalogServices:
         return endpoints.endpoints(slices, port_name), missing
 
     async def _observe(
-        self, services_where: str, checks_where: str
+        self, name: str, owner: Owner
     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
         # Filtered by Consul: a resource reads its own slice of the node, not
         # all of it (the node of 1000 endpoints is ~1 MB of JSON per read).
-        _, node, services = await self.catalog.node_services(self.node, where=services_where)
-        _, checks = await self.catalog.node_checks(self.node, where=checks_where)
+        _, node, services = await self.catalog.node_services(
+            self.node, where=endpoints.services_filter(name, owner)
+        )
+        _, checks = await self.catalog.node_checks(
+            self.node, where=endpoints.checks_filter(name, services, owner)
+        )
         return node, services, checks
 
     async def apply(self, res: Resource, spec: api.ConsulServiceSpec) -> Outcome:
@@ -161,9 +165,7 @@ class CatalogServices:
         try:
             for attempt in range(_ATTEMPTS):
                 async with self.gate.shared():
-                    node, services, checks = await self._observe(
-                        endpoints.services_filter(spec.name, owner), endpoints.checks_filter(spec.name)
-                    )
+                    node, services, checks = await self._observe(spec.name, owner)
                     conflict = endpoints.node_conflict(node, name=self.node, cluster=self.cluster)
                     if conflict:
                         self.index.unwant(res.ref)

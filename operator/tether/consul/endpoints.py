@@ -229,11 +229,13 @@ def _sig_of_service(svc: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _sig_of_check(check: Mapping[str, Any]) -> tuple[Any, ...]:
+    # ServiceName too: after a rename, a check Consul still files under the old name is rewritten.
     return (
         str(check.get("Name", "")),
         str(check.get("Status", "")),
         str(check.get("Output") or ""),
         str(check.get("ServiceID") or ""),
+        str(check.get("ServiceName") or ""),
     )
 
 
@@ -498,10 +500,20 @@ def services_filter(name: str, owner: Owner) -> str:
     return f"Service == {_quoted(name)} or ({owner_filter(owner)})"
 
 
-def checks_filter(name: str) -> str:
-    """The checks of one service name (an owned instance of an old name is only deleted,
-    and its checks go with it)."""
-    return f"ServiceName == {_quoted(name)}"
+def checks_filter(name: str, services: Iterable[Mapping[str, Any]] = (), owner: Owner | None = None) -> str:
+    """The checks of service ``name``, and of the other names ``owner``'s instances in
+    ``services`` still carry.
+
+    A change of ``spec.name`` keeps the instance IDs (they come from
+    ``spec.id``), so those instances are updated in place, and their checks,
+    still filed under the old name until then, must be seen: planned as absent,
+    they would be written "only if absent" and Consul would roll back every
+    attempt.
+    """
+    names = {name} | {
+        str(s.get("Service", "")) for s in services if owner is not None and owner_of(s.get("Meta")) == owner
+    }
+    return " or ".join(f"ServiceName == {_quoted(n)}" for n in sorted(names))
 
 
 def owner_filter(owner: Owner) -> str:
