@@ -25,6 +25,7 @@ one directly. Both are checked by the test.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import json
 import threading
@@ -120,6 +121,10 @@ class WriteRecorder:
                 finally:
                     upstream.close()
                 if self.command != "GET":
+                    # The operator's client asks for gzip; the record needs the JSON.
+                    readable = answer
+                    if (response.getheader("Content-Encoding") or "").lower() == "gzip":
+                        readable = gzip.decompress(answer)
                     recorder._record(
                         Write(
                             time.monotonic(),
@@ -127,7 +132,7 @@ class WriteRecorder:
                             self.path,
                             body.decode(errors="replace"),
                             response.status,
-                            answer.decode(errors="replace"),
+                            readable.decode(errors="replace"),
                         )
                     )
                 self.send_response(response.status)
