@@ -67,7 +67,7 @@ from typing import Any
 
 import kubernetes
 import pytest
-from audit import Anomaly, converge, split
+from audit import Anomaly, converge, split, without_defaults
 from clusterkit import CatalogWatch, TxnSummary, WriteRecorder, diff, snapshot
 from faultkit import CONSUL, KUBE_APISERVER, REDUCED, FaultStack, Kube, log
 from kubernetes.client.exceptions import ApiException
@@ -135,6 +135,7 @@ class ClusterLoad:
         self.ops: list[str] = []
         self.failed: list[str] = []
         self.retried = 0
+        self.busy = 0  # creates refused: the previous object of that name was still being deleted
         self.operator: OperatorProcess | None = None
         self.recorder: WriteRecorder | None = None
 
@@ -206,8 +207,22 @@ class ClusterLoad:
     def _put_cs(self, app: App, name: str, spec: dict[str, Any], *, create: bool) -> None:
         if create:
             done = self._call(
-                f"create cs {app.namespace}/{name}", lambda: self.kube.create("cs", app.namespace, name, spec)
+                f"create cs {app.namespace}/{name}",
+                lambda: self.kube.create("cs", app.namespace, name, spec),
+                ok=(409,),
             )
+            if done:
+                # 409: a create whose answer was lost (ours, now present), or the
+                # previous one of that name still held by its finalizer (then not
+                # created: the workload tries again later).
+                obj = self.kube.retrying(lambda: self.kube.get("cs", app.namespace, name))[0]
+                done = (
+                    bool(obj)
+                    and not obj["metadata"].get("deletionTimestamp")
+                    and without_defaults(obj["spec"]) == spec
+                )
+                if not done:
+                    self.busy += 1
         else:
             done = self._call(
                 f"update cs {app.namespace}/{name}",
@@ -884,7 +899,8 @@ def test_two_clusters_share_one_consul(
         assert load.operator is not None
         lines.append(
             f"{load.color} ({load.cluster}): {len(load.ops)} operations ({load.retried} retried, "
-            f"{len(load.failed)} failed); operator processes {load.operator.starts}; Consul writes: "
+            f"{len(load.failed)} failed, {load.busy} creates refused while the old one was deleting); "
+            f"operator processes {load.operator.starts}; Consul writes: "
             f"{s.requests} transactions ({s.committed} committed), {s.ops} operations, "
             f"{len(s.foreign)} outside its own node/cluster; index history: {watch.states()} states of "
             f"{len(watch.history)} entries over {watch.queries} blocking queries"
