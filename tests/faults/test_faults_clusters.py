@@ -777,7 +777,13 @@ def watched_foreign_indexes(
 
 @pytest.mark.timeout(600 if REDUCED else 2400)
 def test_two_clusters_share_one_consul(
-    stack: FaultStack, kube: Kube, consul: Consul, run_id: str, seed: int, tmp_path: Path
+    stack: FaultStack,
+    kube: Kube,
+    consul: Consul,
+    run_id: str,
+    session_seed: int,
+    seed: int,
+    tmp_path: Path,
 ) -> None:
     plan = make_plan(REDUCED)
     started = time.monotonic()
@@ -891,7 +897,8 @@ def test_two_clusters_share_one_consul(
 
     lines = [
         "=" * 78,
-        f"TWO-CLUSTER RUN  seed {seed}  ({'reduced' if REDUCED else 'full'})",
+        f"TWO-CLUSTER RUN  seed {seed} (session seed {session_seed}: TETHER_FAULTS_SEED={session_seed})"
+        f"  ({'reduced' if REDUCED else 'full'})",
         f"timings: { {k: round(v, 1) for k, v in timings.items()} }",
     ]
     for load, watch in zip(loads, watches, strict=True):
