@@ -100,7 +100,7 @@ class Plan:
 def make_plan(reduced: bool) -> Plan:
     if reduced:
         return Plan(1, 50, 25, ["operator-kill", "consul-pause"], 60.0)
-    return Plan(3, 150, 60, ["operator-kill", "consul-pause", "both-kill", "apiserver-kill"], 120.0)
+    return Plan(3, 150, 60, ["red-kill", "green-kill", "consul-pause", "both-kill", "apiserver-kill"], 120.0)
 
 
 # ------------------------------------------------------------------ the workload
@@ -698,8 +698,10 @@ class Injector:
     def _inject(self, kind: str, at: float) -> None:
         down = round(self.rng.uniform(1.0, 4.0), 1)
         try:
-            if kind == "operator-kill":
-                load = self.rng.choice(self.loads)
+            if kind in ("operator-kill", "red-kill", "green-kill"):
+                # operator-kill: either operator, drawn from the seed; red-kill, green-kill: that one.
+                named = [x for x in self.loads if kind == f"{x.color}-kill"]
+                load = named[0] if named else self.rng.choice(self.loads)
                 assert load.operator is not None
                 pid = load.operator.pid
                 load.operator.kill()
