@@ -351,6 +351,36 @@ def test_idle_writes_nothing_and_restart_writes_nothing(dev_env: dict[str, str],
             op.stop()
 
 
+def test_a_rename_updates_the_instances_in_place(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    # spec.name changes, spec.id does not: the same instance IDs carry the new
+    # name, and their checks (filed by Consul under the old name) follow.
+    env = dev_env
+    apply(env, namespace, service("rn", [("http", 80, 8080)]))
+    eps = [ready("10.7.0.1"), not_ready("10.7.0.2")]
+    apply(env, namespace, endpoint_slice("rn-a", "rn", [("http", 8080)], eps))
+    apply(env, namespace, csvc("rn", endpoints={"service": "rn"}, name="before"))
+    wait_condition(env, namespace, KIND, "rn", op=operator)
+    want = {"10.7.0.1": (8080, "passing"), "10.7.0.2": (8080, "critical")}
+    until(env, namespace, "rn", want, op=operator)
+    ids = sorted(sid for sid, svc in node_services(env).items() if svc["Meta"].get("tether-name") == "rn")
+    apply(env, namespace, csvc("rn", endpoints={"service": "rn"}, name="after"))
+    obj = wait_for(
+        lambda: (o := get(env, namespace, KIND, "rn")) and o["status"].get("observedGeneration") == 2
+        and condition(o)["status"] == "True" and o,
+        timeout=20, message=f"Ready at generation 2 ({operator.log_tail()})",
+    )
+    assert condition(obj)["status"] == "True", condition(obj)
+    until(env, namespace, "rn", want, op=operator)
+    services = node_services(env)
+    assert sorted(sid for sid, svc in services.items() if svc["Meta"].get("tether-name") == "rn") == ids
+    assert {services[sid]["Service"] for sid in ids} == {"after"}
+    assert {node_checks(env)[f"{sid}:endpoint"]["ServiceName"] for sid in ids} == {"after"}
+    passing = consul(env, "GET", "/v1/health/service/after?passing=true")
+    assert [e["Service"]["Address"] for e in passing if e["Node"]["Node"] == NODE] == ["10.7.0.1"]
+
+
 def test_drift_is_repaired(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
     env = dev_env
     apply(env, namespace, service("db", [("pg", 5432, 5432)]))
