@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether import metrics
 from tether.api import ObjectRef
 from tether.kube import KubeClient, KubeError
 from tether.kubehttp import METADATA, METADATA_LIST, KubeHttp
@@ -76,7 +77,6 @@ class NamespaceWatches:
         self.resync = resync
         self.label_selector = label_selector
         self._watches: dict[str, _Watch] = {}
-        self.events = 0  # every event received (tests and benchmarks read it)
 
     def namespaces(self) -> list[str]:
         """The namespaces watched now."""
@@ -94,6 +94,7 @@ class NamespaceWatches:
             self._watches[namespace] = watch
             name = f"watch-{self.what}-{namespace}"
             watch.task = asyncio.create_task(self._run(namespace, watch), name=name)
+            metrics.WATCHED_NAMESPACES.labels(resource=self.what).set(len(self._watches))
         if watch.established.is_set():
             return
         try:
@@ -144,6 +145,7 @@ class NamespaceWatches:
         finally:
             if self._watches.get(namespace) is watch:
                 del self._watches[namespace]
+                metrics.WATCHED_NAMESPACES.labels(resource=self.what).set(len(self._watches))
 
     async def _follow(self, namespace: str, path: str, version: str) -> str | None:
         """One watch request from ``version``; the version to go on from (None: relist)."""
@@ -162,7 +164,7 @@ class NamespaceWatches:
                 if not self.wanted(namespace):
                     return version
                 continue
-            self.events += 1
+            metrics.WATCH_EVENTS.labels(resource=self.what).inc()
             self.changed(namespace, meta)
         return version
 
