@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="100,1000,5000",
                         help="comma-separated N (default 100,1000,5000)")
     parser.add_argument("--steady-size", type=int, default=None,
-                        help="N for the steady-state phases (default 1000 if among the sizes, else the largest)")
+                        help="N for the steady-state phases (default 1000 if among the sizes, else largest)")
     parser.add_argument("--background-objects", type=int, default=20000,
                         help="unrelated Secrets + ConfigMaps for the background phase (0: skip it)")
     parser.add_argument("--background-etcd-per-minute", type=int, default=10000,
