@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tether import handlers, kube, kubehttp, logs, metrics
+from tether import handlers, kube, logs, metrics
 from tether.config.expectations import Expectations
 from tether.config.sources import SourceIndex
 from tether.consul.catalogreconciling import CatalogServices
@@ -154,7 +154,7 @@ async def _main(
 
     # Events name this replica as their reporting instance (the Pod's name).
     kube_client = kube.KubeClient(instance=settings.identity)
-    kube_http = kubehttp.KubeHttp()
+    kube_http = kube_client.http
     consul_client = ConsulClient(settings.consul)
     etcd_client = EtcdClient(settings.etcd)
     cluster = settings.cluster
@@ -300,8 +300,7 @@ async def _main(
             elector.close()
         await consul_client.close()
         await etcd_client.close()
-        kube_client.close()
-        await kube_http.close()
+        await kube_client.close()
         if health_runner is not None:
             await health_runner.cleanup()
 
