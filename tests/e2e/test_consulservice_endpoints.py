@@ -36,6 +36,7 @@ from tests.support.operator import OperatorProcess
 from tests.support.waiting import wait_for
 
 KIND = "consulservice"
+KIND_NAME = "ConsulService"
 NODE = "tether-kubernetes"  # the shared operator's cluster is the default, "kubernetes"
 
 
@@ -360,12 +361,12 @@ def test_a_rename_updates_the_instances_in_place(
     apply(env, namespace, service("rn", [("http", 80, 8080)]))
     eps = [ready("10.7.0.1"), not_ready("10.7.0.2")]
     apply(env, namespace, endpoint_slice("rn-a", "rn", [("http", 8080)], eps))
-    apply(env, namespace, csvc("rn", endpoints={"service": "rn"}, name="before"))
+    apply(env, namespace, resource(KIND_NAME, "rn", {"endpoints": {"service": "rn"}, "name": "before"}))
     wait_condition(env, namespace, KIND, "rn", op=operator)
     want = {"10.7.0.1": (8080, "passing"), "10.7.0.2": (8080, "critical")}
     until(env, namespace, "rn", want, op=operator)
     ids = sorted(sid for sid, svc in node_services(env).items() if svc["Meta"].get("tether-name") == "rn")
-    apply(env, namespace, csvc("rn", endpoints={"service": "rn"}, name="after"))
+    apply(env, namespace, resource(KIND_NAME, "rn", {"endpoints": {"service": "rn"}, "name": "after"}))
     obj = wait_for(
         lambda: (o := get(env, namespace, KIND, "rn")) and o["status"].get("observedGeneration") == 2
         and condition(o)["status"] == "True" and o,
