@@ -10,9 +10,9 @@ import pytest
 
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
+from tether.consul import reconciling as consul_reconciling
 from tether.consul.connection import ConsulConnection
 from tether.consul.index import AgentIndex
-from tether.consul import reconciling as consul_reconciling
 from tether.consul.reconciling import ConsulServices
 from tether.consul.topology import NodeTracker
 from tether.etcd.connection import EtcdConnection
