@@ -65,7 +65,6 @@ from tether.etcd.client import EtcdClient  # noqa: E402
 from tether.etcd.connection import EtcdConnection  # noqa: E402
 
 DEFAULT_WORKERS = 16  # tether run's default TETHER_WORKERS
-REST_SECONDS = 40.0  # after convergence, before resident memory is read
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -277,12 +276,8 @@ async def _operator_phase(
                 # run is CPU-bound and other tenants' load moves the figures.
                 "machine_busy": busy,
                 "cpu_seconds": cpu,
-                "operator_rss_mib_converged": round(rss_mib(operator.pid), 1),
+                "operator_rss_mib": round(rss_mib(operator.pid), 1),
             })
-            # At rest: the operator gives a burst's freed heap back once idle
-            # (tether.memory, checked every 30 s); this is what stays resident.
-            await asyncio.sleep(REST_SECONDS)
-            result["operator_rss_mib"] = round(rss_mib(operator.pid), 1)
             log(f"operator N={n}: all Ready in {converged['seconds']:.2f}s "
                 f"(p50 {converged['latency']['p50_ms']} ms, p99 {converged['latency']['p99_ms']} ms)")
             if steady and converged["complete"]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tether import handlers, kube, logs, memory, metrics
+from tether import handlers, kube, logs, metrics
 from tether.config.expectations import Expectations
 from tether.config.sources import SourceIndex
 from tether.consul.catalogreconciling import CatalogServices
@@ -282,7 +282,6 @@ async def _main(
         asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
     ]
     watchers.append(asyncio.create_task(mark_ready(), name="readiness"))
-    watchers.append(asyncio.create_task(memory.trim_after_bursts(health.progress), name="memory-trim"))
     # Not among the watchers: stop_writers cancels those, and this calls it.
     stopper = asyncio.create_task(stop_on_flag(), name="stopper")
     try:
