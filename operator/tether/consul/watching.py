@@ -21,10 +21,33 @@ from tether.consul.index import AgentIndex
 
 log = logging.getLogger(__name__)
 
-# Under churn, a scan waits this many times its own duration after the last one
-# (≤ ~1/9 of a core for scanning), but never more than MAX_GAP seconds.
-SCAN_DUTY = 8.0
-MAX_GAP = 2.0
+# Scans may take this share of the time under sustained churn, after a burst of
+# SCAN_BURST_SECONDS of scanning that isolated changes always have available.
+SCAN_SHARE = 0.1
+SCAN_BURST_SECONDS = 1.0
+
+
+class ScanBudget:
+    """A token bucket of scanning time: bursts at once, sustained churn at ``share``."""
+
+    def __init__(self, *, share: float, capacity: float, now: float) -> None:
+        self.share = share
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.share)
+        self.updated = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a scan may start (0 while the bucket holds any time)."""
+        self._refill(now)
+        return 0.0 if self.tokens > 0 else -self.tokens / self.share
+
+    def spend(self, seconds: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= seconds
 
 
 class ConsulWatcher:
@@ -77,26 +100,21 @@ class ConsulWatcher:
                 self._changed.set()
             index = max(new, 0)
 
-    def gap(self, scan_seconds: float) -> float:
-        """The pause after a scan that took ``scan_seconds`` before the next one.
-
-        Every registration, ours included, moves the index; listing and
-        comparing everything costs O(resources). So scans are at least
-        ``min_scan_interval`` apart, and under sustained churn (1000 services
-        converging) at least ``SCAN_DUTY`` times their own cost apart, at most
-        ``MAX_GAP``: the scanner then takes a bounded share of the CPU however
-        many services the agent holds. A lone change is still scanned at once.
-        """
-        return max(self.min_scan_interval, min(MAX_GAP, SCAN_DUTY * scan_seconds))
-
     async def _scanner(self) -> None:
         loop = asyncio.get_running_loop()
-        next_scan = 0.0
+        budget = ScanBudget(share=SCAN_SHARE, capacity=SCAN_BURST_SECONDS, now=loop.time())
+        last_scan = -self.min_scan_interval
         while True:
             await self._changed.wait()
-            # Changes during the pause coalesce into the next scan.
-            await asyncio.sleep(max(0.0, next_scan - loop.time()))
-            started = loop.time()
+            # Every registration, ours included, moves the index, and a scan
+            # lists and compares everything: O(resources). A lone change (drift,
+            # a repair's echo) is scanned at once, at least min_scan_interval
+            # after the last; under sustained churn (1000 services converging)
+            # the budget spaces scans so that they take at most SCAN_SHARE of
+            # the time. Changes during a pause coalesce into the next scan.
+            now = loop.time()
+            await asyncio.sleep(max(last_scan + self.min_scan_interval - now, budget.wait(now), 0.0))
+            started = last_scan = loop.time()
             self._changed.clear()
             try:
                 services = await self.agent.services()
@@ -109,4 +127,4 @@ class ConsulWatcher:
             self.index.refresh(services)
             for ref in self.index.drifted(services, checks):
                 self.enqueue(ref)
-            next_scan = loop.time() + self.gap(loop.time() - started)
+            budget.spend(loop.time() - started, loop.time())
