@@ -21,6 +21,7 @@ from tether.consul.index import AgentIndex
 
 log = logging.getLogger(__name__)
 
+
 class ConsulWatcher:
     """One pair of blocking queries per agent; enqueues drifted resources."""
 
