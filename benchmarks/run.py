@@ -1,6 +1,6 @@
 """``make bench``: Tether's benchmarks on a dev stack of their own.
 
-For each size N (100 and 1000 by default) on a fresh stack each time:
+For each size N (100, 1000 and 5000 by default) on a fresh stack each time:
 
 1. **floor** — a plain script creates N ConsulServices and N EtcdConfigs and,
    as each create returns, makes the writes the operator would make (the
@@ -10,7 +10,7 @@ For each size N (100 and 1000 by default) on a fresh stack each time:
    same way; time until every one is Ready, seen on a watch; per-resource
    create → Ready latency; writes per resource from the operator's metrics.
 
-At the largest N the operator then stays up over its 2N resources for the
+At N = 1000 (``--steady-size``) the operator then stays up over its 2N resources for the
 steady-state figures: **idle** (writes, CPU and memory over a quiet window),
 **restart** (SIGTERM, start, time until caught up, writes it made), **one
 change → backend** and **drift repair** latencies.
@@ -70,7 +70,14 @@ DEFAULT_WORKERS = 16  # tether run's default TETHER_WORKERS
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="100,1000", help="comma-separated N (default 100,1000)")
+    parser.add_argument("--sizes", default="100,1000,5000",
+                        help="comma-separated N (default 100,1000,5000)")
+    parser.add_argument("--steady-size", type=int, default=None,
+                        help="N for the steady-state phases (default 1000 if among the sizes, else largest)")
+    parser.add_argument("--background-objects", type=int, default=20000,
+                        help="unrelated Secrets + ConfigMaps for the background phase (0: skip it)")
+    parser.add_argument("--background-etcd-per-minute", type=int, default=10000,
+                        help="foreign etcd writes per minute during the background phase")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: N=100 only, 10 s idle window, 10 samples per latency")
     parser.add_argument("--keep-stack", action="store_true",
@@ -221,6 +228,8 @@ async def _operator_phase(
                 EtcdClient(EtcdConnection.from_env(stack.env)) as etcd:
             result["warm_up_seconds"] = round(await _warm_up(kube, operator=True), 2)
             before, _ = await phases.settle(operator, quiet=1.0)
+            # N = 0: the operator up, watches open, nothing managed (the warm-up's gone).
+            result["operator_rss_mib_empty"] = round(rss_mib(operator.pid), 1)
             cpu0, op0, me0 = stack.cpu(), cpu_seconds(operator.pid), self_cpu_seconds()
             box0 = machine_cpu()
             if args.profile and n == max(args.size_list):
@@ -316,6 +325,14 @@ async def _steady(
     log(f"drift: {args.samples} per backend")
     report["drift"] = await phases.drift(consul, etcd, n, count=args.samples)
     await phases.settle(operator)
+    if args.background_objects:
+        log(f"background: {args.background_objects} unrelated Secrets and ConfigMaps, "
+            f"{args.background_etcd_per_minute} foreign etcd writes per minute")
+        report["background"] = await phases.background(
+            operator, kube, etcd, objects=args.background_objects,
+            etcd_per_minute=args.background_etcd_per_minute, seconds=args.idle_seconds,
+            concurrency=args.create_concurrency,
+        )
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -367,7 +384,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     report["meta"]["ha"] = args.ha
     stack = Stack(args.state_dir, ha=args.ha)
-    largest = max(args.size_list)
+    steady_size = args.steady_size or (1000 if 1000 in args.size_list else max(args.size_list))
     try:
         for n in [] if args.endpoints_only else args.size_list:
             entry: dict[str, Any] = {}
@@ -381,7 +398,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     floors.append(await _floor(stack, n, args, workers))
                 last = attempt == args.repeat - 1
                 operators.append(await _operator_phase(
-                    stack, n, args, steady=(n == largest and last and not args.skip_steady),
+                    stack, n, args, steady=(n == steady_size and last and not args.skip_steady),
                     report=report, extra_env=extra_env,
                 ))
                 entry.update(_median_runs(floors, operators))
@@ -402,8 +419,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 stack.down()
             except Exception as exc:
                 report.setdefault("problems", []).append(f"stack down: {exc}")
+    largest = max(args.size_list)
     top = report["sizes"].get(str(largest), {})
     report["ratio_to_floor"] = top.get("ratio_to_floor")
+    report["ratio_to_floor_by_n"] = {n: e.get("ratio_to_floor") for n, e in report["sizes"].items()}
+    report["memory"] = _memory(report["sizes"])
     report["largest_n"] = largest
     report["converge_seconds"] = top.get("operator", {}).get("seconds")
     report["floor_seconds"] = top.get("floor", {}).get("seconds")
@@ -412,6 +432,26 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if "restart" in report:
         report["restart_writes"] = report["restart"]["writes"]
     return report
+
+
+def _memory(sizes: dict[str, Any]) -> dict[str, Any]:
+    """Resident memory at N = 0 (operator up, nothing managed) and at each N once converged,
+    and the cost per resource beyond the empty operator (2N resources at each N)."""
+    rss: dict[str, float] = {}
+    per: dict[str, float] = {}
+    empties = []
+    for n, entry in sizes.items():
+        op = entry.get("operator") or {}
+        if op.get("operator_rss_mib_empty"):
+            empties.append(op["operator_rss_mib_empty"])
+        if op.get("operator_rss_mib"):
+            rss[n] = op["operator_rss_mib"]
+    if not empties:
+        return {"rss_mib": rss}
+    empty = sorted(empties)[len(empties) // 2]
+    for n, mib in rss.items():
+        per[n] = round((mib - empty) * 1024 / (2 * int(n)), 1)
+    return {"rss_mib": {"0": empty, **rss}, "kib_per_resource": per}
 
 
 def main(argv: list[str] | None = None) -> int:

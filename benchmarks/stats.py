@@ -113,6 +113,21 @@ def table(report: Mapping[str, Any]) -> str:
                   f"({restart.get('criterion')}), reconciles={restart.get('reconciles')}, "
                   f"writes consul={w.get('consul')} etcd={w.get('etcd')} kubernetes={w.get('kubernetes')}, "
                   f"still Ready {restart.get('ready_after')}"]
+    memory = report.get("memory") or {}
+    if memory.get("rss_mib"):
+        per = memory.get("kib_per_resource", {})
+        lines += ["", "Operator memory (RSS MiB) at N: " + ", ".join(
+            f"{n}: {mib}" + (f" ({per[n]} KiB/resource)" if n in per else "")
+            for n, mib in sorted(memory["rss_mib"].items(), key=lambda kv: int(kv[0])))]
+    bg = report.get("background")
+    if bg:
+        quiet, noisy = bg.get("quiet", {}), bg.get("noisy", {})
+        lines += [f"Background: {bg.get('objects')} unrelated Secrets+ConfigMaps, "
+                  f"{noisy.get('foreign_etcd_writes')} foreign etcd writes in {noisy.get('seconds')} s: "
+                  f"operator cpu {quiet.get('cpu_seconds')} -> {noisy.get('cpu_seconds')} s "
+                  f"(x{bg.get('cpu_ratio')}), rss {quiet.get('rss_mib')} -> {noisy.get('rss_mib')} MiB "
+                  f"(x{bg.get('rss_ratio')}), watch events {noisy.get('watch_events')}; while creating: "
+                  f"cpu {bg.get('creating', {}).get('operator_cpu_seconds')} s"]
     lines += [
         "",
         "busy: share of both cores in use on the whole machine during the phase",

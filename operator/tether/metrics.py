@@ -43,3 +43,12 @@ NOT_READY = Gauge(
 def serve(port: int) -> None:
     """Start the /metrics endpoint in a background thread."""
     start_http_server(port)
+# The watches of objects around the resources (ConfigMaps, Secrets,
+# EndpointSlices): how many namespaces are watched, and what they deliver —
+# both follow what Tether manages, not the cluster's size.
+WATCHED_NAMESPACES = Gauge(
+    "tether_watched_namespaces", "Namespaces watched for a resource type", ["resource"]
+)
+WATCH_EVENTS = Counter(
+    "tether_watch_events_total", "Events received from the per-namespace watches", ["resource"]
+)

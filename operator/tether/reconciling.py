@@ -188,6 +188,19 @@ def _announcement(old: Mapping[str, Any], outcome: Outcome) -> tuple[Note, ...]:
     return (Note("Warning", outcome.reason, outcome.message),)
 
 
+def _first_success(old: Mapping[str, Any], outcome: Outcome) -> bool:
+    """A resource's first reconcile, and it succeeded: the routine creation.
+
+    Its Normal notes ("Registered", "Written") are logged but not posted as
+    events: the status (Ready=True, observedGeneration) already says it, and an
+    event per created resource was a third Kubernetes write per resource where
+    the status patch alone will do. Warnings, later changes (an update, drift
+    repaired, a recovery after a failure) and deletions are still events, as
+    Kubernetes' own controllers record them.
+    """
+    return outcome.ready == "True" and conditions.find(old.get("conditions"), conditions.READY) is None
+
+
 def _fields(ref: ObjectRef) -> dict[str, dict[str, str]]:
     """Structured log fields naming the resource (JSON logs carry them as keys).
 
@@ -368,7 +381,8 @@ class Controller:
         )
         if status != dict(res.status):
             self._remember(await self.kube.patch_status(ref, status))
-        await self._record(res, (*_announcement(res.status, outcome), *outcome.notes))
+        notes = (*_announcement(res.status, outcome), *outcome.notes)
+        await self._record(res, notes, routine=_first_success(res.status, outcome))
         result = outcome.reason if outcome.ready != "True" else "ready"
         metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
         self._count_not_ready(ref, None if outcome.ready == "True" else outcome.reason)
@@ -396,7 +410,8 @@ class Controller:
             count = sum(1 for r in self._not_ready.values() if r == changed)
             metrics.NOT_READY.labels(kind=self.reconciler.kind, reason=changed).set(count)
 
-    async def _record(self, res: Resource, notes: tuple[Note, ...]) -> None:
+    async def _record(self, res: Resource, notes: tuple[Note, ...], *, routine: bool = False) -> None:
+        """Log every note; post it as an event unless it is a ``routine`` Normal one."""
         involved = Involved(self.reconciler.kind, res.ref, res.uid)
         for note in notes:
             # Notes never carry values (Secret data), so they are safe to log too.
@@ -404,6 +419,8 @@ class Controller:
                 logging.WARNING if note.type == "Warning" else logging.INFO,
                 "%s %s: %s", res.ref, note.reason, note.message, extra=_fields(res.ref),
             )
+            if routine and note.type == "Normal":
+                continue
             await self.kube.event(involved, type_=note.type, reason=note.reason, message=note.message)
 
     async def _refresh(self, ref: ObjectRef) -> None:

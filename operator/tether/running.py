@@ -36,6 +36,7 @@ from tether.etcd.configs import EtcdConfigs
 from tether.etcd.store import EtcdStore
 from tether.etcd.watching import EtcdWatcher
 from tether.health import Health
+from tether.kubewatching import WatchedReads
 from tether.leadership import LeaseElector
 from tether.reconciling import Controller
 from tether.settings import Settings
@@ -153,6 +154,7 @@ async def _main(
 
     # Events name this replica as their reporting instance (the Pod's name).
     kube_client = kube.KubeClient(instance=settings.identity)
+    kube_http = kube_client.http
     consul_client = ConsulClient(settings.consul)
     etcd_client = EtcdClient(settings.etcd)
     cluster = settings.cluster
@@ -160,8 +162,17 @@ async def _main(
     # Each kind: a reconciler and what it shares with its backend's watcher.
     agent_index = AgentIndex(cluster=cluster, plural="consulservices")
     catalog_index = CatalogIndex(cluster=cluster, plural="consulservices")
+    etcd_sources, kv_sources = SourceIndex(), SourceIndex()
+    # The objects around the resources, watched per namespace that matters and
+    # metadata only; the controllers they wake are created below.
+    config_maps, secrets = handlers.source_watches(kube_http, (
+        (etcd_sources, lambda ref: etcd_ctl.enqueue(ref)), (kv_sources, lambda ref: kv_ctl.enqueue(ref)),
+    ))
+    slices = handlers.slice_watches(kube_http, catalog_index, lambda ref: consul_ctl.enqueue(ref))
+    around = (config_maps, secrets, slices)
+    reads = WatchedReads(kube_client, config_maps=config_maps, secrets=secrets, slices=slices)
     catalog_services = CatalogServices(
-        consul_client, kube_client, catalog_index, cluster=cluster, node=settings.consul_node,
+        consul_client, reads, catalog_index, cluster=cluster, node=settings.consul_node,
         max_txn_ops=settings.consul_max_txn_ops,
     )
     services = ConsulServices(
@@ -169,13 +180,12 @@ async def _main(
         endpoints=catalog_services,
     )
     etcd_expect, kv_expect = Expectations(), Expectations()
-    etcd_sources, kv_sources = SourceIndex(), SourceIndex()
     etcd_configs = EtcdConfigs(
-        EtcdStore(etcd_client, max_txn_ops=settings.etcd_max_txn_ops), kube_client, cluster=cluster,
+        EtcdStore(etcd_client, max_txn_ops=settings.etcd_max_txn_ops), reads, cluster=cluster,
         ownership_prefix=settings.etcd_ownership_prefix, expectations=etcd_expect, source_index=etcd_sources,
     )
     consul_configs = ConsulConfigs(
-        ConsulKVStore(consul_client), kube_client, cluster=cluster,
+        ConsulKVStore(consul_client), reads, cluster=cluster,
         ownership_prefix=settings.consul_ownership_prefix, expectations=kv_expect, source_index=kv_sources,
     )
     consul_ctl = Controller(services, kube_client, workers=settings.workers)
@@ -196,10 +206,7 @@ async def _main(
     }
 
     registry = kopf.OperatorRegistry()
-    handlers.register(
-        registry, controllers=controllers, sources=((etcd_sources, etcd_ctl), (kv_sources, kv_ctl)),
-        endpoints=(catalog_index, consul_ctl),
-    )
+    handlers.register(registry, controllers=controllers)
 
     # A private registry does not carry Kopf's default login handlers.
     @kopf.on.login(registry=registry)
@@ -228,6 +235,7 @@ async def _main(
         for task in tasks:
             task.cancel()
         stops = [asyncio.create_task(c.stop()) for c in controllers]
+        stops += [asyncio.create_task(w.stop()) for w in around]
         await asyncio.wait([*tasks, *stops], timeout=_UNWIND_SECONDS)
         if elector is not None:
             await elector.release()
@@ -292,7 +300,7 @@ async def _main(
             elector.close()
         await consul_client.close()
         await etcd_client.close()
-        kube_client.close()
+        await kube_client.close()
         if health_runner is not None:
             await health_runner.cleanup()
 

@@ -123,7 +123,9 @@ def test_create_with_every_field_matches_consul(
         message="health critical",
     )
     assert condition(get(dev_env, namespace, KIND, "pay"), "Healthy")["status"] == "False"
-    assert "Registered" in {e["reason"] for e in events(dev_env, namespace, "pay")}
+    # A routine creation is logged, not posted as an event (the status says it).
+    assert f"consulservices/{namespace}/pay Registered:" in operator.log_text()
+    assert "Registered" not in {e["reason"] for e in events(dev_env, namespace, "pay")}
 
 
 def test_update_tags_port_and_checks(

@@ -104,7 +104,10 @@ def test_operator_works_with_only_its_service_account(installed: dict[str, str],
         wait_condition(env, ns, "consulservice", "web", op=op)
         obj = wait_condition(env, ns, "etcdconfig", "cfg", op=op)
         assert obj["status"]["keys"] == 2
-        assert "Registered" in {e["reason"] for e in events(env, ns, "web")}
+        # A routine creation posts no event; a change does, and the role allows it.
+        apply(env, ns, resource("ConsulService", "web", {"port": 81}))
+        wait_for(lambda: "Updated" in {e["reason"] for e in events(env, ns, "web")},
+                 timeout=20, interval=0.3, message="an Updated event under the install's RBAC")
         assert op.metrics().get("tether_leader") == 1.0
         kubectl(env, "delete", "consulservice", "web", "-n", ns, "--timeout=30s")
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import pytest
 
@@ -71,12 +72,18 @@ async def test_events_name_the_pod_as_reporting_instance() -> None:
     from tether.kube import Involved, KubeClient
 
     client = KubeClient(instance="tether-7d9f-abcde")
-    sent = []
-    client._core.create_namespaced_event = lambda ns, body: sent.append(body)  # type: ignore[method-assign]
-    try:
-        await client.event(Involved("ConsulService", ObjectRef("consulservices", "ns", "web"), "u"),
-                           type_="Normal", reason="Registered", message="ok")
-    finally:
-        client.close()
-    assert sent and sent[0].reporting_instance == "tether-7d9f-abcde"
-    assert sent[0].reporting_component == "tether"
+    sent: list[tuple[str, str, Any]] = []
+
+    async def request(method: str, path: str, *, body: Any = None, **_: Any) -> Any:
+        sent.append((method, path, body))
+        return {}
+
+    client.http.request = request  # type: ignore[method-assign]
+    await client.event(Involved("ConsulService", ObjectRef("consulservices", "ns", "web"), "u"),
+                       type_="Normal", reason="Registered", message="ok")
+    assert [(m, p) for m, p, _ in sent] == [("POST", "api/v1/namespaces/ns/events")]
+    body = sent[0][2]
+    assert body["reportingInstance"] == "tether-7d9f-abcde"
+    assert body["reportingComponent"] == "tether"
+    assert body["involvedObject"] == {"apiVersion": "tether.dev/v1alpha1", "kind": "ConsulService",
+                                      "name": "web", "namespace": "ns", "uid": "u"}

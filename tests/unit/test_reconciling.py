@@ -317,3 +317,31 @@ async def test_the_skeleton_does_not_warn_about_progress() -> None:
     assert kube.events == []
     ready = kube.body["status"]["conditions"][0]
     assert (ready["status"], ready["reason"]) == ("Unknown", "Reconciling")
+
+
+async def test_a_routine_creation_posts_no_event_but_changes_do() -> None:
+    """The first successful reconcile is logged, not posted: the status says it (one write fewer)."""
+    kube, kind = _Kube(_BODY), _Scripted()
+    ctl = Controller(kind, kube, workers=1)  # type: ignore[arg-type]
+    ctl.observe("ADDED", _BODY)
+    ref = ObjectRef("etcdconfigs", "ns", "cfg")
+
+    async def reconcile(outcome: Outcome) -> list[tuple[str, str, str]]:
+        kind.next = outcome
+        seen = len(kube.events)
+        await ctl.process(ref)
+        return kube.events[seen:]
+
+    created = Outcome("True", "Reconciled", "2 keys", notes=(Note("Normal", "Written", "wrote 2 keys"),))
+    assert await reconcile(created) == []
+    assert kube.status_patches == 1
+    # Ready is now on record: a later change is a real transition, and an event.
+    updated = Outcome("True", "Reconciled", "3 keys", notes=(Note("Normal", "Written", "wrote 1 key"),))
+    assert await reconcile(updated) == [("Normal", "Written", "wrote 1 key")]
+    # A first reconcile that warns still posts its warning.
+    kube2, kind2 = _Kube(_BODY), _Scripted()
+    ctl2 = Controller(kind2, kube2, workers=1)  # type: ignore[arg-type]
+    ctl2.observe("ADDED", _BODY)
+    kind2.next = Outcome("True", "Reconciled", "ok", notes=(Note("Warning", "DriftRepaired", "restored"),))
+    await ctl2.process(ref)
+    assert kube2.events == [("Warning", "DriftRepaired", "restored")]

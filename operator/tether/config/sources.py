@@ -65,6 +65,14 @@ class SourceIndex:
         """Resources whose ``spec.from`` names this ConfigMap or Secret."""
         return sorted(self._dependents.get((kind, namespace, name), ()))
 
+    def dependents_in(self, kind: api.SourceKind, namespace: str) -> list[ObjectRef]:
+        """Resources in ``namespace`` naming any object of ``kind`` (the watch's scope)."""
+        found: set[ObjectRef] = set()
+        for (k, ns, _), refs in self._dependents.items():
+            if k == kind and ns == namespace:
+                found.update(refs)
+        return sorted(found)
+
     def set(self, ref: ObjectRef, sources: Iterable[SourceId]) -> None:
         new = frozenset(sources)
         old = self._sources.pop(ref, frozenset())

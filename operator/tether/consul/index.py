@@ -153,6 +153,10 @@ class CatalogIndex:
     def followers(self, namespace: str, service: str) -> list[ObjectRef]:
         return sorted(self._followers.get((namespace, service), ()))
 
+    def followers_in(self, namespace: str) -> list[ObjectRef]:
+        """Resources following any Service of ``namespace`` (the watch's scope)."""
+        return sorted(ref for ref, (ns, _) in self._service_of.items() if ns == namespace)
+
     # -- read by the catalog watcher ---------------------------------------------
     def drifted(
         self, services: list[dict[str, Any]], checks: list[dict[str, Any]]
