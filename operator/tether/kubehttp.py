@@ -77,7 +77,7 @@ class KubeHttp:
         headers = {"Accept": accept}
         # Calls the refresh hook an in-cluster configuration sets: projected
         # service-account tokens rotate, and a watch outlives one token.
-        token = self._conf.get_api_key_with_prefix("authorization")
+        token = self._conf.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:
             headers["Authorization"] = token
         return headers

@@ -188,6 +188,27 @@ def _announcement(old: Mapping[str, Any], outcome: Outcome) -> tuple[Note, ...]:
     return (Note("Warning", outcome.reason, outcome.message),)
 
 
+_KEPT_METADATA = (
+    "name", "namespace", "uid", "generation", "resourceVersion", "finalizers", "deletionTimestamp",
+)
+
+
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of a body: what :meth:`Resource.from_body` reads, nothing more.
+
+    A body as served carries ``managedFields`` and, after a client-side
+    ``kubectl apply``, a copy of itself in an annotation: most of its bytes. At
+    N = 1000 + 1000 the full bodies were the largest part of the operator's
+    memory per resource.
+    """
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
+    for part in ("spec", "status"):
+        if part in body:
+            out[part] = body[part]
+    return out
+
+
 def _first_success(old: Mapping[str, Any], outcome: Outcome) -> bool:
     """A resource's first reconcile, and it succeeded: the routine creation.
 
@@ -262,7 +283,7 @@ class Controller:
                 position = own.index(rv)
                 del own[: position + 1]
                 if not own:
-                    self.cache[ref] = body
+                    self.cache[ref] = slim(body)
                 metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
                 return
             # Anything else is taken as the watch says: the watch's order is the
@@ -270,7 +291,7 @@ class Controller:
             # forgotten: after a restore they may never come, and a version
             # reused later must not pass for one (an echo that does come costs
             # one reconcile that writes nothing).
-            self.cache[ref] = body
+            self.cache[ref] = slim(body)
             self._own_writes.pop(ref, None)
         metrics.MANAGED.labels(kind=self.reconciler.kind).set(len(self.cache))
         self.queue.add(ref)
@@ -433,7 +454,7 @@ class Controller:
         if body is None:
             return  # deleted: its DELETED event cleans up
         if ref in self.cache:
-            self.cache[ref] = body
+            self.cache[ref] = slim(body)
             self._own_writes.pop(ref, None)
 
     def _remember(self, body: Mapping[str, Any]) -> None:
@@ -441,7 +462,7 @@ class Controller:
         meta = body.get("metadata") or {}
         ref = ObjectRef(self.reconciler.plural, meta.get("namespace", ""), meta.get("name", ""))
         if ref in self.cache:
-            self.cache[ref] = body
+            self.cache[ref] = slim(body)
             own = self._own_writes.setdefault(ref, [])
             if len(own) >= 16:  # echoes that never came (a missed watch event)
                 own.clear()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tether.api import ObjectRef
-from tether.config.expectations import Expectations, digest
+from tether.config.expectations import Expectations, digest, root_of
 from tether.config.values import Change
 
 A = ObjectRef("etcdconfigs", "ns", "a")
@@ -38,16 +41,20 @@ def test_tracking_again_replaces_and_untracking_forgets_keys() -> None:
     assert list(e.managed_keys()) == [] and e.tracked_count() == 0
 
 
-def test_listeners_hear_only_of_keys_nobody_expected_before() -> None:
+def test_listeners_hear_only_of_roots_that_appear_or_empty() -> None:
     e = Expectations()
-    heard: list[int] = []
-    e.subscribe(lambda: heard.append(1))
+    heard: list[set[str]] = []
+    e.subscribe(lambda: heard.append(e.roots()))
     e.track(A, {"/app/x": None})
-    e.track(B, {"/app/x": None})
+    e.track(B, {"/app/x": None, "/app/z": None})
     e.track(A, {"/app/x": digest(b"v")})
-    assert heard == [1]
+    assert heard == [{"/app/"}]
     e.track(B, {"/app/x": None, "/shop/y": None})
-    assert heard == [1, 1]
+    assert heard == [{"/app/"}, {"/app/", "/shop/"}]
+    e.untrack(A)  # B still manages /app/x
+    assert len(heard) == 2
+    e.untrack(B)
+    assert heard[-1] == set() and e.roots() == set()
 
 
 def test_known_resources_outlive_untracking_until_forgotten() -> None:
@@ -75,3 +82,19 @@ def test_only_digests_are_kept() -> None:
     e.track(A, {"/k": digest(b"hunter2")})
     assert b"hunter2" not in repr(e.expected(A)).encode()
     assert digest(b"hunter2") != b"hunter2" and len(digest(b"hunter2")) == 16
+
+
+@given(st.lists(st.tuples(
+    st.sampled_from([A, B]),
+    st.none() | st.dictionaries(st.sampled_from(["/app/x", "/app/y", "/shop/z", "flat", "kv/a"]), st.none()),
+), max_size=30))
+def test_roots_are_always_the_roots_of_the_managed_keys(
+    steps: list[tuple[ObjectRef, dict[str, None] | None]],
+) -> None:
+    e = Expectations()
+    for ref, keys in steps:
+        if keys is None:
+            e.untrack(ref)
+        else:
+            e.track(ref, dict(keys))
+        assert e.roots() == {root_of(k) for k in e.managed_keys()}

@@ -10,6 +10,7 @@ import pytest
 
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
+from tether.consul import reconciling as consul_reconciling
 from tether.consul.connection import ConsulConnection
 from tether.consul.index import AgentIndex
 from tether.consul.reconciling import ConsulServices
@@ -99,7 +100,11 @@ class BalancedAgent:
         pass
 
 
-async def test_a_load_balanced_address_is_backend_rejected_with_what_to_do() -> None:
+async def test_a_load_balanced_address_is_backend_rejected_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every apply samples the node here (in production: at most once a second).
+    monkeypatch.setattr(consul_reconciling, "NODE_SAMPLE_SECONDS", 0.0)
     services = ConsulServices(
         BalancedAgent(), AgentIndex(cluster="k", plural="consulservices"), cluster="k",  # type: ignore[arg-type]
         agent_url="http://consul-lb:8500",
@@ -118,3 +123,18 @@ def test_an_unknown_node_name_is_no_evidence() -> None:
     """A token without agent:read: node names are unknown, nothing is reported."""
     tracker = NodeTracker("http://consul:8500")
     assert all(tracker.seen("", float(t)) is None for t in range(10))
+
+
+async def test_the_agent_is_identified_at_most_once_a_second_while_all_is_well() -> None:
+    agent = BalancedAgent()
+    services = ConsulServices(
+        agent, AgentIndex(cluster="k", plural="consulservices"), cluster="k",  # type: ignore[arg-type]
+        agent_url="http://consul:8500",
+    )
+    res = Resource(
+        ref=ObjectRef("consulservices", "ns", "web"), uid="u", generation=1, resource_version="1",
+        spec={"address": "10.0.0.1", "port": 80}, status={}, finalizers=(FINALIZER,), deleting=False,
+    )
+    for _ in range(5):
+        assert (await services.apply(res)).ready == "True"
+    assert agent.calls == 1  # /v1/agent/self is the heaviest read of an apply

@@ -345,3 +345,20 @@ async def test_a_routine_creation_posts_no_event_but_changes_do() -> None:
     kind2.next = Outcome("True", "Reconciled", "ok", notes=(Note("Warning", "DriftRepaired", "restored"),))
     await ctl2.process(ref)
     assert kube2.events == [("Warning", "DriftRepaired", "restored")]
+
+
+def test_the_cache_keeps_only_what_a_reconcile_reads() -> None:
+    from tether.reconciling import slim
+
+    body = {
+        "apiVersion": "tether.dev/v1alpha1", "kind": "EtcdConfig",
+        "metadata": {
+            **_BODY["metadata"], "uid": "u", "finalizers": ["tether.dev/finalizer"],
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+        },
+        "spec": {"prefix": "/a"}, "status": {"keys": 1},
+    }
+    kept = slim(body)
+    assert "managedFields" not in kept["metadata"] and "annotations" not in kept["metadata"]
+    assert Resource.from_body("etcdconfigs", kept) == Resource.from_body("etcdconfigs", body)

@@ -24,6 +24,13 @@ def digest(value: bytes) -> bytes:
     return hashlib.blake2b(value, digest_size=16).digest()
 
 
+def root_of(key: str) -> str:
+    """The first path segment of ``key`` with its separators (``/app/``, ``shop/``)."""
+    leading = "/" if key.startswith("/") else ""
+    head, sep, _ = key[len(leading):].partition("/")
+    return leading + head + sep
+
+
 class Expectations:
     """Managed key → the resources that manage it and the digest each expects."""
 
@@ -34,10 +41,22 @@ class Expectations:
         self._tracked: dict[ObjectRef, dict[str, bytes | None]] = {}
         self._known: set[ObjectRef] = set()
         self._listeners: list[Callable[[], None]] = []
+        # Managed keys per root, kept as keys come and go: the root watchers
+        # ask for the roots after every change, and recomputing them from every
+        # key made each new resource cost O(all keys) — O(N²) to converge N.
+        self._roots: dict[str, int] = {}
 
     def subscribe(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever a key nobody expected before is tracked."""
+        """Call ``listener`` whenever the set of roots changes (a root appears or empties)."""
         self._listeners.append(listener)
+
+    def roots(self) -> set[str]:
+        """The roots of every managed key (:func:`root_of`)."""
+        return set(self._roots)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def expected(self, ref: ObjectRef) -> Mapping[str, bytes | None] | None:
         return self._tracked.get(ref)
@@ -46,23 +65,33 @@ class Expectations:
         self.untrack(ref)
         self._known.add(ref)
         self._tracked[ref] = expected
-        new = False
+        new_root = False
         for key, value in expected.items():
             before = self._expect.get(key, ())
-            new = new or not before
+            if not before:
+                root = root_of(key)
+                count = self._roots.get(root, 0)
+                new_root = new_root or count == 0
+                self._roots[root] = count + 1
             self._expect[key] = (*before, (ref, value))
-        if new:
-            for listener in self._listeners:
-                listener()
+        if new_root:
+            self._notify()
 
     def untrack(self, ref: ObjectRef) -> None:
         """Stop watching ``ref``'s keys (its own deletions must not look like drift)."""
+        gone_root = False
         for key in self._tracked.pop(ref, {}):
             rest = tuple(entry for entry in self._expect.get(key, ()) if entry[0] != ref)
             if rest:
                 self._expect[key] = rest
-            else:
-                self._expect.pop(key, None)
+            elif self._expect.pop(key, None) is not None:
+                root = root_of(key)
+                self._roots[root] -= 1
+                if not self._roots[root]:
+                    del self._roots[root]
+                    gone_root = True
+        if gone_root:
+            self._notify()
 
     def seen(self, ref: ObjectRef) -> None:
         """``ref`` was reconciled: re-check it after a watch lost events."""

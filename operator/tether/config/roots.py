@@ -15,14 +15,9 @@ import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tether.config.expectations import Expectations
+from tether.config.expectations import Expectations, root_of
 
-
-def root_of(key: str) -> str:
-    """The first path segment of ``key`` with its separators (``/app/``, ``shop/``)."""
-    leading = "/" if key.startswith("/") else ""
-    head, sep, _ = key[len(leading):].partition("/")
-    return leading + head + sep
+__all__ = ["RootWatchers", "root_of"]
 
 
 class RootWatchers:
@@ -41,7 +36,7 @@ class RootWatchers:
         expectations.subscribe(self._changed.set)
 
     def roots(self) -> set[str]:
-        return self.fixed | {root_of(key) for key in self.expectations.managed_keys()}
+        return self.fixed | self.expectations.roots()
 
     def running(self) -> list[str]:
         return sorted(self._tasks)

@@ -248,13 +248,20 @@ class ConsulClient:
     async def _wait(self, path: str, index: int, wait: str, what: str) -> int:
         params = [("index", str(index)), ("wait", wait)] if index else []
         seconds = float(wait.rstrip("s")) if index else 0.0
-        result: tuple[str, Any] = await self._call(
-            lambda: self._http.get(CB.json(index=True), path, params=params, headers=self._headers()),
+        def index_only(response: Any) -> int:
+            # Only the index is wanted: the body (every service, or every check
+            # of the datacenter) is never parsed — decoding it on each change
+            # was the operator's largest single cost while 1000 services converged.
+            CB._status(response)
+            return int(response.headers.get("X-Consul-Index") or 0)
+
+        result: int = await self._call(
+            lambda: self._http.get(index_only, path, params=params, headers=self._headers()),
             what=what,
             # Consul adds up to wait/16 of jitter to a blocking query.
             deadline=seconds * 1.1 + self.conn.timeout,
         )
-        return int(result[0])
+        return result
 
     async def wait_services(self, index: int, wait: str) -> int:
         """Block until the catalog's services change after ``index``; return the new index."""

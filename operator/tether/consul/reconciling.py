@@ -42,6 +42,8 @@ def _healthy(health: str) -> Condition:
 # unknown and ``Healthy`` says Unknown with it: a Healthy=True left over from
 # before a Conflict or an outage would contradict the status beside it.
 _UNKNOWN_HEALTH = (_healthy("unknown"),)
+# How often the agent behind CONSUL_HTTP_ADDR is identified while it stays the same one.
+NODE_SAMPLE_SECONDS = 1.0
 _UNKNOWN: dict[str, Any] = {"health": "unknown"}
 
 
@@ -61,12 +63,25 @@ class ConsulServices:
         self.agent_url = agent_url
         self.endpoints = endpoints
         self.nodes = topology.NodeTracker(agent_url or "(the configured address)")
+        self._node_sampled = -NODE_SAMPLE_SECONDS
+        self._node_problem: str | None = None
 
     async def _one_agent(self) -> None:
-        """Raise BackendRejected when the address turns out to reach several agents."""
-        problem = self.nodes.seen(await self.agent.node_name(), time.monotonic())
-        if problem:
-            raise ConsulRejected(problem)
+        """Raise BackendRejected when the address turns out to reach several agents.
+
+        The node name comes from ``/v1/agent/self`` (the agent's whole
+        configuration: the heaviest read of an apply), so it is sampled at most
+        once per ``NODE_SAMPLE_SECONDS`` while all is well: a load-balanced
+        address still shows within a few seconds (the tracker needs two
+        changes in its window), and is then checked on every apply.
+        """
+        now = time.monotonic()
+        if self._node_problem is None and now - self._node_sampled < NODE_SAMPLE_SECONDS:
+            return
+        self._node_sampled = now
+        self._node_problem = self.nodes.seen(await self.agent.node_name(), now)
+        if self._node_problem:
+            raise ConsulRejected(self._node_problem)
 
     def owner(self, ref: ObjectRef) -> planner.Owner:
         return planner.Owner(self.cluster, ref.namespace, ref.name)

@@ -21,6 +21,11 @@ from tether.consul.index import AgentIndex
 
 log = logging.getLogger(__name__)
 
+# Under churn, a scan waits this many times its own duration after the last one
+# (≤ ~1/9 of a core for scanning), but never more than MAX_GAP seconds.
+SCAN_DUTY = 8.0
+MAX_GAP = 2.0
+
 
 class ConsulWatcher:
     """One pair of blocking queries per agent; enqueues drifted resources."""
@@ -72,17 +77,26 @@ class ConsulWatcher:
                 self._changed.set()
             index = max(new, 0)
 
+    def gap(self, scan_seconds: float) -> float:
+        """The pause after a scan that took ``scan_seconds`` before the next one.
+
+        Every registration, ours included, moves the index; listing and
+        comparing everything costs O(resources). So scans are at least
+        ``min_scan_interval`` apart, and under sustained churn (1000 services
+        converging) at least ``SCAN_DUTY`` times their own cost apart, at most
+        ``MAX_GAP``: the scanner then takes a bounded share of the CPU however
+        many services the agent holds. A lone change is still scanned at once.
+        """
+        return max(self.min_scan_interval, min(MAX_GAP, SCAN_DUTY * scan_seconds))
+
     async def _scanner(self) -> None:
         loop = asyncio.get_running_loop()
-        last_scan = -self.min_scan_interval
+        next_scan = 0.0
         while True:
             await self._changed.wait()
-            # Every registration, ours included, moves the index; listing and
-            # comparing everything costs O(resources), so scans are at least
-            # min_scan_interval apart (a lone change is scanned at once). Changes
-            # during the pause coalesce into the next scan.
-            await asyncio.sleep(max(0.0, last_scan + self.min_scan_interval - loop.time()))
-            last_scan = loop.time()
+            # Changes during the pause coalesce into the next scan.
+            await asyncio.sleep(max(0.0, next_scan - loop.time()))
+            started = loop.time()
             self._changed.clear()
             try:
                 services = await self.agent.services()
@@ -95,3 +109,4 @@ class ConsulWatcher:
             self.index.refresh(services)
             for ref in self.index.drifted(services, checks):
                 self.enqueue(ref)
+            next_scan = loop.time() + self.gap(loop.time() - started)
