@@ -8,6 +8,11 @@ of resources through finalizers would.
 CPU time and memory are read from ``/proc`` so the figures are the kernel's
 own accounting, with no sampling in between.
 
+With ``ha`` the stack is ``tether dev up --ha`` (3 etcd members, 3 Consul
+servers and a client agent): its env file points the floor and the operator
+at every etcd member and at the client agent, so both pay replication alike
+and the ratio to the floor shows what Tether adds on top of it.
+
 The operator process, ``tether dev`` and the metrics parsing are
 ``tests.support``'s, the same code the end-to-end and fault suites run the
 operator with, so a figure here and a test there measure one thing.
@@ -88,18 +93,24 @@ class Stack:
     """A dev stack under ``state_dir``, started and stopped with ``tether dev``."""
 
     state_dir: Path
+    ha: bool = False
     env: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
     def up(self) -> None:
         started = time.monotonic()
-        self.env = devstack.up(self.state_dir, timeout=600)
+        if self.ha:
+            devstack.tether("dev", "--dir", str(self.state_dir), "up", "--ha", timeout=600)
+            self.env = devstack.load_env(self.state_dir)
+        else:
+            self.env = devstack.up(self.state_dir, timeout=600)
         status = devstack.tether("dev", "--dir", str(self.state_dir), "status", "--json", timeout=60)
         report = json.loads(status.stdout)
         self.pids = {
             name: int(comp["pid"]) for name, comp in report["components"].items() if comp["pid"]
         }
-        log(f"dev stack up in {self.state_dir} ({time.monotonic() - started:.1f}s)")
+        kind = "HA dev stack" if self.ha else "dev stack"
+        log(f"{kind} up in {self.state_dir} ({time.monotonic() - started:.1f}s)")
 
     def down(self) -> None:
         if self.state_dir.exists():

@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoints-per-service", type=int, default=10,
                         help="endpoints section: endpoints in each Service's slice (10)")
     parser.add_argument("--skip-endpoints", action="store_true", help="no endpoints section")
+    parser.add_argument("--ha", action="store_true",
+                        help="every stack is `tether dev up --ha` (3 etcd members, 3 Consul servers)")
     parser.add_argument("--endpoints-only", action="store_true",
                         help="only the endpoints section (no floor, convergence or steady state)")
     return parser
@@ -380,7 +382,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "sizes": {},
     }
-    stack = Stack(args.state_dir)
+    report["meta"]["ha"] = args.ha
+    stack = Stack(args.state_dir, ha=args.ha)
     steady_size = args.steady_size or (1000 if 1000 in args.size_list else max(args.size_list))
     try:
         for n in [] if args.endpoints_only else args.size_list:

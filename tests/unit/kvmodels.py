@@ -38,7 +38,7 @@ from tether.consul import kv as consul_kv
 from tether.consul.client import ConsulRequestTooLarge, ConsulTooManyOps, ConsulUnavailable
 from tether.etcd import store as etcd_store
 from tether.etcd import values as etcd
-from tether.etcd.errors import EtcdUnavailable, RequestTooLarge, TooManyOps
+from tether.etcd.errors import EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
 
 #: etcd's default ``--max-request-bytes``.
 ETCD_REQUEST_LIMIT = 1536 * 1024
@@ -101,6 +101,31 @@ class EtcdModel(Model):
     def __init__(self) -> None:
         super().__init__()
         self.kv: dict[bytes, etcd.KeyValue] = {}
+        # Leases granted (ID → TTL) and the lease each key is attached to.
+        self.leases: dict[int, int] = {}
+        self.attached: dict[bytes, int] = {}
+
+    def lease_grant(self, ttl: int) -> int:
+        lease = 0x1000 + len(self.leases)
+        self.leases[lease] = ttl
+        return lease
+
+    def expire_leases(self) -> list[str]:
+        """Every lease runs out, as after its TTL: its keys go (one revision each); their names."""
+        gone = sorted(k for k, lease in self.attached.items() if lease in self.leases)
+        for key in gone:
+            self.stamp += 1
+            self.kv.pop(key, None)
+            del self.attached[key]
+        self.leases.clear()
+        return [etcd_store.decode(k) for k in gone]
+
+    def tombstones(self) -> list[str]:
+        """Index records that are tombstones (on a lease), by key."""
+        return sorted(
+            etcd_store.decode(k) for k, kv in self.kv.items()
+            if kv.value == planner.TOMBSTONE and self.attached.get(k) in self.leases
+        )
 
     def entries(self) -> dict[str, Entry]:
         return {etcd_store.decode(k): etcd_store.entry(kv) for k, kv in self.kv.items()}
@@ -148,13 +173,22 @@ class EtcdModel(Model):
         assert self.request_size(compares, ops) <= ETCD_REQUEST_LIMIT, "over --max-request-bytes"
         if not all(self._holds(c) for c in compares):
             return etcd.TxnResult(False, self.stamp)
+        for op in ops:
+            if isinstance(op, etcd.Put) and op.lease and op.lease not in self.leases:
+                # etcd refuses the whole transaction (the chosen branch names a lost lease).
+                raise EtcdRejected("etcdserver: requested lease not found")
         self.txns += 1
         self.stamp += 1
         for op in ops:
             if isinstance(op, etcd.Put):
                 self._put(op.key, op.value)
+                if op.lease:
+                    self.attached[op.key] = op.lease
+                else:
+                    self.attached.pop(op.key, None)  # a put without a lease detaches the key
             else:
                 self.kv.pop(op.key, None)
+                self.attached.pop(op.key, None)
         return etcd.TxnResult(True, self.stamp)
 
     def commit(
@@ -323,6 +357,10 @@ class FakeEtcdClient:
     async def status(self) -> int:
         self._check("status")
         return self.model.stamp
+
+    async def lease_grant(self, ttl: int) -> int:
+        self._check("lease grant")
+        return self.model.lease_grant(ttl)
 
 
 class FakeConsulKV:

@@ -25,6 +25,7 @@ from tether.config.values import Change
 from tether.consul.configs import ConsulConfigs
 from tether.consul.kv import ConsulKVStore
 from tether.etcd.configs import EtcdConfigs
+from tether.etcd.errors import EtcdUnavailable
 from tether.etcd.store import EtcdStore
 from tether.reconciling import Outcome, Resource
 
@@ -85,6 +86,12 @@ class Rig:
 
     def owner(self, name: str) -> str:
         return self.kinds.owner(self.ref(name))
+
+    def tombstones_expire(self, *names: str) -> None:
+        """etcd: a release left exactly these resources' index tombstones; let their lease run out."""
+        if isinstance(self.m, EtcdModel):
+            assert self.m.tombstones() == sorted(self.m.layout.index_key(self.owner(n)) for n in names)
+            self.m.expire_leases()
 
 
 # The status field naming the store's stamp, written out (not read from the
@@ -150,6 +157,7 @@ async def test_reconciler_writes_repairs_and_releases(rig: Rig) -> None:
     out = await rig.kinds.release(rig.resource("cfg", spec))
     assert out.released and out.message == f"deleted 2 keys from {STORE[rig.backend]}"
     assert notes(out) == [("Normal", "Deleted", out.message)]
+    rig.tombstones_expire("cfg")
     assert not any(key.startswith((k("app/"), m.layout.ownership_prefix)) for key in m.values())
     assert rig.kinds.expectations.tracked_count() == 0
 
@@ -377,6 +385,7 @@ async def test_orphan_release_keeps_the_data_and_drops_ownership(rig: Rig) -> No
     )
     assert [n.reason for n in out.notes] == ["Orphaned"]
     assert rig.under("app/") == {k("app/a"): b"1", k("app/b"): b"2"}
+    rig.tombstones_expire("cfg")
     assert not any(key.startswith(rig.m.layout.ownership_prefix) for key in rig.m.values())
 
 
@@ -388,12 +397,15 @@ async def test_release_of_an_invalid_spec_still_finds_the_keys_through_the_index
     out = await rig.kinds.release(rig.resource("cfg", broken))
     assert out.released and "deleted 1 key" in out.message
     assert rig.under("app/") == {k("app/foreign"): b"not ours"}
+    rig.tombstones_expire("cfg")
     assert not any(key.startswith(rig.m.layout.ownership_prefix) for key in rig.m.values())
 
 
 async def test_release_of_a_resource_that_wrote_nothing_posts_no_event(rig: Rig) -> None:
     out = await rig.kinds.release(rig.resource("cfg", {"prefix": rig.m.k("app"), "data": {"a": "1"}}))
-    assert out.released and out.notes == () and rig.m.txns == 0
+    # etcd: one write, the tombstone that fences off a create still in flight.
+    assert out.released and out.notes == () and rig.m.txns == (1 if rig.backend == "etcd" else 0)
+    rig.tombstones_expire("cfg")
 
 
 async def test_release_never_deletes_another_resources_keys(rig: Rig) -> None:
@@ -519,3 +531,104 @@ async def test_a_conflicting_or_invalid_resource_is_not_watched(rig: Rig) -> Non
     await rig.kinds.apply(rig.resource("cfg", {"prefix": k("tether/x"), "data": {"a": "1"}}))
     assert expectations.tracked_count() == 0
     assert expectations.known() == [rig.ref("cfg")], "still re-checked after a watch loses events"
+
+
+# ------------------------------------------------ a late transaction after a release (issue 12)
+#
+# etcd may apply a transaction long after its sender gave up or died: in a
+# full HA fault run (seed 20261201) a create sent by an operator that was then
+# SIGKILLed was applied 33 s later, after the next operator had released the
+# deleted resource and found nothing. Its keys, claims and index record stayed
+# behind, owned by a resource that no longer existed. A release now leaves a
+# tombstone (on a lease) in the index record's place, which fails the late
+# create's guard ("no index record yet").
+
+
+def _etcd_rig() -> tuple[Rig, list[tuple[list[Any], list[Any]]]]:
+    """An etcd rig whose next transaction is kept in flight: captured, not applied, outcome unknown."""
+    rig = make_rig("etcd")
+    client = rig.kinds.store.client  # type: ignore[attr-defined]
+    held: list[tuple[list[Any], list[Any]]] = []
+    sent: list[int] = []
+    real_txn = client.txn
+
+    async def hold_once(compares: Any, success: Any, failure: Any = ()) -> Any:
+        sent.append(1)
+        if len(sent) == 1:
+            held.append((list(compares), list(success)))
+            raise EtcdUnavailable("etcd: DEADLINE_EXCEEDED (may or may not have been applied)")
+        return await real_txn(compares, success, failure)
+
+    client.txn = hold_once
+    return rig, held
+
+
+def _lands(rig: Rig, txn: tuple[list[Any], list[Any]]) -> bool:
+    """The held transaction reaches etcd now; whether its guards held."""
+    assert isinstance(rig.m, EtcdModel)
+    return rig.m.txn(*txn).succeeded
+
+
+async def test_a_create_that_lands_after_the_release_fails_its_guard() -> None:
+    rig, held = _etcd_rig()
+    spec = {"prefix": rig.m.k("app"), "data": {"a": "1", "b": "2"}}
+    out = await rig.kinds.apply(rig.resource("cfg", spec))
+    assert out.reason == "BackendUnavailable" and len(held) == 1 and rig.m.txns == 0
+    # Deleted before any retry: the release finds nothing to remove.
+    out = await rig.kinds.release(rig.resource("cfg", spec))
+    assert out.released and out.notes == ()
+    assert not _lands(rig, held[0])
+    assert rig.under("app/") == {} and rig.owned_by(rig.owner("cfg")) == set()
+    rig.tombstones_expire("cfg")
+    assert rig.m.values() == {}
+
+
+async def test_a_create_repeated_then_released_cannot_be_resurrected_by_the_first_attempt() -> None:
+    rig, held = _etcd_rig()
+    spec = {"prefix": rig.m.k("app"), "data": {"a": "1"}}
+    await rig.kinds.apply(rig.resource("cfg", spec))
+    out = await rig.kinds.apply(rig.resource("cfg", spec))  # re-read, not applied: written again
+    assert out.ready == "True" and rig.under("app/") == {rig.m.k("app/a"): b"1"}
+    out = await rig.kinds.release(rig.resource("cfg", spec))
+    assert out.released and "deleted 1 key" in out.message
+    assert not _lands(rig, held[0])
+    assert rig.under("app/") == {} and rig.owned_by(rig.owner("cfg")) == set()
+    rig.tombstones_expire("cfg")
+    assert rig.m.values() == {}
+
+
+async def test_a_create_that_lands_during_the_release_is_pruned_by_it() -> None:
+    rig, held = _etcd_rig()
+    spec = {"prefix": rig.m.k("app"), "data": {"a": "1", "b": "2"}}
+    await rig.kinds.apply(rig.resource("cfg", spec))
+    # The release reads (nothing), then the late create lands just before its
+    # tombstone: the tombstone's guard fails, the release reads again and prunes.
+    rig.faults.before_txn.append(lambda: held and _lands(rig, held.pop()) and None)
+    out = await rig.kinds.release(rig.resource("cfg", spec))
+    assert out.released and out.message == "deleted 2 keys from etcd"
+    assert rig.under("app/") == {} and rig.owned_by(rig.owner("cfg")) == set()
+    rig.tombstones_expire("cfg")
+    assert rig.m.values() == {}
+
+
+async def test_a_tombstone_is_no_record_and_a_recreated_resource_writes_over_it() -> None:
+    rig = make_rig("etcd")
+    spec = {"prefix": rig.m.k("app"), "data": {"a": "1"}}
+    await rig.kinds.apply(rig.resource("cfg", spec))
+    await rig.kinds.release(rig.resource("cfg", spec))
+    assert isinstance(rig.m, EtcdModel) and rig.m.tombstones() == [rig.m.layout.index_key(rig.owner("cfg"))]
+    # Releasing again (a retried release) writes nothing more.
+    before = rig.m.txns
+    out = await rig.kinds.release(rig.resource("cfg", spec))
+    assert out.released and rig.m.txns == before
+    # Created again under the same name: the tombstone is guarded and replaced,
+    # no longer on the lease (it stays when the lease runs out).
+    out = await rig.kinds.apply(rig.resource("cfg", spec))
+    assert out.ready == "True" and rig.m.tombstones() == []
+    rig.m.expire_leases()
+    assert rig.under("app/") == {rig.m.k("app/a"): b"1"}
+    assert rig.owned_by(rig.owner("cfg")) == {rig.m.k("app/a")}
+    # Nothing changed: nothing written.
+    before = rig.m.txns
+    await rig.kinds.apply(rig.resource("cfg", spec, reconciled=True))
+    assert rig.m.txns == before

@@ -28,6 +28,8 @@ FLAVORS = {
 class MemoryStore:
     """Guarded all-or-nothing transactions over a dict; ``before_commit`` injects a rival."""
 
+    tombstones = False  # a deleted index record is gone (as in Consul KV)
+
     def __init__(self, max_ops: int = 128) -> None:
         self.kv: dict[str, Entry] = {}
         self.revision = 1

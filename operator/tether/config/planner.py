@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from tether.config.values import Delete, Entry, Guard, Op, Put
 
@@ -138,6 +139,14 @@ def directory(prefix: str) -> str:
     also return ``/app/configuration/...``, which belongs to someone else.
     """
     return prefix.rstrip("/") + "/"
+
+
+#: An index record that lists nothing, left where a record was deleted by a
+#: store that can expire it (etcd: on a lease; see :mod:`tether.etcd.store`).
+#: It owns nothing and counts as no record, except that every transaction
+#: guards its revision: a transaction planned while the record was absent
+#: (a create whose outcome was never known) can then no longer apply.
+TOMBSTONE: Final = b'{"keys":[],"tombstone":true}'
 
 
 def encode_index(keys: Iterable[str]) -> bytes | None:
@@ -339,7 +348,8 @@ def plan(
     # resource on its own keys for good and leave them behind on deletion.
     lost = frozenset(key for key in listed if key not in claims)
     index_revision = index.revision if index else 0
-    index_before = index.value if index else None
+    # A tombstone is no record (nothing to delete, nothing listed) but is guarded.
+    index_before = index.value if index and index.value != TOMBSTONE else None
 
     conflicts: list[str] = []
     for key in sorted(desired):

@@ -49,6 +49,10 @@ _STALE_ROUNDS = 3
 # "request too large"; below it the server is misconfigured for Tether.
 _MIN_TXN_BYTES = 16 * 1024
 
+# Releases that find a late write land while they fence it (each such round
+# prunes what landed); more means the store keeps changing: retried with backoff.
+_FENCE_ROUNDS = 3
+
 # Keys read in parallel when an index lists keys outside the current prefix
 # (after a prefix move): enough to be quick, few enough not to flood the store.
 _READ_CONCURRENCY = 16
@@ -59,6 +63,9 @@ class Store(Protocol):
 
     #: Limits of one transaction; lowered by the engine when the server refuses.
     limits: planner.Limits
+    #: Deleting an index record leaves :data:`~tether.config.planner.TOMBSTONE`,
+    #: which the store expires by itself (etcd); a release then leaves one too.
+    tombstones: bool
 
     async def read(self, key: str) -> Entry | None: ...
 
@@ -218,7 +225,7 @@ class ConfigReconciler:
         try:
             # The index lists every owned key wherever it lives; the prefix,
             # when the spec still parses, also finds claims a damaged index lost.
-            done = await self._converge(self.owner(ref), directory, {}, prune=delete, adopt=False)
+            done = await self._release_fenced(self.owner(ref), directory, prune=delete)
         except errors.BackendError as exc:
             failed = Outcome.from_error(exc, doing=f"clean up {self.flavor.store}")
             return Outcome.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
@@ -234,6 +241,42 @@ class ConfigReconciler:
             )
             notes = (Note("Normal", "Orphaned", message),) if done.revisions else ()
         return Outcome("False", conditions.DELETING, message, released=True, notes=notes)
+
+    async def _release_fenced(self, owner: str, directory: str | None, *, prune: bool) -> _Converged:
+        """Remove (or release) everything ``owner`` has, and leave a tombstone on its index record.
+
+        A transaction of this owner sent earlier may still be on its way (its
+        sender timed out, or was killed, and etcd applies it later): if it
+        was planned while the record was absent, it is guarded by that
+        absence. Pruning ends with a tombstone in the record's place (the
+        store writes it instead of deleting); when there was no record to
+        delete, the tombstone is put here, guarded by the absence the release
+        observed. A late write that landed first fails that guard: the
+        release reads again and prunes it. Once the tombstone is in, a late
+        write can only fail its own guard.
+        """
+        done = await self._converge(owner, directory, {}, prune=prune, adopt=False)
+        if not self.store.tombstones:
+            return done
+        for _ in range(_FENCE_ROUNDS):
+            if done.plan.index_revision != 0:
+                # The record (or a tombstone) was there and the converge replaced
+                # it by a tombstone, or it was a tombstone already.
+                return done
+            fence = planner.Step(delete_index=True)
+            result = await self.store.commit(fence, index_key=done.plan.index_key, index_revision=0)
+            if result.succeeded:
+                metrics.WRITES.labels(system=_system(self.flavor)).inc()
+                return done
+            log.info(
+                "%s: a write for %s landed while releasing it; releasing again", self.flavor.store, owner
+            )
+            again = await self._converge(owner, directory, {}, prune=prune, adopt=False)
+            again.revisions[:0] = done.revisions
+            again.deleted_keys[:0] = done.deleted_keys
+            again.released_keys[:0] = done.released_keys
+            done = again
+        raise _Stale(f"{self.flavor.store} kept changing while releasing {owner} ({_FENCE_ROUNDS} attempts)")
 
     def forget(self, ref: ObjectRef) -> None:
         self.expectations.forget(ref)

@@ -88,6 +88,11 @@ def transaction(step: planner.Step, *, index_key: str, index_revision: int) -> l
 class ConsulKVStore:
     """The configuration engine's view of Consul KV."""
 
+    # Deleting an index record deletes it: Consul KV has no lease to expire a
+    # tombstone with short of a session per record (a late transaction after a
+    # release is the etcd client's case: see tether.etcd.store).
+    tombstones = False
+
     def __init__(self, client: Client, *, max_txn_ops: int = MAX_TXN_OPS) -> None:
         self.client = client
         self.limits = planner.Limits(

@@ -95,6 +95,7 @@ class _Endpoint:
         self.watch = rpc.WatchStub(channel)
         self.auth = rpc.AuthStub(channel)
         self.maintenance = rpc.MaintenanceStub(channel)
+        self.lease = rpc.LeaseStub(channel)
 
     def state(self) -> Any:
         # try_to_connect wakes an IDLE channel; it costs nothing when connected.
@@ -268,6 +269,17 @@ class EtcdClient:
             await self._unary("kv", "Compact", request, idempotent=True)
         except Compacted:
             return  # already compacted at or past that revision: nothing to do
+
+    async def lease_grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds, never kept alive; its ID.
+
+        Sent with failover like a read: a grant repeated after an unknown
+        outcome only leaves an unused lease behind, which expires by itself.
+        """
+        response = await self._unary("lease", "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl), idempotent=True)
+        if response.error:
+            raise EtcdRejected(f"etcd refused a lease of {ttl}s: {response.error}")
+        return int(response.ID)
 
     async def status(self) -> int:
         """The current store revision of the answering member: a cheap health probe."""

@@ -1,7 +1,17 @@
 """etcd as a store of the configuration engine: :mod:`tether.config.values` ↔ etcd's API.
 
 A guard becomes a compare (absent: ``version = 0``; unchanged: ``mod_revision
-= r``), a step becomes one ``Txn``. etcd keys are bytes: a foreign key need
+= r``), a step becomes one ``Txn``.
+
+Deleting an owner's index record writes a tombstone instead
+(:data:`~tether.config.planner.TOMBSTONE`, on a lease of
+:data:`TOMBSTONE_TTL` seconds, so it goes away by itself). etcd may apply a
+transaction long after its sender gave up or died (seen in the HA fault runs:
+a create applied 33 s after the operator that sent it was killed, behind a
+partition). Every transaction of an owner is guarded by its index record; a
+create is guarded by its absence, which a deleted record would offer again,
+so that late create would land after the resource's release and leave keys
+nobody owns. The tombstone fails that guard for as long as it lives. etcd keys are bytes: a foreign key need
 not be UTF-8 and must still round-trip exactly when it is guarded or
 deleted, hence ``surrogateescape``. The backend-up gauge and the error
 counter are kept here, where the calls are made.
@@ -9,6 +19,7 @@ counter are kept here, where the calls are made.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Final, Protocol, TypeVar
 
@@ -16,7 +27,7 @@ from tether import metrics
 from tether.config import planner
 from tether.config.values import Committed, Delete, Entry, Guard, Op, Put
 from tether.etcd import values as etcd
-from tether.etcd.errors import EtcdUnavailable
+from tether.etcd.errors import EtcdRejected, EtcdUnavailable
 
 T = TypeVar("T")
 
@@ -27,6 +38,15 @@ DEFAULT_MAX_TXN_OPS: Final = 128
 #: ``--max-request-bytes`` (1.5 MiB by default); the estimate is rough, so a
 #: third of a MiB stays free for protobuf framing and the index record.
 MAX_TXN_BYTES: Final = 1024 * 1024
+
+#: Lifetime of an index record's tombstone, far beyond any transaction's time in
+#: flight (a client deadline of seconds, a partition of tens of seconds).
+TOMBSTONE_TTL: Final = 600
+
+#: A tombstone's lease is reused for this long, so tombstones live between
+#: TOMBSTONE_TTL - TOMBSTONE_LEASE_REUSE and TOMBSTONE_TTL seconds, and a burst
+#: of deletions costs one lease grant.
+TOMBSTONE_LEASE_REUSE: Final = 120.0
 
 #: Largest key + value Tether will try to write: it must fit one request of
 #: 1.5 MiB together with its guard and the index guard.
@@ -50,6 +70,8 @@ class Client(Protocol):
     ) -> AsyncIterator[tuple[int, list[etcd.WatchEvent]]]: ...
 
     async def status(self) -> int: ...
+
+    async def lease_grant(self, ttl: int) -> int: ...
 
 
 def encode(key: str) -> bytes:
@@ -77,14 +99,20 @@ def operation(op: Op) -> etcd.Put | etcd.Delete:
 
 
 def transaction(
-    step: planner.Step, *, index_key: str, index_revision: int
+    step: planner.Step, *, index_key: str, index_revision: int, tombstone_lease: int | None = None
 ) -> tuple[list[etcd.Compare], list[etcd.Put | etcd.Delete]]:
-    """Compares and operations of one step, given the index record's current revision."""
+    """Compares and operations of one step, given the index record's current revision.
+
+    With ``tombstone_lease``, deleting the index record puts the tombstone on
+    that lease instead (see the module docstring).
+    """
     compares = [compare(item.guard) for item in step.items]
     compares.append(compare(planner.index_guard(index_key, index_revision)))
     ops = [operation(item.op) for item in step.items]
     if step.index is not None:
         ops.append(operation(Put(index_key, step.index)))
+    elif step.delete_index and tombstone_lease is not None:
+        ops.append(etcd.Put(encode(index_key), planner.TOMBSTONE, lease=tombstone_lease))
     elif step.delete_index:
         ops.append(operation(Delete(index_key)))
     return compares, ops
@@ -93,8 +121,13 @@ def transaction(
 class EtcdStore:
     """The configuration engine's view of etcd."""
 
+    #: Deleting an index record leaves a leased tombstone (see the module docstring).
+    tombstones = True
+
     def __init__(self, client: Client, *, max_txn_ops: int = DEFAULT_MAX_TXN_OPS) -> None:
         self.client = client
+        # (lease ID, time.monotonic() of its grant) of the tombstones' current lease.
+        self._lease: tuple[int, float] | None = None
         # Lowered by the engine when the server proves to allow less (a smaller
         # --max-txn-ops or --max-request-bytes); a property of the server, so shared.
         self.limits = planner.Limits(
@@ -119,7 +152,24 @@ class EtcdStore:
         _, kvs = await self._call(self.client.get_prefix(encode(directory)))
         return [entry(kv) for kv in kvs]
 
+    async def _tombstone_lease(self) -> int:
+        now = time.monotonic()
+        if self._lease is None or now - self._lease[1] > TOMBSTONE_LEASE_REUSE:
+            self._lease = (await self._call(self.client.lease_grant(TOMBSTONE_TTL)), now)
+        return self._lease[0]
+
     async def commit(self, step: planner.Step, *, index_key: str, index_revision: int) -> Committed:
-        compares, ops = transaction(step, index_key=index_key, index_revision=index_revision)
-        result = await self._call(self.client.txn(compares, ops))
+        lease = await self._tombstone_lease() if step.delete_index else None
+        compares, ops = transaction(
+            step, index_key=index_key, index_revision=index_revision, tombstone_lease=lease
+        )
+        try:
+            result = await self._call(self.client.txn(compares, ops))
+        except EtcdRejected as exc:
+            if lease is None or "lease not found" not in str(exc):
+                raise
+            # The lease went before its time (revoked, a restored cluster): a
+            # new one next time; the caller retries.
+            self._lease = None
+            raise EtcdUnavailable(f"{exc} (a tombstone's lease; granting a new one)") from exc
         return Committed(result.succeeded, result.revision)

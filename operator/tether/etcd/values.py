@@ -56,10 +56,11 @@ class Compare:
 
 @dataclass(frozen=True)
 class Put:
-    """Set ``key`` to ``value`` inside a transaction."""
+    """Set ``key`` to ``value`` inside a transaction; ``lease``: attach it to that lease (0: none)."""
 
     key: bytes
     value: bytes = field(repr=False)
+    lease: int = 0
 
 
 @dataclass(frozen=True)

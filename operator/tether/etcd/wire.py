@@ -57,7 +57,7 @@ def compare_to_pb(compare: Compare) -> Any:
 def op_to_pb(op: Put | Delete) -> Any:
     """Build the ``etcdserverpb.RequestOp`` message for a transaction operation."""
     if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key, value=op.value))
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key, value=op.value, lease=op.lease))
     if isinstance(op, Delete):
         return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key))
     raise TypeError(f"not a transaction operation: {type(op).__name__}")
