@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(REPO)
 
-from benchmarks import endpoints, phases, stats, workload  # noqa: E402
+from benchmarks import background, endpoints, phases, stats, workload  # noqa: E402
 from benchmarks.kubeapi import KubeApi, ready  # noqa: E402
 from benchmarks.processes import (  # noqa: E402
     Profiler,
@@ -328,7 +328,7 @@ async def _steady(
     if args.background_objects:
         log(f"background: {args.background_objects} unrelated Secrets and ConfigMaps, "
             f"{args.background_etcd_per_minute} foreign etcd writes per minute")
-        report["background"] = await phases.background(
+        report["background"] = await background.run(
             operator, kube, etcd, objects=args.background_objects,
             etcd_per_minute=args.background_etcd_per_minute, seconds=args.idle_seconds,
             concurrency=args.create_concurrency,
