@@ -192,9 +192,5 @@ class KubeClient:
         )
         return [dict(item) for item in (listing or {}).get("items") or []]
 
-    async def get_custom(self, ref: ObjectRef) -> dict[str, Any] | None:
-        """One of Tether's resources, or None if it does not exist."""
-        return await self.get(ref)
-
     async def close(self) -> None:
         await self.http.close()

@@ -27,6 +27,7 @@ how many objects the cluster holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -40,8 +41,8 @@ from tether.kubehttp import METADATA, METADATA_LIST, KubeHttp
 
 log = logging.getLogger(__name__)
 
-# How long a reconcile waits for a new namespace's watch before reading anyway
-# (the watch then enqueues the namespace's dependents once when it starts).
+# How long a reconcile waits for a new namespace's watch to answer before reading
+# anyway (the watch then enqueues the namespace's dependents once when it starts).
 ENSURE_SECONDS = 5.0
 # The server ends every watch request after this long (plus jitter, so that a
 # hundred namespaces do not reconnect in the same second).
@@ -57,6 +58,9 @@ class _Watch:
     established: asyncio.Event = field(default_factory=asyncio.Event)
     # A reader gave up waiting for the watch: enqueue the namespace once it starts.
     read_before: bool = False
+    # Set once the first attempt to start it has an answer, success or failure
+    # (API server down, a 403): readers wait for that, never for the retries.
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class NamespaceWatches:
@@ -86,7 +90,9 @@ class NamespaceWatches:
         """Watch ``namespace`` (if not yet), and wait until the watch is established.
 
         Called before a reconcile reads an object of this type: a change made
-        after that read then always arrives as an event.
+        after that read then always arrives as an event. If the watch's first
+        start fails (or takes over ``ENSURE_SECONDS``), the reader goes on at
+        once and the watch enqueues the namespace's dependents when it is up.
         """
         watch = self._watches.get(namespace)
         if watch is None or watch.task is None or watch.task.done():
@@ -97,9 +103,11 @@ class NamespaceWatches:
             metrics.WATCHED_NAMESPACES.labels(resource=self.what).set(len(self._watches))
         if watch.established.is_set():
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(watch.established.wait()), ENSURE_SECONDS)
-        except TimeoutError:
+        if not watch.answered.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(watch.answered.wait()), ENSURE_SECONDS)
+        if not watch.established.is_set():
+            # Read anyway; the watch enqueues the namespace's dependents once it is up.
             watch.read_before = True
 
     async def stop(self) -> None:
@@ -129,6 +137,7 @@ class NamespaceWatches:
                             watch.read_before = False
                             self.resync(namespace)
                         watch.established.set()
+                        watch.answered.set()
                     version = await self._follow(namespace, path, version)
                     delay = 1.0
                     if version is not None and not self.wanted(namespace):
@@ -138,6 +147,7 @@ class NamespaceWatches:
                     if exc.status == 410:
                         version = None
                         continue
+                    watch.answered.set()
                     log.info("watch of %s in %s failed (%s); again in %.0fs",
                              self.what, namespace, exc, delay)
                     await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -201,5 +211,5 @@ class WatchedReads:
         await self.slices.ensure(namespace)
         return await self.kube.list_endpoint_slices(namespace, service)
 
-    async def get_custom(self, ref: ObjectRef) -> dict[str, Any] | None:
-        return await self.kube.get_custom(ref)
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None:
+        return await self.kube.get(ref)

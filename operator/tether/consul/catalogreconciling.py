@@ -44,7 +44,7 @@ class Cluster(Protocol):
 
     async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]: ...
 
-    async def get_custom(self, ref: ObjectRef) -> dict[str, Any] | None: ...
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None: ...
 
 
 class NodeGate:
@@ -285,7 +285,7 @@ class CatalogServices:
         ref = ObjectRef(self.index.plural, owner.namespace, owner.name)
         if self.index.is_tracked(ref):
             return
-        body = await self.kube.get_custom(ref)
+        body = await self.kube.get(ref)
         exists = body is not None
         if exists and (body or {}).get("spec", {}).get("endpoints") is not None:
             return
