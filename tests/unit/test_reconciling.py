@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -270,7 +271,9 @@ class _Scripted:
 _BODY = {"metadata": {"namespace": "ns", "name": "cfg", "resourceVersion": "5", "generation": 1}, "spec": {}}
 
 
-async def test_the_skeleton_warns_once_per_failure_transition() -> None:
+def _scripted() -> tuple[_Kube, Callable[[Outcome], Awaitable[list[tuple[str, str, str]]]]]:
+    """A controller over one resource whose reconciles return the outcomes given;
+    ``reconcile(outcome)`` answers the events that reconcile posted."""
     kube, kind = _Kube(_BODY), _Scripted()
     ctl = Controller(kind, kube, workers=1)  # type: ignore[arg-type]
     ctl.observe("ADDED", _BODY)
@@ -281,6 +284,12 @@ async def test_the_skeleton_warns_once_per_failure_transition() -> None:
         seen = len(kube.events)
         await ctl.process(ref)
         return kube.events[seen:]
+
+    return kube, reconcile
+
+
+async def test_the_skeleton_warns_once_per_failure_transition() -> None:
+    kube, reconcile = _scripted()
 
     down = Outcome.from_error(errors.BackendUnavailable("etcd is down"), doing="write to etcd")
     assert await reconcile(down) == [("Warning", "BackendUnavailable", down.message)]
@@ -321,16 +330,7 @@ async def test_the_skeleton_does_not_warn_about_progress() -> None:
 
 async def test_a_routine_creation_posts_no_event_but_changes_do() -> None:
     """The first successful reconcile is logged, not posted: the status says it (one write fewer)."""
-    kube, kind = _Kube(_BODY), _Scripted()
-    ctl = Controller(kind, kube, workers=1)  # type: ignore[arg-type]
-    ctl.observe("ADDED", _BODY)
-    ref = ObjectRef("etcdconfigs", "ns", "cfg")
-
-    async def reconcile(outcome: Outcome) -> list[tuple[str, str, str]]:
-        kind.next = outcome
-        seen = len(kube.events)
-        await ctl.process(ref)
-        return kube.events[seen:]
+    kube, reconcile = _scripted()
 
     created = Outcome("True", "Reconciled", "2 keys", notes=(Note("Normal", "Written", "wrote 2 keys"),))
     assert await reconcile(created) == []
@@ -339,12 +339,9 @@ async def test_a_routine_creation_posts_no_event_but_changes_do() -> None:
     updated = Outcome("True", "Reconciled", "3 keys", notes=(Note("Normal", "Written", "wrote 1 key"),))
     assert await reconcile(updated) == [("Normal", "Written", "wrote 1 key")]
     # A first reconcile that warns still posts its warning.
-    kube2, kind2 = _Kube(_BODY), _Scripted()
-    ctl2 = Controller(kind2, kube2, workers=1)  # type: ignore[arg-type]
-    ctl2.observe("ADDED", _BODY)
-    kind2.next = Outcome("True", "Reconciled", "ok", notes=(Note("Warning", "DriftRepaired", "restored"),))
-    await ctl2.process(ref)
-    assert kube2.events == [("Warning", "DriftRepaired", "restored")]
+    _, reconcile2 = _scripted()
+    repaired = Outcome("True", "Reconciled", "ok", notes=(Note("Warning", "DriftRepaired", "restored"),))
+    assert await reconcile2(repaired) == [("Warning", "DriftRepaired", "restored")]
 
 
 def test_the_cache_keeps_only_what_a_reconcile_reads() -> None:

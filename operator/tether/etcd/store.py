@@ -11,9 +11,10 @@ a create applied 33 s after the operator that sent it was killed, behind a
 partition). Every transaction of an owner is guarded by its index record; a
 create is guarded by its absence, which a deleted record would offer again,
 so that late create would land after the resource's release and leave keys
-nobody owns. The tombstone fails that guard for as long as it lives. etcd keys are bytes: a foreign key need
-not be UTF-8 and must still round-trip exactly when it is guarded or
-deleted, hence ``surrogateescape``. The backend-up gauge and the error
+nobody owns. The tombstone fails that guard for as long as it lives.
+
+etcd keys are bytes: a foreign key need not be UTF-8 and must still
+round-trip exactly when it is guarded or deleted, hence ``surrogateescape``. The backend-up gauge and the error
 counter are kept here, where the calls are made.
 """
 
