@@ -14,8 +14,9 @@ so that late create would land after the resource's release and leave keys
 nobody owns. The tombstone fails that guard for as long as it lives.
 
 etcd keys are bytes: a foreign key need not be UTF-8 and must still
-round-trip exactly when it is guarded or deleted, hence ``surrogateescape``. The backend-up gauge and the error
-counter are kept here, where the calls are made.
+round-trip exactly when it is guarded or deleted, hence ``surrogateescape``.
+The backend-up gauge and the error counter are kept here, where the calls are
+made.
 """
 
 from __future__ import annotations
