@@ -46,14 +46,13 @@ RUN pip install --require-hashes --only-binary=:all: -r requirements.lock
 # Then the operator itself, as a regular (non-editable) install, built with the
 # locked setuptools (no build isolation: nothing unpinned is downloaded); its
 # dependencies are already in place. pip compiles the bytecode now, as the
-# runtime root filesystem is read-only. The dev stack (tether.devstack: a
-# local control plane for developers) is not shipped, nor are pip, setuptools
-# and wheel: nothing needs them at run time. `tether --version` proves the
+# runtime root filesystem is read-only. The developer tools
+# (devtools/, a distribution of their own) are never part of it, nor are pip,
+# setuptools and wheel: nothing needs them at run time. `tether --version` proves the
 # entry point imports.
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 RUN pip install --no-deps --no-build-isolation . \
-    && rm -rf /opt/venv/lib/python3.11/site-packages/tether/devstack \
     && pip uninstall --yes pip setuptools wheel \
     && tether --version
 

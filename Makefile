@@ -24,11 +24,11 @@ PYTEST_ARGS ?=
 .PHONY: lock venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down clean
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml devtools/pyproject.toml
 	@scripts/venv.sh $(VENV)
 
 binaries: venv
-	@$(PY) -m tether.devstack.binaries
+	@$(PY) -m tether_dev.binaries
 
 run: venv
 	@scripts/run-dev.sh
@@ -57,9 +57,9 @@ test-faults: venv binaries
 	$(PY) -m pytest tests/faults -v -s $(PYTEST_ARGS)
 
 bench: venv binaries
-	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 	$(TETHER) dev up
-	$(PY) benchmarks/medians.py $(MEDIANS_ARGS) | tee benchmarks/results/medians-latest.json
+	$(PY) -m benchmarks.medians $(MEDIANS_ARGS) | tee benchmarks/results/medians-latest.json
 
 # requirements.lock: every runtime package and build tool, pinned with hashes, for the image.
 lock: venv

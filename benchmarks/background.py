@@ -16,9 +16,9 @@ from benchmarks import workload
 from benchmarks.kubeapi import KubeApi, ready
 from benchmarks.phases import _until, settle
 from benchmarks.processes import cpu_seconds, delta, log, rss_mib, summed
-from tests.support.operator import OperatorProcess, writes
-from tether.etcd.client import EtcdClient
-from tether.etcd.values import Put
+from tether.clients.etcd.client import EtcdClient
+from tether.clients.etcd.values import Put
+from tether_dev.harness.operator import OperatorProcess, writes
 
 NS = workload.NAMESPACE
 

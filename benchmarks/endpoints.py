@@ -33,7 +33,7 @@ from benchmarks import phases
 from benchmarks.kubeapi import KubeApi, ready
 from benchmarks.processes import delta, log, summed
 from benchmarks.stats import latency_summary
-from tests.support.operator import OperatorProcess, writes
+from tether_dev.harness.operator import OperatorProcess, writes
 
 NS = "bench-ep"
 NODE = "tether-kubernetes"  # TETHER_CONSUL_NODE's default for the default cluster name

@@ -15,16 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts benchmarks/ first on the path; the imports below
-# want the repository root instead (as benchmarks/run.py does).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
+from benchmarks.medians import Bench
+from tether_dev.harness import devstack, kube
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import timed as wait
 
-from benchmarks.medians import Bench  # noqa: E402
-from tests.support import devstack, kube  # noqa: E402
-from tests.support.operator import OperatorProcess  # noqa: E402
-from tests.support.waiting import timed as wait  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

@@ -25,18 +25,14 @@ from typing import Any
 import kubernetes.client as k8s
 import kubernetes.config as k8s_config
 
-REPO = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts benchmarks/ first on the path; the imports below
-# want the repository root instead (as benchmarks/run.py does).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
+from tether_dev.harness import devstack, kube
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.consulkv import ConsulKV
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import timed as wait
 
-from tests.support import devstack, kube  # noqa: E402
-from tests.support.consul import Consul  # noqa: E402
-from tests.support.consulkv import ConsulKV  # noqa: E402
-from tests.support.etcd import Etcd  # noqa: E402
-from tests.support.operator import OperatorProcess  # noqa: E402
-from tests.support.waiting import timed as wait  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 GROUP, VERSION = "tether.dev", "v1alpha1"
 

@@ -21,10 +21,10 @@ from benchmarks import workload
 from benchmarks.kubeapi import KubeApi, ready
 from benchmarks.processes import cpu_seconds, delta, log, rss_mib, summed
 from benchmarks.stats import latency_summary
-from tests.support.operator import OperatorProcess, writes
+from tether.clients.etcd.client import EtcdClient
+from tether.clients.etcd.values import Put
 from tether.conditions import now as timestamp_now
-from tether.etcd.client import EtcdClient
-from tether.etcd.values import Put
+from tether_dev.harness.operator import OperatorProcess, writes
 
 NS = workload.NAMESPACE
 POLL_SECONDS = 0.005  # how often a change/drift probe looks at Consul or etcd

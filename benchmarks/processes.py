@@ -14,7 +14,7 @@ at every etcd member and at the client agent, so both pay replication alike
 and the ratio to the floor shows what Tether adds on top of it.
 
 The operator process, ``tether dev`` and the metrics parsing are
-``tests.support``'s, the same code the end-to-end and fault suites run the
+``tether_dev.harness``'s, the same code the end-to-end and fault suites run the
 operator with, so a figure here and a test there measure one thing.
 """
 
@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import devstack
-from tests.support.operator import SYSTEMS
+from tether_dev.harness import devstack
+from tether_dev.harness.operator import SYSTEMS
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -38,15 +38,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts benchmarks/ first on the path; the package's
-# own imports want the repository root instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
-
-from benchmarks import background, endpoints, phases, stats, workload  # noqa: E402
-from benchmarks.kubeapi import KubeApi, ready  # noqa: E402
-from benchmarks.processes import (  # noqa: E402
+from benchmarks import background, endpoints, phases, stats, workload
+from benchmarks.kubeapi import KubeApi, ready
+from benchmarks.processes import (
     Profiler,
     Stack,
     cpu_seconds,
@@ -60,9 +54,11 @@ from benchmarks.processes import (  # noqa: E402
     self_cpu_seconds,
     summarize_profile,
 )
-from tests.support.operator import OperatorProcess, writes  # noqa: E402
-from tether.etcd.client import EtcdClient  # noqa: E402
-from tether.etcd.connection import EtcdConnection  # noqa: E402
+from tether.clients.etcd.client import EtcdClient
+from tether.clients.etcd.connection import EtcdConnection
+from tether_dev.harness.operator import OperatorProcess, writes
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_WORKERS = 16  # tether run's default TETHER_WORKERS
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.api import consulservices as csvc_api
+from tether.clients.etcd.values import Compare, Delete, Put
 from tether.config import planner as config_planner
-from tether.consul import planner as consul_planner
-from tether.etcd import store as etcd_store
-from tether.etcd.values import Compare, Delete, Put
+from tether.config.stores import etcd as etcd_store
+from tether.consulservice import planner as consul_planner
 
 NAMESPACE = "bench"
 CLUSTER = "kubernetes"  # TETHER_CLUSTER_NAME's default; the operator runs with it

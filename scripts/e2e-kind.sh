@@ -96,7 +96,7 @@ if ! command -v kind >/dev/null; then
 fi
 if ! command -v kubectl >/dev/null || ! kubectl version --client 2>/dev/null | grep -q 'v1\.3[4-6]\.'; then
     # kubectl within one minor of the cluster: the dev stack's pinned build.
-    kubectl_path="$( (cd operator && "$PYTHON" -m tether.devstack.binaries) | awk '$1 == "kubectl" {print $2}')"
+    kubectl_path="$( (cd operator && "$PYTHON" -m tether_dev.binaries) | awk '$1 == "kubectl" {print $2}')"
     [[ -x "$kubectl_path" ]] || die "no kubectl (make binaries builds one)"
     PATH="$(dirname "$kubectl_path"):$PATH"
 fi

@@ -9,6 +9,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "==> installing tether and its dev dependencies into $VENV (pip, a minute on a fresh machine)"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install --quiet --progress-bar off -e '.[dev]'
+"$VENV/bin/python" -m pip install --quiet --progress-bar off -e '.[dev]' -e devtools
 touch "$VENV/.installed"
 echo "==> virtualenv ready"

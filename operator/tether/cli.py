@@ -1,29 +1,48 @@
-"""Command line: ``tether run`` (the operator) and ``tether dev ...`` (the local stack).
+"""Command line: ``tether run`` (the operator) and the commands other distributions add.
 
 The CLI only parses arguments and hands over: the operator lives in
-:mod:`tether.running`, the dev stack in :mod:`tether.devstack`.
+:mod:`tether.running`. Further commands come from the entry-point group
+``tether.commands``: the developer tools (``devtools/``, ``tether dev ...``)
+register theirs there, so a machine without them (the operator's image) has no
+such command rather than a broken one.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from importlib import metadata
+from typing import Protocol
+
+
+class Command(Protocol):
+    """What a distribution registers under ``tether.commands``."""
+
+    help: str
+
+    def configure(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
 
 
 def version() -> str:
     """The installed distribution's version (what the image and `--version` report)."""
-    from importlib import metadata
-
     try:
         return metadata.version("tether")
     except metadata.PackageNotFoundError:  # run from a source tree without installing
         return "0+unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _commands() -> dict[str, Command]:
+    found: dict[str, Command] = {}
+    for entry in metadata.entry_points(group="tether.commands"):
+        if entry.name != "run":
+            found[entry.name] = entry.load()
+    return found
+
+
+def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tether {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,27 +66,14 @@ def _parser() -> argparse.ArgumentParser:
         help="least severe level logged (default: info)",
     )
     run.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
-
-    dev = sub.add_parser("dev", help="local control plane: kube-apiserver, etcd, Consul")
-    dev.add_argument(
-        "--dir", type=Path, default=None, help="state directory (default: ./.tether/dev)"
-    )
-    dsub = dev.add_subparsers(dest="dev_command", required=True)
-    up = dsub.add_parser("up", help="start (or restart) every component that is down")
-    up.add_argument(
-        "--ha",
-        action="store_true",
-        help="highly available variant: 3 etcd members, 3 Consul servers and a client agent",
-    )
-    status = dsub.add_parser("status", help="show the components")
-    status.add_argument("--json", action="store_true")
-    dsub.add_parser("env", help="print the environment file (source it)")
-    dsub.add_parser("down", help="stop everything and remove the state")
+    for name, command in sorted(commands.items()):
+        command.configure(sub.add_parser(name, help=command.help))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    commands = _commands()
+    args = _parser(commands).parse_args(argv)
     if args.command == "run":
         from tether import running
 
@@ -79,50 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             log_level="debug" if args.verbose else args.log_level,
             leader_elect=args.leader_elect,
         )
-
-    try:
-        from tether.devstack import reporting, stack
-    except ImportError:
-        # The operator image does not ship the developers' local control plane.
-        print("tether dev: the dev stack is not installed here (it is not part of the operator "
-              "image); run it from a source checkout (make venv)", file=sys.stderr)
-        return 2
-
-    try:
-        return _dev(args, stack)
-    except reporting.DevStackError as exc:
-        print(f"tether dev: {exc}", file=sys.stderr)
-        return 1
-
-
-def _dev(args: argparse.Namespace, stack: Any) -> int:
-    state_dir = (args.dir or Path.cwd() / ".tether" / "dev").resolve()
-    dev_stack = stack.DevStack(state_dir)
-    if args.dev_command == "up":
-        dev_stack.up(ha=args.ha)
-        print(f"dev stack is up; environment in {dev_stack.env_file}")
-        print(f"  source {dev_stack.env_file}")
-        return 0
-    if args.dev_command == "status":
-        report = dev_stack.status()
-        if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            for name, comp in report["components"].items():
-                state = "running" if comp["running"] else "down"
-                print(f"{name:16} {state:8} pid={comp['pid']} {comp['url']}")
-        return 0
-    if args.dev_command == "env":
-        if not dev_stack.env_file.exists():
-            print("dev stack is not up: run `tether dev up`", file=sys.stderr)
-            return 1
-        print(dev_stack.env_file.read_text(), end="")
-        return 0
-    if args.dev_command == "down":
-        dev_stack.down()
-        print("dev stack is down")
-        return 0
-    return 2
+    handler: Callable[[argparse.Namespace], int] = commands[args.command].run
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ its own level-triggered controllers. Event handlers have no per-handler
 progress annotations, so Kopf itself never writes to the resources.
 
 The objects around the resources (ConfigMaps, Secrets, EndpointSlices) are
-watched per namespace and metadata only (:mod:`tether.kubewatching`); here
+watched per namespace and metadata only (:mod:`tether.clients.kube.watching`); here
 their events are mapped to the resources that depend on them.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import kopf
 
 from tether.api import GROUP, VERSION, ObjectRef
-from tether.kubehttp import KubeHttp
-from tether.kubewatching import NamespaceWatches
+from tether.clients.kube.http import KubeHttp
+from tether.clients.kube.watching import NamespaceWatches
 from tether.reconciling import Controller
 
 

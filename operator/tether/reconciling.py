@@ -28,8 +28,8 @@ from typing import Any, Literal, Protocol
 
 from tether import conditions, errors, metrics
 from tether.api import FINALIZER, InvalidSpec, ObjectRef
+from tether.clients.kube.client import Involved, KubeClient, KubeError
 from tether.conditions import Condition, Status
-from tether.kube import Involved, KubeClient, KubeError
 from tether.queueing import Backoff, WorkQueue
 
 log = logging.getLogger(__name__)

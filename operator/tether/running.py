@@ -19,24 +19,25 @@ from typing import Any
 
 import kopf
 
-from tether import handlers, kube, logs, metrics
+from tether import handlers, logs, metrics
+from tether.clients.consul.client import ConsulClient
+from tether.clients.etcd.client import EtcdClient
+from tether.clients.kube import client as kube
+from tether.clients.kube.watching import WatchedReads
+from tether.config.consulconfigs import ConsulConfigs
+from tether.config.etcdconfigs import EtcdConfigs
 from tether.config.expectations import Expectations
 from tether.config.sources import SourceIndex
-from tether.consul.catalogreconciling import CatalogServices
-from tether.consul.catalogwatching import CatalogWatcher
-from tether.consul.client import ConsulClient
-from tether.consul.configs import ConsulConfigs
-from tether.consul.index import AgentIndex, CatalogIndex
-from tether.consul.kv import ConsulKVStore
-from tether.consul.kvwatching import KVWatcher
-from tether.consul.reconciling import ConsulServices
-from tether.consul.watching import ConsulWatcher
-from tether.etcd.client import EtcdClient
-from tether.etcd.configs import EtcdConfigs
-from tether.etcd.store import EtcdStore
-from tether.etcd.watching import EtcdWatcher
+from tether.config.stores.consulkv import ConsulKVStore
+from tether.config.stores.etcd import EtcdStore
+from tether.config.watchers.consulkv import KVWatcher
+from tether.config.watchers.etcd import EtcdWatcher
+from tether.consulservice.agent import ConsulServices
+from tether.consulservice.agentwatching import ConsulWatcher
+from tether.consulservice.catalog import CatalogServices
+from tether.consulservice.catalogwatching import CatalogWatcher
+from tether.consulservice.index import AgentIndex, CatalogIndex
 from tether.health import Health
-from tether.kubewatching import WatchedReads
 from tether.leadership import LeaseElector
 from tether.reconciling import Controller
 from tether.settings import Settings

@@ -14,8 +14,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tether.consul.connection import ConsulConnection
-from tether.etcd.connection import EtcdConnection
+from tether.clients.consul.connection import ConsulConnection
+from tether.clients.etcd.connection import EtcdConnection
 
 
 def cluster_name(env: Mapping[str, str] | None = None) -> str:

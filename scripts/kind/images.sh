@@ -39,13 +39,13 @@ BUILT_LABEL="dev.tether.built-locally=true"
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 # dev stack programs (kube-apiserver, kubectl, etcd, consul): built or found by
-# operator/tether/devstack/binaries.py, which `make binaries` also runs.
+# devtools/tether_dev/binaries.py, which `make binaries` also runs.
 devstack_bin() {
     local python="${PYTHON:-$KIND_ROOT/.venv/bin/python}"
     [[ -x "$python" ]] || python=python3
     # One program at a time: asking for all four would wait for (or build) the others.
     (cd "$KIND_ROOT/operator" && "$python" -c \
-        'import sys; from tether.devstack import binaries; print(binaries.ensure([sys.argv[1]])[sys.argv[1]])' "$1")
+        'import sys; from tether_dev import binaries; print(binaries.ensure([sys.argv[1]])[sys.argv[1]])' "$1")
 }
 
 # import_rootfs NAME PACKAGES...: a docker image of a debootstrapped root filesystem.

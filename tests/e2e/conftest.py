@@ -16,7 +16,7 @@
   namespaces that ``namespace`` creates (``t-…``); tests that need an operator of
   their own (ACL, RBAC, leader election) start a :class:`OperatorProcess` themselves.
 
-The helpers live in ``tests.support``, shared with the fault suite and the benchmarks.
+The helpers live in ``tether_dev.harness``, shared with the fault suite and the benchmarks.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import devstack, suites
-from tests.support.kube import kubectl
-from tests.support.operator import OperatorProcess
-from tether.devstack import binaries
+from tether_dev import binaries
+from tether_dev.harness import devstack, suites
+from tether_dev.harness.kube import kubectl
+from tether_dev.harness.operator import OperatorProcess
 
 E2E_DIR = Path(__file__).resolve().parent
 

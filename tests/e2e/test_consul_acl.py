@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.consul import Consul
-from tests.support.kube import apply, condition, kubectl, resource, wait_condition
-from tests.support.operator import OperatorProcess
-from tether.devstack import stack
+from tether_dev import stack
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.kube import apply, condition, kubectl, resource, wait_condition
+from tether_dev.harness.operator import OperatorProcess
 
 MANAGEMENT = str(uuid.uuid4())
 KIND = "consulservice"

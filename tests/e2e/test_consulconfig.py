@@ -15,10 +15,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support.consulkv import ConsulKV
-from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consulkv import ConsulKV
+from tether_dev.harness.kube import (
+    apply,
+    condition,
+    events,
+    get,
+    kubectl,
+    resource,
+    wait_condition,
+    wait_gone,
+)
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 KIND = "consulconfig"
 OWNERSHIP = "tether/"

@@ -10,10 +10,19 @@ from typing import Any, ClassVar
 
 import pytest
 
-from tests.support.consul import Consul
-from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.kube import (
+    apply,
+    condition,
+    events,
+    get,
+    kubectl,
+    resource,
+    wait_condition,
+    wait_gone,
+)
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 KIND = "consulservice"
 

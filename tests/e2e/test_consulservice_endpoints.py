@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.consul import Consul
-from tests.support.kube import (
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.kube import (
     apply,
     condition,
     delete_namespace,
@@ -32,8 +32,8 @@ from tests.support.kube import (
     wait_condition,
     wait_gone,
 )
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 KIND = "consulservice"
 KIND_NAME = "ConsulService"

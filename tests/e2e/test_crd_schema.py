@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.kube import delete_namespace, kubectl, resource
-from tests.support.waiting import wait_for
+from tether_dev.harness.kube import delete_namespace, kubectl, resource
+from tether_dev.harness.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

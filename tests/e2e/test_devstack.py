@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.devstack import state_dir, tether
-from tests.support.kube import delete_namespace, kubectl
-from tests.support.waiting import wait_for
-from tether.devstack import processes, stack
+from tether_dev import processes, stack
+from tether_dev.harness.devstack import state_dir, tether
+from tether_dev.harness.kube import delete_namespace, kubectl
+from tether_dev.harness.waiting import wait_for
 
 
 def status() -> dict[str, Any]:

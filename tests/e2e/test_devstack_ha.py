@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.devstack import tether
-from tether.devstack import envfiles, processes, stack
+from tether_dev import envfiles, processes, stack
+from tether_dev.harness.devstack import tether
 
 ETCD_MEMBERS = ["etcd-0", "etcd-1", "etcd-2"]
 CONSUL_SERVERS = ["consul-server-0", "consul-server-1", "consul-server-2"]

@@ -26,11 +26,11 @@ import grpc.aio
 import pytest
 from aetcd import rpc
 
-from tests.support.ports import free_port
-from tether.etcd.client import PAGE_SIZE, EtcdClient
-from tether.etcd.connection import EtcdConnection
-from tether.etcd.errors import Compacted, EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
-from tether.etcd.values import Compare, Delete, Put, WatchEvent
+from tether.clients.etcd.client import PAGE_SIZE, EtcdClient
+from tether.clients.etcd.connection import EtcdConnection
+from tether.clients.etcd.errors import Compacted, EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
+from tether.clients.etcd.values import Compare, Delete, Put, WatchEvent
+from tether_dev.harness.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

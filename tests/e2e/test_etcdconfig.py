@@ -8,10 +8,19 @@ import time
 import uuid
 from typing import Any
 
-from tests.support.etcd import Etcd
-from tests.support.kube import apply, condition, events, get, kubectl, resource, wait_condition, wait_gone
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import (
+    apply,
+    condition,
+    events,
+    get,
+    kubectl,
+    resource,
+    wait_condition,
+    wait_gone,
+)
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 KIND = "etcdconfig"
 

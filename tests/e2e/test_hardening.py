@@ -7,12 +7,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.kube import apply as kapply
-from tests.support.kube import condition, get, kubectl, resource, wait_condition, wait_gone
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import apply as kapply
+from tether_dev.harness.kube import condition, get, kubectl, resource, wait_condition, wait_gone
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 KIND = "consulservice"
 

@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support.kube import apply, get, kubectl, resource, wait_condition
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.kube import apply, get, kubectl, resource, wait_condition
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 
 def _resources(count: int, prefix: str) -> list[dict[str, Any]]:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kube import kubectl
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.kube import kubectl
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 LEASE_SECONDS = 15
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.kube import delete_namespace, kubectl
+from tether_dev.harness.kube import delete_namespace, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"

@@ -7,8 +7,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.support.kube import apply, kubectl, resource, wait_condition
-from tests.support.operator import OperatorProcess
+from tether_dev.harness.kube import apply, kubectl, resource, wait_condition
+from tether_dev.harness.operator import OperatorProcess
 
 
 def test_metrics_and_healthz(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:

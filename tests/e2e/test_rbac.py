@@ -20,10 +20,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import devstack
-from tests.support.kube import apply, condition, delete_namespace, events, kubectl, resource, wait_condition
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness import devstack
+from tether_dev.harness.kube import (
+    apply,
+    condition,
+    delete_namespace,
+    events,
+    kubectl,
+    resource,
+    wait_condition,
+)
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 NAMESPACE = "tether-system"
 

@@ -17,11 +17,11 @@ from typing import Any
 import kubernetes.client as k8s
 import kubernetes.config as k8s_config
 
-from tests.support.etcd import Etcd
-from tests.support.kube import apply, kubectl, resource, wait_condition
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
-from tether.kubehttp import METADATA, METADATA_LIST, KubeHttp
+from tether.clients.kube.http import METADATA, METADATA_LIST, KubeHttp
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import apply, kubectl, resource, wait_condition
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 
 def _http(env: dict[str, str]) -> KubeHttp:

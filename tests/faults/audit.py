@@ -32,9 +32,9 @@ from typing import Any
 from faultkit import CLUSTER, OWNERSHIP_PREFIX, Kube, log
 from generator import BAD_URL, FOREIGN_MARK, Model, service_id
 
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.kube import condition, is_ready
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import condition, is_ready
 
 OWNERSHIP_META = ("external-source", "tether-cluster", "tether-namespace", "tether-name")
 #: Fields the API server fills in from the schema's defaults.

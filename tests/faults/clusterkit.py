@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.support.consul import Consul
+from tether_dev.harness.consul import Consul
 
 #: Headers that belong to one connection, not to the request: never forwarded.
 HOP_BY_HOP = {

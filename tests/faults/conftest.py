@@ -25,13 +25,13 @@ import pytest
 from faultkit import HTTP_TIMEOUT, REDUCED, FaultStack, Kube, log
 from hakit import HaFaultStack
 
-from tests.support import suites
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.operator import OperatorProcess
+from tether_dev.harness import suites
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.operator import OperatorProcess
 
 # A hook, imported so pytest finds it here: it lets `operator` print its log on failure.
-from tests.support.suites import pytest_runtest_makereport  # noqa: F401
+from tether_dev.harness.suites import pytest_runtest_makereport  # noqa: F401
 
 FAULTS_DIR = Path(__file__).resolve().parent
 
@@ -135,8 +135,7 @@ def network_faults_healed() -> Iterator[None]:
     removes whatever is tagged before the first test and after the last, on
     top of each fault's own ``finally`` and watchdog.
     """
-    from tether.devstack import faults
-
+    from tether_dev import faults
     for line in faults.heal_all():
         log(f"removed a leftover network fault: {line}")
     try:
@@ -156,8 +155,7 @@ def ha_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaFaultStack]
     try:
         yield st
     finally:
-        from tether.devstack import faults
-
+        from tether_dev import faults
         faults.heal_all()
         st.resume_all()
         logs = base / "stack-logs"
@@ -176,8 +174,7 @@ def ha_operator(
     ha_stack: HaFaultStack, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[OperatorProcess]:
     """``tether run -A`` against the HA stack (etcd: all members; Consul: the client agent)."""
-    from tether.devstack import faults
-
+    from tether_dev import faults
     faults.heal_all()
     ha_stack.resume_all()
     ha_stack.settle()

@@ -12,7 +12,7 @@ fails with a message instead of hanging CI.
   uses while the API server restarts.
 
 The operator process (``OperatorProcess``: SIGKILL, SIGSTOP, restart on the same
-ports), the Consul and etcd readers and ``wait_for`` are ``tests.support``'s, shared
+ports), the Consul and etcd readers and ``wait_for`` are ``tether_dev.harness``'s, shared
 with the end-to-end suite and the benchmarks.
 """
 
@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.waiting import wait_for
-from tether.devstack import processes
-from tether.devstack.stack import CONSUL, ETCD, KUBE_APISERVER, DevStack
+from tether_dev import processes
+from tether_dev.harness.waiting import wait_for
+from tether_dev.stack import CONSUL, ETCD, KUBE_APISERVER, DevStack
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from typing import Any
 from faultkit import OWNERSHIP_PREFIX, Kube, log
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.etcd import Etcd
+from tether_dev.harness.etcd import Etcd
 
 TAGS = ("blue", "green", "canary", "v1", "v2", "v3", "edge", "internal", "primary", "replica")
 META_KEYS = ("team", "tier", "owner", "version", "zone")

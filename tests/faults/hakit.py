@@ -1,7 +1,7 @@
 """The fault suite's instruments for the HA stack (``tether dev up --ha``).
 
 - :class:`HaFaultStack` — the suite's :class:`~faultkit.FaultStack` in HA mode,
-  with :class:`tether.devstack.faults.HaFaults` for leader kills, partitions and
+  with :class:`tether_dev.faults.HaFaults` for leader kills, partitions and
   slowdowns.
 - :class:`HaEtcd` — the auditor's etcd reader, failing over between the three
   members (a partitioned member must not blind the audit).
@@ -35,13 +35,13 @@ from typing import Any
 
 from faultkit import FaultStack, Kube
 
-from tests.support.etcd import Etcd, prefix_end
-from tether.devstack import faults as devfaults
+from tether_dev import faults as devfaults
+from tether_dev.harness.etcd import Etcd, prefix_end
 
 #: The value the fault injector writes when it drifts a managed key.
 DRIFT_VALUE = "drifted-by-fault-injector"
 #: The client's log line for a transaction whose outcome is unknown
-#: (tether.etcd.client); the count of repeated writes comes from it.
+#: (tether.clients.etcd.client); the count of repeated writes comes from it.
 UNKNOWN_OUTCOME = re.compile(r"etcd transaction outcome unknown")
 
 

@@ -11,11 +11,11 @@ from audit import Anomaly, Auditor, converge, split
 from faultkit import FaultStack, Kube, log
 from generator import Decl, Limits, Model, Workload
 
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.kube import condition, is_ready
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import condition, is_ready
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 
 @dataclass

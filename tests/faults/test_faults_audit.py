@@ -13,9 +13,9 @@ from generator import Limits
 from kubernetes.client.exceptions import ApiException
 from scenario import make_scenario
 
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.operator import OperatorProcess
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.operator import OperatorProcess
 
 HOLD = "example.com/hold"
 

@@ -72,10 +72,10 @@ from clusterkit import CatalogWatch, TxnSummary, WriteRecorder, diff, snapshot
 from faultkit import CONSUL, KUBE_APISERVER, REDUCED, FaultStack, Kube, log
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.consul import Consul
-from tests.support.kube import is_ready
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.kube import is_ready
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 SERVICE_NAMES = ("web", "api", "cache")
 TAGS = ("blue", "green", "canary", "v1", "v2")

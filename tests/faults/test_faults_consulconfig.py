@@ -18,10 +18,10 @@ import time
 
 from faultkit import CONSUL, FaultStack, Kube, log
 
-from tests.support.consulkv import ConsulKV
-from tests.support.kube import condition, is_ready
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consulkv import ConsulKV
+from tether_dev.harness.kube import condition, is_ready
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 OWNERSHIP = "tether/"
 CLUSTER = "kubernetes"

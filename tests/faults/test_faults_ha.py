@@ -2,7 +2,7 @@
 
 The stack is ``tether dev up --ha`` (3 etcd members, 3 Consul servers and a
 client agent, each on its own 127.0.0.x); the faults come from
-:mod:`tether.devstack.faults`. Each run keeps the suite's exact audit (every
+:mod:`tether_dev.faults`. Each run keeps the suite's exact audit (every
 declared key and registration present and correct, nothing owned left
 undeclared, nothing foreign touched, every resource with an explaining
 condition) and adds the per-key linearizability check of
@@ -50,10 +50,10 @@ from hakit import (
 from scenario import Scenario, make_scenario
 from test_faults_random import FaultRecord, Injector, Plan, render, report
 
-from tests.support.consul import Consul
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
-from tether.devstack import stack as devstack
+from tether_dev import stack as devstack
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 HA_FAULT_KINDS = (
     "etcd-leader-kill",
@@ -228,8 +228,7 @@ class HaInjector(Injector):
 
 
 def with_heal() -> None:
-    from tether.devstack import faults
-
+    from tether_dev import faults
     faults.heal_all()
 
 
@@ -576,8 +575,7 @@ def test_slow_etcd_member(
 
 def test_network_faults_are_always_healed(ha_stack: HaFaultStack) -> None:
     """A partition is removed at exit, when its block raises, and by its watchdog."""
-    from tether.devstack import faults
-
+    from tether_dev import faults
     members = list(devstack.ETCD_MEMBERS)
     # Only this session's rules: another fault session may be running beside it.
     mine = f"tether-fault:{os.getpid()}:"

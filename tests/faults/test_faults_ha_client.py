@@ -1,10 +1,10 @@
 """Tether's etcd client on the 3-member HA stack: failover and unknown outcomes.
 
-Real members, real faults (``tether.devstack.faults``): the member the client
+Real members, real faults (``tether_dev.faults``): the member the client
 is talking to is *blackholed* (its packets dropped, so the connection stays
 open and silent, never refused), cut off from its peers only, or SIGKILLed.
 
-What must hold (see ``tether.etcd.client``'s contract):
+What must hold (see ``tether.clients.etcd.client``'s contract):
 
 - a read fails over to a healthy member within the client's deadline;
 - a transaction is sent once; when its outcome is unknown the client raises
@@ -24,8 +24,8 @@ import pytest
 from faultkit import log
 from hakit import HaFaultStack
 
-from tether.devstack import stack as devstack
-from tether.etcd.client import Compare, EtcdClient, EtcdConnection, EtcdUnavailable, Put
+from tether.clients.etcd.client import Compare, EtcdClient, EtcdConnection, EtcdUnavailable, Put
+from tether_dev import stack as devstack
 
 #: The client's deadline for one call, failover included (its default).
 DEADLINE = 5.0
@@ -89,7 +89,7 @@ def test_a_transaction_to_a_blackholed_member_is_unknown_then_the_next_fails_ove
     """Sent to a silent member: EtcdUnavailable ("may or may not"), never success; then re-read."""
     leader, _ = ha_stack.settle()
     others = [m for m in devstack.ETCD_MEMBERS if m != leader]
-    caplog.set_level(logging.WARNING, logger="tether.etcd.client")
+    caplog.set_level(logging.WARNING, logger="tether.clients.etcd.client")
 
     async def scenario() -> tuple[str, float, bytes | None, float]:
         async with EtcdClient(connection(ha_stack)) as client:

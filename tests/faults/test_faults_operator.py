@@ -24,11 +24,11 @@ from faultkit import CONSUL, REDUCED, FaultStack, Kube, log
 from generator import Decl, Limits
 from scenario import Scenario, make_scenario
 
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.kube import is_ready
-from tests.support.operator import OperatorProcess
-from tests.support.waiting import wait_for
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import is_ready
+from tether_dev.harness.operator import OperatorProcess
+from tether_dev.harness.waiting import wait_for
 
 CLEAN = Limits(orphan_share=0.0, invalid_share=0.0)
 CONVERGE = 90.0

@@ -36,10 +36,10 @@ from faultkit import CONSUL, ETCD, KUBE_APISERVER, REDUCED, FaultStack, Kube, lo
 from generator import Limits, Workload
 from scenario import Scenario, make_scenario
 
-from tests.support.consul import Consul
-from tests.support.etcd import Etcd
-from tests.support.kube import is_ready
-from tests.support.operator import OperatorProcess
+from tether_dev.harness.consul import Consul
+from tether_dev.harness.etcd import Etcd
+from tether_dev.harness.kube import is_ready
+from tether_dev.harness.operator import OperatorProcess
 
 FAULT_KINDS = (
     "consul-kill",

@@ -6,11 +6,11 @@ all-or-nothing transactions, and each store's own way of guarding them:
 
 * :class:`EtcdModel` — etcd's ``Txn``: compares (``version = 0`` for absent,
   ``mod = r`` for unchanged), then puts and single-key deletes, all carrying
-  the new revision. It runs what :func:`tether.etcd.store.transaction` builds.
+  the new revision. It runs what :func:`tether.config.stores.etcd.transaction` builds.
 * :class:`ConsulModel` — Consul's ``/v1/txn``: ``cas`` (index 0: create only),
   ``delete-cas``, ``check-index``, ``check-not-exists``, rolled back as a whole
   when one of them fails (Consul's 409). It runs what
-  :func:`tether.consul.kv.transaction` builds. As in Consul's state store, a
+  :func:`tether.config.stores.consulkv.transaction` builds. As in Consul's state store, a
   ``delete-cas`` of a key that is already gone succeeds.
 
 So a plan is exercised through the real translation to each store's wire
@@ -20,8 +20,8 @@ limit, and a key twice in one transaction (etcd refuses that; Consul's
 answer would depend on the order, which Tether must never rely on).
 
 :class:`FakeEtcdClient` and :class:`FakeConsulKV` put the models behind the
-async client protocols the stores take (``tether.etcd.store.Client``,
-``tether.consul.kv.Client``), for reconciler tests.
+async client protocols the stores take (``tether.config.stores.etcd.Client``,
+``tether.config.stores.consulkv.Client``), for reconciler tests.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.clients.consul.client import ConsulRequestTooLarge, ConsulTooManyOps, ConsulUnavailable
+from tether.clients.etcd import values as etcd
+from tether.clients.etcd.errors import EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
 from tether.config import planner
+from tether.config.stores import consulkv as consul_kv
+from tether.config.stores import etcd as etcd_store
 from tether.config.values import Committed, Entry, Put
-from tether.consul import kv as consul_kv
-from tether.consul.client import ConsulRequestTooLarge, ConsulTooManyOps, ConsulUnavailable
-from tether.etcd import store as etcd_store
-from tether.etcd import values as etcd
-from tether.etcd.errors import EtcdRejected, EtcdUnavailable, RequestTooLarge, TooManyOps
 
 #: etcd's default ``--max-request-bytes``.
 ETCD_REQUEST_LIMIT = 1536 * 1024
@@ -309,7 +309,7 @@ class Faults:
 
 
 class FakeEtcdClient:
-    """:class:`tether.etcd.store.Client` over an :class:`EtcdModel`."""
+    """:class:`tether.config.stores.etcd.Client` over an :class:`EtcdModel`."""
 
     def __init__(self, model: EtcdModel, faults: Faults | None = None) -> None:
         self.model = model
@@ -364,7 +364,7 @@ class FakeEtcdClient:
 
 
 class FakeConsulKV:
-    """:class:`tether.consul.kv.Client` over a :class:`ConsulModel`."""
+    """:class:`tether.config.stores.consulkv.Client` over a :class:`ConsulModel`."""
 
     def __init__(self, model: ConsulModel, faults: Faults | None = None) -> None:
         self.model = model

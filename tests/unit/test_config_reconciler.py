@@ -3,8 +3,8 @@
 Not end-to-end (those run against a real etcd and Consul): these check the
 reconciler's own logic — outcomes, events, drift bookkeeping, retries, the
 limits it learns, failing closed — for both kinds, each through its real
-store adapter (:class:`~tether.etcd.store.EtcdStore`,
-:class:`~tether.consul.kv.ConsulKVStore`) over a fake client backed by a
+store adapter (:class:`~tether.config.stores.etcd.EtcdStore`,
+:class:`~tether.config.stores.consulkv.ConsulKVStore`) over a fake client backed by a
 model of that store's transaction semantics (:mod:`kvmodels`).
 """
 
@@ -17,16 +17,16 @@ import pytest
 from kvmodels import ConsulModel, EtcdModel, FakeConsulKV, FakeEtcdClient, Faults, Model
 
 from tether.api import ObjectRef
+from tether.clients.etcd.errors import EtcdUnavailable
 from tether.config import planner
+from tether.config.consulconfigs import ConsulConfigs
+from tether.config.etcdconfigs import EtcdConfigs
 from tether.config.expectations import Expectations
 from tether.config.reconciling import ConfigReconciler
 from tether.config.sources import SourceIndex
+from tether.config.stores.consulkv import ConsulKVStore
+from tether.config.stores.etcd import EtcdStore
 from tether.config.values import Change
-from tether.consul.configs import ConsulConfigs
-from tether.consul.kv import ConsulKVStore
-from tether.etcd.configs import EtcdConfigs
-from tether.etcd.errors import EtcdUnavailable
-from tether.etcd.store import EtcdStore
 from tether.reconciling import Outcome, Resource
 
 BACKENDS = ["consul", "etcd"]

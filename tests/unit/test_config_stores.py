@@ -1,10 +1,10 @@
 """The config stores' adapters: a planned step in each store's wire shape.
 
-:mod:`tether.consul.kv` turns every guarded item into one check-and-set
+:mod:`tether.config.stores.consulkv` turns every guarded item into one check-and-set
 operation (``cas`` with index 0 to create, ``cas`` with the read index to
 update, ``delete-cas`` to delete) and guards the owner's index record with
 ``check-index`` / ``check-not-exists`` when the step leaves it alone;
-:mod:`tether.etcd.store` turns guards into compares. Neither ever sends a
+:mod:`tether.config.stores.etcd` turns guards into compares. Neither ever sends a
 recursive or unguarded operation.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tether.clients.etcd import values as etcd
 from tether.config import planner
+from tether.config.stores import consulkv as kv
+from tether.config.stores import etcd as etcd_store
+from tether.config.stores.consulkv import ConsulKVStore
+from tether.config.stores.etcd import EtcdStore
 from tether.config.values import Committed, Delete, Guard, Put
-from tether.consul import kv
-from tether.consul.kv import ConsulKVStore
-from tether.etcd import store as etcd_store
-from tether.etcd import values as etcd
-from tether.etcd.store import EtcdStore
 
 INDEX = "tether/owners/kubernetes/team-a/cfg"
 

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 
 from tether import errors
-from tether.consul.client import (
+from tether.clients.consul.client import (
     ConsulClient,
     ConsulRejected,
     ConsulRequestTooLarge,
     ConsulTooManyOps,
     ConsulUnavailable,
 )
-from tether.consul.connection import ConsulConnection
+from tether.clients.consul.connection import ConsulConnection
 
 
 @dataclass

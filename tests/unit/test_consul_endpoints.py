@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from tether.api import InvalidSpec
 from tether.api import consulservices as api
-from tether.consul import endpoints
-from tether.consul.client import ConsulContended
-from tether.consul.committing import GroupCommit
-from tether.consul.planner import Owner
+from tether.clients.consul.client import ConsulContended
+from tether.consulservice import endpoints
+from tether.consulservice.committing import GroupCommit
+from tether.consulservice.planner import Owner
 
 CLUSTER = "blue"
 NODE = "tether-blue"

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from tether.api import ObjectRef
+from tether.clients.consul.client import ConsulUnavailable
 from tether.config import roots
 from tether.config.expectations import Expectations, digest
-from tether.consul import kvwatching
-from tether.consul.client import ConsulUnavailable
-from tether.consul.kvwatching import KVWatcher
+from tether.config.watchers import consulkv as kvwatching
+from tether.config.watchers.consulkv import KVWatcher
 
 REF = ObjectRef("consulconfigs", "team-a", "cfg")
 OTHER = ObjectRef("consulconfigs", "team-b", "other")

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
-from tether.consul import planner
-from tether.consul.index import AgentIndex, Tracked
+from tether.consulservice import planner
+from tether.consulservice.index import AgentIndex, Tracked
 
 OWNER = planner.Owner("kubernetes", "team-a", "web")
 

@@ -5,7 +5,7 @@ agent re-renders them (``Service`` for the name, checks listed apart with a
 ``Type``, empty definitions), their checks' states, and the writes made. The
 tests check outcomes: what the agent holds afterwards, the status fields,
 the conditions and the events, and what the shared
-:class:`~tether.consul.index.AgentIndex` tells the watcher.
+:class:`~tether.consulservice.index.AgentIndex` tells the watcher.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from tether.api import ObjectRef
-from tether.consul import planner
-from tether.consul.client import ConsulRejected, ConsulUnavailable
-from tether.consul.index import AgentIndex
-from tether.consul.reconciling import ConsulServices
+from tether.clients.consul.client import ConsulRejected, ConsulUnavailable
+from tether.consulservice import planner
+from tether.consulservice.agent import ConsulServices
+from tether.consulservice.index import AgentIndex
 from tether.reconciling import Outcome, Resource
 
 REF = ObjectRef("consulservices", "team-a", "web")
@@ -29,7 +29,7 @@ URL = "http://127.0.0.1:8500"
 
 
 class FakeAgent:
-    """The :class:`tether.consul.client.Agent` protocol over a dict of registrations."""
+    """The :class:`tether.clients.consul.client.Agent` protocol over a dict of registrations."""
 
     def __init__(self) -> None:
         self.registered: dict[str, dict[str, Any]] = {}

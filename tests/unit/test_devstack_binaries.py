@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tether.devstack import binaries
-from tether.devstack.reporting import DevStackError
+from tether_dev import binaries
+from tether_dev.reporting import DevStackError
 
 PINS = {"k8s": "v1.35.4", "etcd": "v3.6.16", "consul": "v1.16.3"}
 

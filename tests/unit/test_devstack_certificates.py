@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tether.devstack import certificates
+from tether_dev import certificates
 
 
 def openssl(*args: str) -> str:

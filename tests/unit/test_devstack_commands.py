@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tether.devstack import commands
+from tether_dev import commands
 
 STATE = Path("/state")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tether.devstack import envfiles
+from tether_dev import envfiles
 
 
 def render(state_dir: Path, bin_dir: Path | None = None) -> str:

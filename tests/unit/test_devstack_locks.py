@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tether.devstack import locks
-from tether.devstack.reporting import DevStackError
+from tether_dev import locks
+from tether_dev.reporting import DevStackError
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from tether.devstack import locks
+from tether_dev import locks
 with locks.exclusive(Path(sys.argv[1]), timeout=5, what="test"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

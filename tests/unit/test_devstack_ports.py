@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from tether.devstack import ports
-from tether.devstack.reporting import DevStackError
+from tether_dev import ports
+from tether_dev.reporting import DevStackError
 
 
 def test_ephemeral_start_reads_the_first_number() -> None:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tether.devstack import processes
+from tether_dev import processes
 
 
 def test_our_own_process_is_recognised_by_its_command_line() -> None:

@@ -1,8 +1,8 @@
 """Unit tests for the pure parts of the etcd client: settings, error mapping, messages.
 
-The client is split into plain values (:mod:`tether.etcd.values`), errors
-(:mod:`tether.etcd.errors`), wire conversions (:mod:`tether.etcd.wire`) and
-the connection settings (:mod:`tether.etcd.connection`); each is tested here
+The client is split into plain values (:mod:`tether.clients.etcd.values`), errors
+(:mod:`tether.clients.etcd.errors`), wire conversions (:mod:`tether.clients.etcd.wire`) and
+the connection settings (:mod:`tether.clients.etcd.connection`); each is tested here
 without a server.
 """
 
@@ -15,16 +15,16 @@ import pytest
 from aetcd import rpc
 
 from tether import errors
-from tether.etcd import values, wire
-from tether.etcd.connection import EtcdConnection
-from tether.etcd.errors import (
+from tether.clients.etcd import values, wire
+from tether.clients.etcd.connection import EtcdConnection
+from tether.clients.etcd.errors import (
     Compacted,
     EtcdRejected,
     EtcdUnavailable,
     RequestTooLarge,
     TooManyOps,
 )
-from tether.etcd.values import Compare, Delete, KeyValue, Put
+from tether.clients.etcd.values import Compare, Delete, KeyValue, Put
 
 # --------------------------------------------------------------------------- from_env
 

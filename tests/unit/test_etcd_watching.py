@@ -1,7 +1,7 @@
 """The etcd drift watch of one root: events held against expectations, and resyncs.
 
 A scripted client hands out watch streams whose events the test pushes, so
-the tests can walk one :class:`~tether.etcd.watching.PrefixWatch` through a
+the tests can walk one :class:`~tether.config.watchers.etcd.PrefixWatch` through a
 first start, edits, Tether's own writes, a compaction, a store that went
 back in time and an outage, and check what it enqueues and where it resumes.
 """
@@ -15,10 +15,10 @@ from typing import Literal
 import pytest
 
 from tether.api import ObjectRef
+from tether.clients.etcd import values as etcd
+from tether.clients.etcd.errors import Compacted, EtcdUnavailable
 from tether.config.expectations import Expectations, digest
-from tether.etcd import values as etcd
-from tether.etcd.errors import Compacted, EtcdUnavailable
-from tether.etcd.watching import PrefixWatch
+from tether.config.watchers.etcd import PrefixWatch
 
 REF = ObjectRef("etcdconfigs", "team-a", "cfg")
 ELSEWHERE = ObjectRef("etcdconfigs", "team-b", "elsewhere")
@@ -30,7 +30,7 @@ def event(kind: Literal["put", "delete"], key: str, value: bytes = b"", revision
 
 
 class ScriptedEtcd:
-    """``status`` and ``watch_prefix`` (``tether.etcd.store.Client``) under the test's control."""
+    """``status`` and ``watch_prefix`` (``tether.config.stores.etcd.Client``) under the test's control."""
 
     def __init__(self, revision: int) -> None:
         self.revision = revision

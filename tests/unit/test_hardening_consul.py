@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether.api import consulservices as api
-from tether.consul import planner
+from tether.consulservice import planner
 
 OWNER = planner.Owner("kubernetes", "team-a", "web")
 

@@ -10,7 +10,7 @@ import pytest
 from tether import conditions
 from tether.api import InvalidSpec, durations
 from tether.api import consulservices as api
-from tether.consul import planner
+from tether.consulservice import planner
 from tether.reconciling import Outcome, _announcement, build_status
 
 

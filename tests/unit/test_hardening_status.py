@@ -10,10 +10,10 @@ from typing import Any
 
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
-from tether.consul.client import ConsulUnavailable
-from tether.consul.index import AgentIndex
-from tether.consul.reconciling import ConsulServices
-from tether.kube import Involved, KubeError
+from tether.clients.consul.client import ConsulUnavailable
+from tether.clients.kube.client import Involved, KubeError
+from tether.consulservice.agent import ConsulServices
+from tether.consulservice.index import AgentIndex
 from tether.reconciling import Controller, Outcome, Resource
 
 REF = ObjectRef("things", "ns", "a")

@@ -10,12 +10,12 @@ import pytest
 
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
-from tether.consul import reconciling as consul_reconciling
-from tether.consul.connection import ConsulConnection
-from tether.consul.index import AgentIndex
-from tether.consul.reconciling import ConsulServices
-from tether.consul.topology import NodeTracker
-from tether.etcd.connection import EtcdConnection
+from tether.clients.consul.connection import ConsulConnection
+from tether.clients.etcd.connection import EtcdConnection
+from tether.consulservice import agent as consul_reconciling
+from tether.consulservice.agent import ConsulServices
+from tether.consulservice.index import AgentIndex
+from tether.consulservice.topology import NodeTracker
 from tether.reconciling import Resource
 from tether.settings import Settings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import kubernetes.client as k8s
 
-from tether.kubehttp import METADATA, KubeHttp
+from tether.clients.kube.http import METADATA, KubeHttp
 
 
 def test_bearer_tokens_as_the_config_loaders_store_them() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tether.kube import KubeError
-from tether.kubewatching import ENSURE_SECONDS, NamespaceWatches
+from tether.clients.kube.client import KubeError
+from tether.clients.kube.watching import ENSURE_SECONDS, NamespaceWatches
 
 
 class _Forbidden:

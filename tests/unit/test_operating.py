@@ -21,10 +21,10 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_log_level_flag_is_parsed() -> None:
-    args = cli._parser().parse_args(["run", "--log-level", "warning"])
+    args = cli._parser(cli._commands()).parse_args(["run", "--log-level", "warning"])
     assert args.log_level == "warning"
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(["run", "--log-level", "loud"])
+        cli._parser(cli._commands()).parse_args(["run", "--log-level", "loud"])
 
 
 def test_log_level_is_applied() -> None:
@@ -69,7 +69,7 @@ def test_a_wedged_operator_is_neither_alive_nor_ready() -> None:
 
 async def test_events_name_the_pod_as_reporting_instance() -> None:
     from tether.api import ObjectRef
-    from tether.kube import Involved, KubeClient
+    from tether.clients.kube.client import Involved, KubeClient
 
     client = KubeClient(instance="tether-7d9f-abcde")
     sent: list[tuple[str, str, Any]] = []

@@ -5,7 +5,10 @@ licence string."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +45,26 @@ def test_every_dependency_is_locked_at_its_pin_with_hashes() -> None:
         assert "--hash=sha256:" in entry, entry.splitlines()[0]
 
 
-def test_the_image_installs_from_the_lock_and_ships_no_dev_stack() -> None:
+def test_the_image_installs_from_the_lock_and_copies_no_dev_tools() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "--require-hashes" in dockerfile and "requirements.lock" in dockerfile
     assert "--no-build-isolation" in dockerfile
-    assert re.search(r"rm -rf \S*/site-packages/tether/devstack", dockerfile)
+    copied = re.findall(r"^COPY (?!--from)(.+?) \S+$", dockerfile, re.M)
+    assert copied and not any("devtools" in c or c.strip() == "." for c in copied), copied
+
+
+def test_the_operator_wheel_holds_tether_alone(tmp_path: Path) -> None:
+    """The wheel the image installs: every module under ``tether/``, no developer tool."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("tether-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    modules = {n for n in names if n.endswith(".py")}
+    assert "tether/running.py" in modules and "tether/clients/kube/client.py" in modules
+    assert not [n for n in modules if not n.startswith("tether/")], modules
+    # The developer tools are a distribution of their own, with the `dev` command.
+    dev = tomllib.loads((REPO / "devtools" / "pyproject.toml").read_text())
+    assert dev["project"]["entry-points"]["tether.commands"] == {"dev": "tether_dev.cli:COMMAND"}

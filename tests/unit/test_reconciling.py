@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from tether import conditions, errors
 from tether.api import FINALIZER, InvalidSpec, ObjectRef
+from tether.clients.consul.client import ConsulRejected, ConsulUnavailable
+from tether.clients.etcd.errors import EtcdRejected, EtcdUnavailable
+from tether.clients.kube.client import KubeError
 from tether.conditions import Condition
-from tether.consul.client import ConsulRejected, ConsulUnavailable
-from tether.etcd.errors import EtcdRejected, EtcdUnavailable
-from tether.kube import KubeError
 from tether.queueing import Backoff, WorkQueue
 from tether.reconciling import Controller, Note, Outcome, Resource, build_status
 

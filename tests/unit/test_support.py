@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.support import etcd, kube, operator, waiting
+from tether_dev.harness import etcd, kube, operator, waiting
 
 
 def test_wait_for_returns_the_first_truthy_value_and_counts_errors_as_not_yet() -> None:

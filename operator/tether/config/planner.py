@@ -142,7 +142,7 @@ def directory(prefix: str) -> str:
 
 
 #: An index record that lists nothing, left where a record was deleted by a
-#: store that can expire it (etcd: on a lease; see :mod:`tether.etcd.store`).
+#: store that can expire it (etcd: on a lease; see :mod:`tether.config.stores.etcd`).
 #: It owns nothing and counts as no record, except that every transaction
 #: guards its revision: a transaction planned while the record was absent
 #: (a create whose outcome was never known) can then no longer apply.

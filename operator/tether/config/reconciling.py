@@ -12,7 +12,7 @@ bounded number of times. ``release`` is the same loop with nothing desired:
 ``Delete`` prunes every owned key, ``Orphan`` only drops the claims.
 
 A kind is this class with a store and a flavor (:mod:`tether.api.configs`);
-see :mod:`tether.etcd.configs` and :mod:`tether.consul.configs`.
+see :mod:`tether.config.etcdconfigs` and :mod:`tether.config.consulconfigs`.
 
 Values may be Secret data: only key names, counts and sizes ever reach a
 message, event, log line, metric or status.
@@ -30,10 +30,10 @@ from typing import Protocol
 from tether import conditions, errors, metrics
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import configs as api
+from tether.clients.kube.client import KubeError
 from tether.config import planner, sources
 from tether.config.expectations import Expectations, digest
 from tether.config.values import Committed, Entry
-from tether.kube import KubeError
 from tether.reconciling import Note, Outcome, Resource
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ SourceId = tuple[api.SourceKind, str, str]  # kind, namespace, name
 
 
 class Sources(Protocol):
-    """Where ``spec.from`` is read: :class:`tether.kube.KubeClient`."""
+    """Where ``spec.from`` is read: :class:`tether.clients.kube.client.KubeClient`."""
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, bytes] | None: ...
 

@@ -1,0 +1,418 @@
+"""Consul I/O through py-consul's asyncio client: the agent API, the catalog and the KV store.
+
+Every call has a deadline, so a hung agent cannot stall the operator; failures
+are sorted into *unavailable* (retry with backoff) and *rejected* (ACL denied,
+bad request: a person must act), subclasses of Tether's one error vocabulary.
+py-consul's quirks stay in this module, as do the backend-up gauge and the
+write counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import consul.aio
+from consul import exceptions as consul_errors
+from consul.callback import CB
+
+from tether import errors, metrics
+from tether.clients.consul.connection import ConsulConnection
+from tether.errors import BackendError, BackendRejected, BackendUnavailable
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class ConsulError(BackendError):
+    """Base of Consul failures."""
+
+
+class ConsulUnavailable(ConsulError, BackendUnavailable):
+    """The agent did not answer (refused, timed out, 5xx): retry later."""
+
+
+class ConsulRejected(ConsulError, BackendRejected):
+    """The agent answered no (ACL denied, invalid request): a person must act."""
+
+
+class ConsulTooManyOps(ConsulRejected, errors.TooManyOperations):
+    """A KV transaction had more operations than the server allows."""
+
+
+class ConsulRequestTooLarge(ConsulRejected, errors.RequestTooLarge):
+    """A request body was larger than the server allows (``txn_max_req_len``)."""
+
+
+class ConsulContended(ConsulError, errors.Contended):
+    """A guarded catalog transaction was rolled back: an entry changed since it was read."""
+
+
+class Catalog(Protocol):
+    """What endpoints mode needs from Consul's catalog: one node's entries, and transactions."""
+
+    async def node_services(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]: ...
+
+    async def node_checks(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, list[dict[str, Any]]]: ...
+
+    async def catalog_txn(self, ops: list[dict[str, Any]]) -> None: ...
+
+
+class Agent(Protocol):
+    """What the reconciler and the watcher need from a Consul agent."""
+
+    async def node_name(self) -> str: ...
+
+    async def service(self, service_id: str) -> dict[str, Any] | None: ...
+
+    async def service_checks(self, service_id: str) -> list[dict[str, Any]]: ...
+
+    async def checks_with_ids(self, check_ids: Sequence[str]) -> list[dict[str, Any]]: ...
+
+    async def services(self) -> dict[str, dict[str, Any]]: ...
+
+    async def checks(self) -> dict[str, dict[str, Any]]: ...
+
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None: ...
+
+    async def deregister(self, service_id: str) -> None: ...
+
+    async def wait_services(self, index: int, wait: str) -> int: ...
+
+    async def wait_health(self, index: int, wait: str) -> int: ...
+
+
+class ConsulClient:
+    """The agent at ``CONSUL_HTTP_ADDR``, via py-consul's aiohttp client."""
+
+    def __init__(self, conn: ConsulConnection) -> None:
+        self.conn = conn
+        verify: bool | str = conn.ca_cert or True
+        cert = (conn.client_cert, conn.client_key) if conn.client_cert else None
+        self._client = consul.aio.Consul(
+            host=conn.host, port=conn.port, token=conn.token, scheme=conn.scheme,
+            verify=verify, cert=cert,
+        )
+        # py-consul reads CONSUL_HTTP_TOKEN itself and lets it win over the
+        # argument; pin the token we were given so settings stay explicit.
+        self._client.token = conn.token
+        self._http = self._client.http
+        self._self_denied = False  # the token may not read /v1/agent/self
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
+
+    async def _call(
+        self, fn: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None
+    ) -> T:
+        try:
+            result = await asyncio.wait_for(fn(), deadline or self.conn.timeout)
+        except TimeoutError:
+            self._down()
+            raise ConsulUnavailable(
+                f"Consul agent at {self.conn.url} did not answer {what} within "
+                f"{deadline or self.conn.timeout:.0f}s"
+            ) from None
+        except (consul_errors.ACLPermissionDenied, consul_errors.ACLDisabled) as exc:
+            self._up()
+            raise ConsulRejected(
+                f"Consul refused {what}: permission denied (check CONSUL_HTTP_TOKEN and its "
+                f"policy): {_short(exc)}"
+            ) from None
+        except consul_errors.ConsulException as exc:
+            text = _short(exc)
+            if "Permission denied" in text or "ACL not found" in text:
+                self._up()
+                raise ConsulRejected(
+                    f"Consul refused {what}: {text} (check CONSUL_HTTP_TOKEN and its policy)"
+                ) from None
+            if isinstance(exc, consul_errors.BadRequest | consul_errors.ClientError):
+                self._up()
+                raise ConsulRejected(f"Consul rejected {what}: {text}") from None
+            self._down()
+            raise ConsulUnavailable(f"Consul failed {what}: {text}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            self._down()
+            raise ConsulUnavailable(
+                f"Consul agent at {self.conn.url} is unreachable ({what}): {exc}"
+            ) from None
+        self._up()
+        return result
+
+    @staticmethod
+    def _up() -> None:
+        metrics.BACKEND_UP.labels(backend="consul").set(1)
+
+    @staticmethod
+    def _down() -> None:
+        metrics.BACKEND_UP.labels(backend="consul").set(0)
+        metrics.BACKEND_ERRORS.labels(backend="consul").inc()
+
+    async def node_name(self) -> str:
+        """The name of the node of the agent that answered (``/v1/agent/self``); "" if unknown.
+
+        It needs ``agent:read``. A token without it is not an error (the rest
+        works without): the check is skipped from then on, said once in the log.
+        """
+        if self._self_denied:
+            return ""
+        try:
+            result: dict[str, Any] = await self._call(
+                lambda: self._http.get(CB.json(), "/v1/agent/self", headers=self._headers()),
+                what="read of the agent's own configuration",
+            )
+        except ConsulRejected as exc:
+            self._self_denied = True
+            log.info(
+                "cannot tell whether CONSUL_HTTP_ADDR reaches one agent (%s); grant agent:read "
+                "to CONSUL_HTTP_TOKEN to detect a load-balanced address", exc,
+            )
+            return ""
+        return str(((result or {}).get("Config") or {}).get("NodeName") or "")
+
+    async def service(self, service_id: str) -> dict[str, Any] | None:
+        path = f"/v1/agent/service/{quote(service_id, safe='')}"
+        result: dict[str, Any] | None = await self._call(
+            lambda: self._http.get(CB.json(allow_404=True), path, headers=self._headers()),
+            what=f"read of service {service_id!r}",
+        )
+        return result
+
+    async def service_checks(self, service_id: str) -> list[dict[str, Any]]:
+        expr = f"ServiceID == {json.dumps(service_id)}"
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(
+                CB.json(), "/v1/agent/checks", params=[("filter", expr)], headers=self._headers()
+            ),
+            what=f"read of checks of {service_id!r}",
+        )
+        return list((result or {}).values())
+
+    async def checks_with_ids(self, check_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The agent's checks under any of ``check_ids``, whichever service holds them."""
+        if not check_ids:
+            return []
+        expr = " or ".join(f"CheckID == {json.dumps(cid)}" for cid in sorted(set(check_ids)))
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(
+                CB.json(), "/v1/agent/checks", params=[("filter", expr)], headers=self._headers()
+            ),
+            what="read of checks by ID",
+        )
+        return list((result or {}).values())
+
+    async def services(self) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(CB.json(), "/v1/agent/services", headers=self._headers()),
+            what="list of agent services",
+        )
+        return result or {}
+
+    async def checks(self) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = await self._call(
+            lambda: self._http.get(CB.json(), "/v1/agent/checks", headers=self._headers()),
+            what="list of agent checks",
+        )
+        return result or {}
+
+    async def register(self, body: Mapping[str, Any], *, replace_checks: bool = True) -> None:
+        """Register ``body``; ``replace_checks=False`` keeps checks the body does not list."""
+        metrics.WRITES.labels(system="consul").inc()
+        params = [("replace-existing-checks", "true")] if replace_checks else []
+        await self._call(
+            lambda: self._http.put(
+                CB.boolean(), "/v1/agent/service/register",
+                params=params,
+                data=json.dumps(body), headers=self._headers(),
+            ),
+            what=f"registration of {body.get('ID')!r}",
+        )
+
+    async def deregister(self, service_id: str) -> None:
+        metrics.WRITES.labels(system="consul").inc()
+        path = f"/v1/agent/service/deregister/{quote(service_id, safe='')}"
+        await self._call(
+            lambda: self._http.put(CB.boolean(), path, headers=self._headers()),
+            what=f"deregistration of {service_id!r}",
+        )
+
+    async def _wait(self, path: str, index: int, wait: str, what: str) -> int:
+        params = [("index", str(index)), ("wait", wait)] if index else []
+        seconds = float(wait.rstrip("s")) if index else 0.0
+        def index_only(response: Any) -> int:
+            # Only the index is wanted: the body (every service, or every check
+            # of the datacenter) is never parsed — decoding it on each change
+            # was the operator's largest single cost while 1000 services converged.
+            CB._status(response)
+            return int(response.headers.get("X-Consul-Index") or 0)
+
+        result: int = await self._call(
+            lambda: self._http.get(index_only, path, params=params, headers=self._headers()),
+            what=what,
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            deadline=seconds * 1.1 + self.conn.timeout,
+        )
+        return result
+
+    async def wait_services(self, index: int, wait: str) -> int:
+        """Block until the catalog's services change after ``index``; return the new index."""
+        return await self._wait("/v1/catalog/services", index, wait, "watch of services")
+
+    async def wait_health(self, index: int, wait: str) -> int:
+        """Block until any check changes state after ``index``; return the new index."""
+        return await self._wait("/v1/health/state/any", index, wait, "watch of checks")
+
+    # -- the KV store -------------------------------------------------------------
+
+    async def _kv_request(
+        self, method: str, path: str, *, what: str, params: list[tuple[str, str]] | None = None,
+        data: str = "", deadline: float | None = None,
+    ) -> tuple[int, Mapping[str, str], str]:
+        """One raw KV/txn call: status, headers, body; statuses are interpreted here."""
+        def raw(response: Any) -> tuple[int, Mapping[str, str], str]:
+            return int(response.code), response.headers, str(response.body or "")
+
+        if method == "GET":
+            call = lambda: self._http.get(raw, path, params=params, headers=self._headers())  # noqa: E731
+        else:
+            call = lambda: self._http.put(raw, path, params=params, data=data, headers=self._headers())  # noqa: E731
+        code, headers, body = await self._call(call, what=what, deadline=deadline)
+        text = " ".join(body.split())[:300]
+        if code in (401, 403):
+            raise ConsulRejected(
+                f"Consul refused {what}: {code} {text} (check CONSUL_HTTP_TOKEN and its policy)"
+            )
+        if code == 413:
+            if "too many operations" in text.lower():
+                raise ConsulTooManyOps(f"Consul refused {what}: {text}")
+            raise ConsulRequestTooLarge(f"Consul refused {what}: {text}")
+        if code == 400:
+            raise ConsulRejected(f"Consul rejected {what}: {text}")
+        if code >= 500:
+            self._down()
+            raise ConsulUnavailable(f"Consul failed {what}: {code} {text}")
+        return code, headers, body
+
+    async def kv_get(self, key: str) -> dict[str, Any] | None:
+        """One KV entry as Consul returns it, or None."""
+        code, _, body = await self._kv_request(
+            "GET", f"/v1/kv/{quote(key, safe='/')}", what=f"read of KV key {key!r}"
+        )
+        if code == 404:
+            return None
+        entries = json.loads(body) or []
+        return dict(entries[0]) if entries else None
+
+    async def kv_tree(
+        self, prefix: str, *, index: int = 0, wait: str = ""
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Every entry under ``prefix`` and Consul's index; with ``index``, a blocking query."""
+        params = [("recurse", "true")]
+        deadline = None
+        if index:
+            params += [("index", str(index)), ("wait", wait)]
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            deadline = float(wait.rstrip("s")) * 1.1 + self.conn.timeout
+        code, headers, body = await self._kv_request(
+            "GET", f"/v1/kv/{quote(prefix, safe='/')}", params=params,
+            what=f"list of KV keys under {prefix!r}", deadline=deadline,
+        )
+        new_index = int(headers.get("X-Consul-Index") or 0)
+        if code == 404:
+            return new_index, []
+        return new_index, [dict(e) for e in json.loads(body) or []]
+
+    async def kv_txn(self, ops: list[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]]]:
+        """Run one KV transaction: (True, results) when applied, (False, []) when rolled back."""
+        metrics.WRITES.labels(system="consul").inc()
+        code, _, body = await self._kv_request(
+            "PUT", "/v1/txn", data=json.dumps(ops), what=f"KV transaction of {len(ops)} operations"
+        )
+        if code == 409:
+            # A guard failed and Consul rolled the whole transaction back.
+            return False, []
+        if code != 200:
+            text = " ".join(body.split())[:300]
+            raise ConsulRejected(f"Consul answered {code} to a KV transaction: {text}")
+        results = (json.loads(body) or {}).get("Results") or []
+        return True, [dict(r.get("KV") or {}) for r in results]
+
+    # -- the catalog (endpoints mode) -----------------------------------------------
+
+    def _blocking(self, index: int, wait: str) -> tuple[list[tuple[str, str]], float | None]:
+        if not index:
+            return [], None
+        # Consul adds up to wait/16 of jitter to a blocking query.
+        return [("index", str(index)), ("wait", wait)], float(wait.rstrip("s")) * 1.1 + self.conn.timeout
+
+    async def node_services(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+        """The node (None if absent) and its services; ``where``: only those matching
+        that Consul filter expression (the node is returned either way).
+
+        With ``index``, a blocking query that returns once the node's services
+        change after it (or after ``wait``).
+        """
+        params, deadline = self._blocking(index, wait)
+        if where is not None:
+            params.append(("filter", where))
+        code, headers, body = await self._kv_request(
+            "GET", f"/v1/catalog/node-services/{quote(node, safe='')}", params=params,
+            what=f"list of services on node {node!r}", deadline=deadline,
+        )
+        new_index = int(headers.get("X-Consul-Index") or 0)
+        data = json.loads(body) if code == 200 and body.strip() else None
+        if not data or not data.get("Node"):
+            return new_index, None, []
+        return new_index, dict(data["Node"]), [dict(s) for s in data.get("Services") or []]
+
+    async def node_checks(
+        self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """The checks on the node; ``where``: only those matching that filter expression."""
+        params, deadline = self._blocking(index, wait)
+        if where is not None:
+            params.append(("filter", where))
+        code, headers, body = await self._kv_request(
+            "GET", f"/v1/health/node/{quote(node, safe='')}", params=params,
+            what=f"list of checks on node {node!r}", deadline=deadline,
+        )
+        new_index = int(headers.get("X-Consul-Index") or 0)
+        data = json.loads(body) if code == 200 and body.strip() else None
+        return new_index, [dict(c) for c in data or []]
+
+    async def catalog_txn(self, ops: list[dict[str, Any]]) -> None:
+        """Apply one catalog transaction; :class:`ConsulContended` when a guard failed."""
+        metrics.WRITES.labels(system="consul").inc()
+        code, _, body = await self._kv_request(
+            "PUT", "/v1/txn", data=json.dumps(ops),
+            what=f"catalog transaction of {len(ops)} operations",
+        )
+        if code == 409:
+            # Consul rolled the whole transaction back; its errors say which op
+            # failed: mostly a stale guard ("index is stale"), which a re-read fixes.
+            errs = (json.loads(body or "{}") or {}).get("Errors") or []
+            what = "; ".join(str(e.get("What", "")) for e in errs[:3]) or body[:200]
+            raise ConsulContended(f"Consul rolled the catalog transaction back: {what}")
+        if code != 200:
+            text = " ".join(body.split())[:300]
+            raise ConsulRejected(f"Consul answered {code} to a catalog transaction: {text}")
+
+    async def close(self) -> None:
+        session = getattr(self._http, "_session", None)
+        if session is not None:
+            await session.close()
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

@@ -1,0 +1,314 @@
+"""ConsulService endpoints mode: a Service's endpoints as instances in Consul's catalog.
+
+The ConsulService kind hands a resource here when its spec has
+``endpoints``. ``apply`` reads the Service and its EndpointSlices, reads the
+synthetic node's entries of that service, asks the pure planner
+(:mod:`tether.consulservice.endpoints`) for guarded transactions and writes only
+those; ``release`` removes (or orphans) the resource's instances and the
+node once nothing is left on it. What the watchers need is recorded in the
+shared :class:`~tether.consulservice.index.CatalogIndex`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from tether import conditions, metrics
+from tether.api import InvalidSpec, ObjectRef
+from tether.api import consulservices as api
+from tether.clients.consul.client import Catalog, ConsulContended, ConsulError
+from tether.clients.kube.client import KubeError
+from tether.conditions import Condition
+from tether.consulservice import endpoints
+from tether.consulservice.committing import GroupCommit
+from tether.consulservice.index import CatalogIndex
+from tether.consulservice.planner import Owner
+from tether.reconciling import Note, Outcome, Resource
+
+log = logging.getLogger(__name__)
+
+# A guarded transaction that lost a race is re-planned from a fresh read at
+# once a few times (another resource creating the node at the same moment),
+# before the skeleton's backoff takes over.
+_ATTEMPTS = 3
+
+
+class Cluster(Protocol):
+    """The Kubernetes reads endpoints mode needs."""
+
+    async def read_service(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]: ...
+
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None: ...
+
+
+class NodeGate:
+    """Instance writes share the node; creating or removing the node itself is exclusive.
+
+    Removing the node removes everything on it, so it must never overlap
+    another resource's read-plan-write on the same node in this process.
+    """
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._idle = asyncio.Condition()
+        self._writer = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._writer:  # wait out a node removal in progress
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._idle:
+                self._readers -= 1
+                self._idle.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._writer:
+            async with self._idle:
+                await self._idle.wait_for(lambda: self._readers == 0)
+            yield
+
+
+def _healthy(counts: endpoints.Counts, note: str = "") -> Condition:
+    status: conditions.Status = "True" if counts.passing else "False"
+    message = f"{counts.passing} of {counts.total} instances passing in Consul"
+    if counts.warning or counts.critical:
+        message += f" ({counts.critical} critical, {counts.warning} warning)"
+    return Condition(conditions.HEALTHY, status, counts.health.capitalize(), message + note)
+
+
+# As in fixed-instance mode: when a reconcile cannot tell the instances' health,
+# status.health is unknown and Healthy says Unknown with it, rather than a
+# Healthy=True left from before the outage contradicting it.
+_UNKNOWN_HEALTH = (
+    Condition(conditions.HEALTHY, "Unknown", "Unknown", "Consul's view of the instances is not known"),
+)
+
+
+class CatalogServices:
+    """Endpoints mode of ConsulService, on the synthetic node ``node``."""
+
+    def __init__(
+        self, catalog: Catalog, cluster_api: Cluster, index: CatalogIndex, *, cluster: str, node: str,
+        max_txn_ops: int = endpoints.MAX_TXN_OPS,
+    ) -> None:
+        self.catalog = catalog
+        self.kube = cluster_api
+        self.index = index
+        self.cluster = cluster
+        self.node = node
+        self.max_txn_ops = max_txn_ops
+        self.gate = NodeGate()
+        # Writes of concurrent reconciles share transactions (a rollout touches many at once).
+        self.commits = GroupCommit(catalog, max_ops=max_txn_ops)
+
+    def owner(self, ref: ObjectRef) -> Owner:
+        return Owner(self.cluster, ref.namespace, ref.name)
+
+    async def _endpoints(
+        self, res: Resource, spec: api.ConsulServiceSpec
+    ) -> tuple[list[endpoints.Endpoint], str]:
+        """The Service's endpoints with the selected port, and a note when the Service is absent."""
+        assert spec.endpoints is not None
+        ns, svc_name = res.ref.namespace, spec.endpoints.service
+        service = await self.kube.read_service(ns, svc_name)
+        try:
+            port_name = endpoints.select_port(service, spec.endpoints.port, where=f"{ns}/{svc_name}")
+        except endpoints.ServiceMissing:
+            return [], f"; Service {ns}/{svc_name} does not exist"
+        slices = await self.kube.list_endpoint_slices(ns, svc_name)
+        missing = "" if service is not None else f"; Service {ns}/{svc_name} does not exist"
+        return endpoints.endpoints(slices, port_name), missing
+
+    async def _observe(
+        self, name: str, owner: Owner
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+        # Filtered by Consul: a resource reads its own slice of the node, not
+        # all of it (the node of 1000 endpoints is ~1 MB of JSON per read).
+        _, node, services = await self.catalog.node_services(
+            self.node, where=endpoints.services_filter(name, owner)
+        )
+        _, checks = await self.catalog.node_checks(
+            self.node, where=endpoints.checks_filter(name, services, owner)
+        )
+        return node, services, checks
+
+    async def apply(self, res: Resource, spec: api.ConsulServiceSpec) -> Outcome:
+        assert spec.endpoints is not None
+        owner = self.owner(res.ref)
+        self.index.follow(res.ref, spec.endpoints.service)
+        fields: dict[str, Any] = {"serviceID": spec.id}
+        unknown = {**fields, "health": "unknown"}
+        try:
+            eps, note = await self._endpoints(res, spec)
+        except InvalidSpec as exc:
+            return Outcome.from_error(
+                exc, doing="follow the Service", fields=unknown, conditions=_UNKNOWN_HEALTH
+            )
+        except KubeError as exc:
+            return Outcome.from_error(
+                exc, doing=f"read Service {spec.endpoints.service!r}", fields=unknown,
+                conditions=_UNKNOWN_HEALTH,
+            )
+        want = endpoints.desired(spec, owner, eps)
+        before = self.index.wanted(res.ref)
+        plan = endpoints.CatalogPlan()
+        try:
+            for attempt in range(_ATTEMPTS):
+                async with self.gate.shared():
+                    node, services, checks = await self._observe(spec.name, owner)
+                    conflict = endpoints.node_conflict(node, name=self.node, cluster=self.cluster)
+                    if conflict:
+                        self.index.unwant(res.ref)
+                        return Outcome.failed(
+                            conditions.CONFLICT, conflict, fields=unknown, conditions=_UNKNOWN_HEALTH
+                        )
+                    plan = endpoints.plan(
+                        want, services, checks, owner=owner, node=self.node,
+                        node_present=node is not None, cluster=self.cluster, max_ops=self.max_txn_ops,
+                    )
+                    # Recorded before writing: the watcher sees our transaction
+                    # within milliseconds and must compare it with the new wish,
+                    # not flag our own write as drift. A failed write shows as a
+                    # difference, which is true, and is retried either way.
+                    self.index.track(res.ref, _without(want, plan.conflicts))
+                    try:
+                        for ops in plan.batches:
+                            await self.commits.submit(ops)
+                        break
+                    except ConsulContended:
+                        if attempt == _ATTEMPTS - 1:
+                            raise
+                        log.debug("%s: catalog changed under a guarded write; re-planning", res.ref)
+        except ConsulError as exc:
+            return Outcome.from_error(
+                exc, doing=f"register the instances of {spec.name!r}", fields=unknown,
+                conditions=_UNKNOWN_HEALTH,
+            )
+        written = _without(want, plan.conflicts)
+        tally = endpoints.counts(inst.status for inst in written.values())
+        fields.update({"health": tally.health, "instances": tally.as_status()})
+        healthy = _healthy(tally, note)
+        notes: list[Note] = []
+        if plan.ops and before is not None and before == want and res.reconciled():
+            # Nothing in Kubernetes changed, yet Consul needed writes: drift.
+            metrics.DRIFT_REPAIRS.labels(kind=api.KIND).inc()
+            notes.append(Note(
+                "Warning", "DriftRepaired",
+                f"Consul's catalog differed from the endpoints of {spec.endpoints.service!r} "
+                f"({_summary(plan.changes)}); restored",
+            ))
+        if plan.conflicts:
+            return Outcome.failed(
+                conditions.CONFLICT,
+                f"Consul instance IDs {list(plan.conflicts)[:5]} on node {self.node!r} are held by "
+                "another owner; Tether will not change or remove them. The other instances are "
+                "registered",
+                fields=fields, conditions=(healthy,),
+            )
+        return Outcome(
+            "True", conditions.RECONCILED,
+            f"{tally.total} endpoints of Service {spec.endpoints.service!r} registered as "
+            f"{spec.name!r} on Consul node {self.node!r}{note}",
+            fields=fields, conditions=(healthy,), notes=tuple(notes),
+        )
+
+    async def release(self, res: Resource, *, orphan: bool) -> Outcome:
+        """Remove the resource's instances (or drop their ownership), then an empty node."""
+        owner = self.owner(res.ref)
+        try:
+            async with self.gate.exclusive():
+                for attempt in range(_ATTEMPTS):
+                    # Its own instances only (their checks go with them).
+                    _, _, services = await self.catalog.node_services(
+                        self.node, where=endpoints.owner_filter(owner)
+                    )
+                    plan = endpoints.release(
+                        services, [], owner=owner, node=self.node, orphan=orphan,
+                        max_ops=self.max_txn_ops,
+                    )
+                    try:
+                        for ops in plan.batches:
+                            await self.commits.submit(ops)
+                        break
+                    except ConsulContended:
+                        if attempt == _ATTEMPTS - 1:
+                            raise
+                await self._remove_empty_node()
+        except ConsulError as exc:
+            failed = Outcome.from_error(exc, doing="release the instances in Consul's catalog")
+            return Outcome.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
+        self.index.untrack(res.ref)
+        if orphan:
+            message = f"Left {plan.removed} instances in Consul's catalog (deletionPolicy Orphan)"
+            return Outcome(
+                "False", conditions.DELETING, "deletionPolicy Orphan: instances left in Consul",
+                released=True, notes=(Note("Normal", "Orphaned", message),),
+            )
+        notes = (
+            (Note("Normal", "Deregistered", f"Removed {plan.removed} instances from Consul's catalog"),)
+            if plan.removed else ()
+        )
+        return Outcome("False", conditions.DELETING, "deregistered", released=True, notes=notes)
+
+    async def _remove_empty_node(self) -> None:
+        """Remove the synthetic node once nothing at all is on it (called under the exclusive gate)."""
+        _, node, services = await self.catalog.node_services(self.node)
+        if node is None or services:
+            return
+        if endpoints.node_conflict(node, name=self.node, cluster=self.cluster):
+            return
+        _, checks = await self.catalog.node_checks(self.node)
+        if checks:
+            return  # a node-level check someone added: not ours to remove
+        op = endpoints.node_op("delete-cas", self.node, self.cluster, index=int(node.get("ModifyIndex") or 0))
+        with contextlib.suppress(ConsulContended):
+            await self.catalog.catalog_txn([op])
+
+    async def sweep(self, owner: Owner) -> None:
+        """Remove this cluster's instances that no endpoints-mode resource accounts for.
+
+        The catalog watcher finds them (an owner with instances on the node
+        and no tracked resource); Kubernetes decides: only when the owning
+        ConsulService is gone, or no longer in endpoints mode, are they
+        removed. A resource not reconciled yet after a restart is neither.
+        """
+        ref = ObjectRef(self.index.plural, owner.namespace, owner.name)
+        if self.index.is_tracked(ref):
+            return
+        body = await self.kube.get(ref)
+        exists = body is not None
+        if exists and (body or {}).get("spec", {}).get("endpoints") is not None:
+            return
+        log.info("removing catalog instances of %s, which no ConsulService in endpoints mode wants",
+                 owner.describe())
+        async with self.gate.exclusive():
+            _, _, services = await self.catalog.node_services(self.node, where=endpoints.owner_filter(owner))
+            plan = endpoints.release(services, [], owner=owner, node=self.node, orphan=False,
+                                     max_ops=self.max_txn_ops)
+            for ops in plan.batches:
+                await self.commits.submit(ops)
+            if not exists:
+                await self._remove_empty_node()
+
+    def forget(self, ref: ObjectRef) -> None:
+        self.index.untrack(ref)
+
+
+def _without(want: dict[str, endpoints.Instance], ids: tuple[str, ...]) -> dict[str, endpoints.Instance]:
+    return {iid: inst for iid, inst in want.items() if iid not in ids}
+
+
+def _summary(changes: tuple[str, ...]) -> str:
+    shown = ", ".join(changes[:5])
+    return shown + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
+

@@ -1,0 +1,141 @@
+"""The one watcher of the synthetic node: endpoints-mode drift, whatever the number of resources.
+
+Two Consul blocking queries on the synthetic node only — its services
+(``/v1/catalog/node-services/<node>``, which also answers whether the node
+exists) and its checks (``/v1/health/node/<node>``): a service change moves
+the first, a check's status the second, and neither moves for anything
+elsewhere in the datacenter. Each answer carries the node's entries, so
+there is no separate scan: the newest pair is compared with what every
+resource wants (the shared :class:`~tether.consulservice.index.CatalogIndex`), and
+only the resources that differ are enqueued. Instances of this cluster that
+no tracked resource accounts for are handed to ``sweep``, which asks
+Kubernetes before removing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tether.api import ObjectRef
+from tether.clients.consul.client import Catalog, ConsulError
+from tether.consulservice.index import CatalogIndex
+from tether.consulservice.planner import Owner
+
+log = logging.getLogger(__name__)
+
+
+class CatalogWatcher:
+    """Blocking queries on one node; enqueues drifted resources, sweeps orphans."""
+
+    def __init__(
+        self, catalog: Catalog, index: CatalogIndex, node: str, enqueue: Callable[[ObjectRef], None],
+        sweep: Callable[[Owner], Awaitable[None]], *, wait: str = "60s", min_scan_interval: float = 0.1,
+        settle: float = 0.05,
+        sweep_interval: float = 10.0,
+    ) -> None:
+        self.catalog = catalog
+        self.index = index
+        self.node = node
+        self.enqueue = enqueue
+        self.sweep = sweep
+        self.wait = wait
+        self.min_scan_interval = min_scan_interval
+        self.settle = settle
+        self.sweep_interval = sweep_interval
+        self._services: list[dict[str, Any]] = []
+        self._checks: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._swept: dict[Owner, float] = {}
+        self._revisit: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self._poll_services()),
+            asyncio.create_task(self._poll_checks()),
+            asyncio.create_task(self._compare()),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _poll(self, fetch: Callable[[int], Awaitable[int]], what: str) -> None:
+        index, failures = 0, 0
+        while True:
+            try:
+                new = await fetch(index)
+                failures = 0
+            except ConsulError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("Consul %s watch on node %r failed: %s", what, self.node, exc)
+                # Capped and jittered; one query per node, not per object.
+                await asyncio.sleep(min(3.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0))
+                index = 0
+                continue
+            # Any move, backwards included (a Consul that restarted empty).
+            if new != index:
+                self._changed.set()
+            if new <= 0:
+                # No index to block on (an answer without X-Consul-Index): without
+                # a pause the next query would return at once, over and over.
+                await asyncio.sleep(1.0)
+            index = max(new, 0)
+
+    async def _poll_services(self) -> None:
+        async def fetch(index: int) -> int:
+            new, node, services = await self.catalog.node_services(self.node, index=index, wait=self.wait)
+            self._services = services if node is not None else []
+            return new
+
+        await self._poll(fetch, "services")
+
+    async def _poll_checks(self) -> None:
+        async def fetch(index: int) -> int:
+            new, checks = await self.catalog.node_checks(self.node, index=index, wait=self.wait)
+            self._checks = checks
+            return new
+
+        await self._poll(fetch, "checks")
+
+    async def _compare(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -self.min_scan_interval
+        while True:
+            await self._changed.wait()
+            # One transaction moves both indexes, and the two answers arrive
+            # apart: a short pause lets the second catch up (a comparison of new
+            # services with old checks would flag a false drift), and spacing
+            # comparisons coalesces a burst of writes into one.
+            await asyncio.sleep(max(self.settle, last + self.min_scan_interval - loop.time()))
+            last = loop.time()
+            self._changed.clear()
+            drifted, untracked = self.index.drifted(self._services, self._checks)
+            for ref in drifted:
+                self.enqueue(ref)
+            now = loop.time()
+            self._swept = {o: t for o, t in self._swept.items() if o in set(untracked)}
+            for owner in untracked:
+                # A resource not reconciled yet after a start is also untracked:
+                # sweep asks Kubernetes, at most once per owner per interval.
+                if now - self._swept.get(owner, -self.sweep_interval) < self.sweep_interval:
+                    continue
+                self._swept[owner] = now
+                try:
+                    await self.sweep(owner)
+                except Exception as exc:  # a failed sweep is retried at the next interval
+                    log.warning("could not sweep catalog instances of %s: %s", owner.describe(), exc)
+            if untracked and (self._revisit is None or self._revisit.cancelled()):
+                # Come back after the interval even if the node stays quiet
+                # (one handle, whatever the number of owners).
+                def revisit() -> None:
+                    self._revisit = None
+                    self._changed.set()
+
+                self._revisit = loop.call_later(self.sweep_interval, revisit)

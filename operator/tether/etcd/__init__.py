@@ -1,1 +1,0 @@
-"""etcd side of Tether: the EtcdConfig planner and its etcd client."""
