@@ -59,7 +59,12 @@ RUN pip install --no-deps --no-build-isolation . \
 
 FROM ${PYTHON_IMAGE}
 
+# The version from pyproject.toml, the one place it is written:
+# scripts/kind/operator-image.sh (`make image`) passes it.
+ARG VERSION=0+unknown
+
 LABEL org.opencontainers.image.title="tether" \
+      org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.description="Kubernetes operator: ConsulService, EtcdConfig and ConsulConfig resources as the source of truth for Consul registrations, etcd and Consul KV configuration" \
       org.opencontainers.image.licenses="Apache-2.0"
 

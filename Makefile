@@ -14,6 +14,8 @@
 #   make e2e-kind     the end-to-end suite on a kind cluster (scripts/e2e-kind.sh: builds
 #                     what it cannot pull; see the README's kind section)
 #   make engine-up / engine-down   the Docker engine scripts/kind/engine.sh starts
+#   make release      dist/install.yaml (CRDs + manifests, the image by digest when built)
+#                     and dist/sbom.spdx.json (scripts/release.sh; version from pyproject.toml)
 
 SHELL := /bin/bash
 VENV  ?= .venv
@@ -21,7 +23,7 @@ PY    := $(VENV)/bin/python
 TETHER := $(VENV)/bin/tether
 PYTEST_ARGS ?=
 
-.PHONY: lock venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down clean
+.PHONY: lock venv run test unit e2e test-faults bench lint binaries dev-up dev-down dev-status image e2e-kind engine-up engine-down release clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml devtools/pyproject.toml
@@ -85,6 +87,10 @@ engine-up:
 	@host="$$(scripts/kind/engine.sh up)"; echo "export DOCKER_HOST=$$host"
 engine-down:
 	scripts/kind/engine.sh down
+
+# No venv needed: the script uses kubectl and the standard library only.
+release:
+	scripts/release.sh dist
 
 clean:
 	-$(TETHER) dev down

@@ -16,7 +16,10 @@ tag="${1:-tether:dev}"
 pinned="$(sed -n 's/^ARG PYTHON_IMAGE=//p' "$KIND_ROOT/Dockerfile")"
 [[ -n "$pinned" ]] || die "no ARG PYTHON_IMAGE in the Dockerfile"
 
-args=()
+# The image's version label comes from pyproject.toml, where the version is written once.
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$KIND_ROOT/pyproject.toml" | head -n 1)"
+[[ -n "$version" ]] || die "no version in pyproject.toml"
+args=(--build-arg "VERSION=$version")
 if docker image inspect "$pinned" >/dev/null 2>&1; then
     log "base image $pinned is present"
 elif timeout 120 docker pull -q "$pinned" >/dev/null 2>&1; then
