@@ -170,12 +170,12 @@ def test_cluster_role_is_least_privilege(rendered: list[Manifest]) -> None:
     assert sorted(finalizers["resources"]) == sorted(f"{k}/finalizers" for k in kinds)
     assert finalizers["verbs"] == ["update"]
 
-    # Inputs are read only; events are only created (core/v1).
+    # Inputs are read only; events are only created (events.k8s.io/v1).
     inputs = _rule_for(rules, "secrets")
     assert inputs["apiGroups"] == [""]
     assert sorted(inputs["verbs"]) == ["get", "list", "watch"]
     events = [r for r in rules if "events" in r["resources"]]
-    assert len(events) == 1 and events[0]["apiGroups"] == [""] and events[0]["verbs"] == ["create"], events
+    assert len(events) == 1 and events[0]["apiGroups"] == ["events.k8s.io"] and events[0]["verbs"] == ["create"], events
     assert sorted(_rule_for(rules, "namespaces")["verbs"]) == ["get", "list", "watch"]
     crds = _rule_for(rules, "customresourcedefinitions")
     assert crds["apiGroups"] == ["apiextensions.k8s.io"]
@@ -494,9 +494,9 @@ _PERMISSIONS = [
     ("list", "consulconfigs.tether.dev", "", True),
     ("patch", "consulconfigs.tether.dev/status", "default", True),
     ("update", "consulservices.tether.dev/finalizers", "default", True),
-    ("create", "events", "default", True),
-    ("create", "events.events.k8s.io", "default", False),
-    ("patch", "events", "default", False),
+    ("create", "events.events.k8s.io", "default", True),
+    ("create", "events", "default", False),
+    ("patch", "events.events.k8s.io", "default", False),
     ("update", "consulservices.tether.dev", "default", False),
     ("watch", "secrets", "", True),
     ("watch", "configmaps", "", True),

@@ -199,7 +199,7 @@ class KindCluster:
         for title, args in (
             ("tether resources", ["get", "consulservices,etcdconfigs", "-n", namespace,
                                   "-o", "yaml"]),
-            ("events", ["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"]),
+            ("events", ["get", "events", "-n", namespace, "--sort-by=.metadata.creationTimestamp"]),
             ("operator pods", ["get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide"]),
             ("leader lease", ["get", "lease", LEASE_NAME, "-n", OPERATOR_NAMESPACE,
                               "-o", "yaml"]),

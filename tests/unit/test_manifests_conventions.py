@@ -59,7 +59,7 @@ def test_operator_role_drops_verbs_it_never_uses() -> None:
     status = next(r for r in rules if "consulservices/status" in r["resources"])
     assert sorted(status["verbs"]) == ["get", "patch"]
     events = [r for r in rules if "events" in r["resources"]]
-    assert events == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    assert events == [{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
     lease = _rules("Role", "tether-leader-election")
     assert sorted(lease[0]["verbs"]) == ["create", "get", "update"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -81,9 +82,35 @@ async def test_events_name_the_pod_as_reporting_instance() -> None:
     client.http.request = request  # type: ignore[method-assign]
     await client.event(Involved("ConsulService", ObjectRef("consulservices", "ns", "web"), "u"),
                        type_="Normal", reason="Registered", message="ok")
-    assert [(m, p) for m, p, _ in sent] == [("POST", "api/v1/namespaces/ns/events")]
+    assert [(m, p) for m, p, _ in sent] == [("POST", "apis/events.k8s.io/v1/namespaces/ns/events")]
     body = sent[0][2]
+    assert body["apiVersion"] == "events.k8s.io/v1" and body["kind"] == "Event"
     assert body["reportingInstance"] == "tether-7d9f-abcde"
-    assert body["reportingComponent"] == "tether"
-    assert body["involvedObject"] == {"apiVersion": "tether.dev/v1alpha1", "kind": "ConsulService",
-                                      "name": "web", "namespace": "ns", "uid": "u"}
+    assert body["reportingController"] == "tether.dev/operator"
+    assert body["action"] == "Reconcile" and body["reason"] == "Registered"
+    assert body["type"] == "Normal" and body["note"] == "ok"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", body["eventTime"])
+    assert body["regarding"] == {"apiVersion": "tether.dev/v1alpha1", "kind": "ConsulService",
+                                 "name": "web", "namespace": "ns", "uid": "u"}
+    # The events.k8s.io/v1 API refuses the deprecated core fields on create.
+    assert not {"source", "count", "firstTimestamp", "lastTimestamp", "involvedObject",
+                "message"} & body.keys()
+
+
+async def test_event_note_is_cut_to_1_kib_of_utf8() -> None:
+    from tether.api import ObjectRef
+    from tether.clients.kube.client import Involved, KubeClient
+
+    client = KubeClient(instance="i")
+    sent: list[Any] = []
+
+    async def request(method: str, path: str, *, body: Any = None, **_: Any) -> Any:
+        sent.append(body)
+        return {}
+
+    client.http.request = request  # type: ignore[method-assign]
+    await client.event(Involved("EtcdConfig", ObjectRef("etcdconfigs", "ns", "c"), "u"),
+                       type_="Warning", reason="Conflict", message="é" * 1000, action="Release")
+    note = sent[0]["note"]
+    assert len(note.encode()) <= 1024 and note == "é" * 512
+    assert sent[0]["action"] == "Release"

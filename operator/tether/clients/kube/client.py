@@ -66,6 +66,48 @@ def _core_path(namespace: str, plural: str, name: str = "") -> str:
     return f"{path}/{name}" if name else path
 
 
+# events.k8s.io/v1 Events: the API server refuses a create without eventTime,
+# reportingController (a qualified name), reportingInstance and action (at most 128
+# characters each) and a note over 1 KiB; the deprecated core fields (source, counts,
+# first/last timestamps) must be left unset.
+EVENTS_API = "events.k8s.io/v1"
+REPORTING_CONTROLLER = "tether.dev/operator"
+_EVENT_NOTE_BYTES = 1024
+_EVENT_FIELD_CHARS = 128
+
+
+def _events_path(namespace: str) -> str:
+    return f"apis/{EVENTS_API}/namespaces/{namespace}/events"
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    """At most ``limit`` bytes of UTF-8, never cutting a character in half."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def _event_body(
+    involved: Involved, *, type_: str, reason: str, note: str, action: str, instance: str,
+    name: str, now: datetime,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": EVENTS_API,
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": involved.ref.namespace},
+        # MicroTime: RFC 3339 with microseconds.
+        "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "reportingController": REPORTING_CONTROLLER,
+        "reportingInstance": instance[:_EVENT_FIELD_CHARS],
+        "action": action[:_EVENT_FIELD_CHARS],
+        "reason": reason[:_EVENT_FIELD_CHARS],
+        "regarding": {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": involved.kind, "name": involved.ref.name,
+            "namespace": involved.ref.namespace, "uid": involved.uid,
+        },
+        "type": type_,
+        "note": _truncate_utf8(note, _EVENT_NOTE_BYTES),
+    }
+
+
 class KubeClient:
     """Tether's calls to the API server, over one asyncio session."""
 
@@ -104,8 +146,16 @@ class KubeClient:
         )
         return dict(body)
 
-    async def event(self, involved: Involved, *, type_: str, reason: str, message: str) -> None:
-        """Record an event on the object; identical repeats within 10 minutes are dropped."""
+    async def event(
+        self, involved: Involved, *, type_: str, reason: str, message: str, action: str = "Reconcile"
+    ) -> None:
+        """Record an event on the object; identical repeats within 10 minutes are dropped.
+
+        Posted through ``events.k8s.io/v1``, the API Kubernetes' own controllers use:
+        ``kubectl get events`` (core v1) shows it all the same, with ``regarding`` as
+        ``involvedObject`` and ``note`` as ``message``. Repeats are dropped rather than
+        folded into an event series, so an event is only ever created, never patched.
+        """
         key = (str(involved.ref), involved.uid, reason, message)
         now = time.monotonic()
         seen = self._recent_events.get(key)
@@ -115,31 +165,15 @@ class KubeClient:
         self._recent_events.move_to_end(key)
         while len(self._recent_events) > _EVENT_DEDUP_SIZE:
             self._recent_events.popitem(last=False)
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{involved.ref.name}.{uuid.uuid4().hex[:16]}",
-                         "namespace": involved.ref.namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": involved.kind, "name": involved.ref.name,
-                "namespace": involved.ref.namespace, "uid": involved.uid,
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-            "source": {"component": self._component},
-            "reportingComponent": self._component,
-            "reportingInstance": self._instance,
-        }
+        body = _event_body(
+            involved, type_=type_, reason=reason, note=message, action=action,
+            instance=self._instance, name=f"{involved.ref.name}.{uuid.uuid4().hex[:16]}",
+            now=datetime.now(UTC),
+        )
         metrics.WRITES.labels(system="kubernetes").inc()
         try:
             await self.http.request(
-                "POST", _core_path(involved.ref.namespace, "events"), body=body,
-                what=f"event on {involved.ref}",
+                "POST", _events_path(involved.ref.namespace), body=body, what=f"event on {involved.ref}",
             )
         except KubeError as exc:
             # An event is best effort: losing one must never fail a reconcile.
