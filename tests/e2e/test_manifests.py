@@ -175,7 +175,8 @@ def test_cluster_role_is_least_privilege(rendered: list[Manifest]) -> None:
     assert inputs["apiGroups"] == [""]
     assert sorted(inputs["verbs"]) == ["get", "list", "watch"]
     events = [r for r in rules if "events" in r["resources"]]
-    assert len(events) == 1 and events[0]["apiGroups"] == ["events.k8s.io"] and events[0]["verbs"] == ["create"], events
+    assert len(events) == 1, events
+    assert events[0]["apiGroups"] == ["events.k8s.io"] and events[0]["verbs"] == ["create"], events
     assert sorted(_rule_for(rules, "namespaces")["verbs"]) == ["get", "list", "watch"]
     crds = _rule_for(rules, "customresourcedefinitions")
     assert crds["apiGroups"] == ["apiextensions.k8s.io"]
