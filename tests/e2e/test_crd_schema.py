@@ -363,3 +363,65 @@ def test_explain_teaches_the_api(crds: Env, field: str, phrase: str) -> None:
     except Exception:
         print(f"last output of `kubectl explain {field}`:\n{seen[0] if seen else ''}")
         raise
+
+
+def _names(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return sorted(item["metadata"]["name"] for item in json.loads(result.stdout)["items"])
+
+
+def test_selectable_fields_filter_on_the_server(crds: Env) -> None:
+    """``--field-selector`` on spec.endpoints.service and spec.prefix (selectableFields).
+
+    The objects are stored for real, in a namespace no operator serves (the suites'
+    operator serves t-* namespaces), so nothing adds a finalizer and deleting them is
+    immediate.
+    """
+    kubectl(crds, "wait", "--for=condition=Established", "--timeout=60s",
+            *(f"crd/{p}.tether.dev" for p in ("consulservices", "etcdconfigs", "consulconfigs")))
+    ns = f"tether-crd-fields-{uuid.uuid4().hex[:8]}"
+    kubectl(crds, "create", "namespace", ns)
+    objects = [
+        _consul_service({"endpoints": {"service": "web"}}, name="web-a"),
+        _consul_service({"endpoints": {"service": "web", "port": 80}}, name="web-b"),
+        _consul_service({"endpoints": {"service": "api"}}, name="api"),
+        _consul_service({"port": 80}, name="fixed"),
+        resource("EtcdConfig", "cfg-a", {"prefix": "/apps/a", "data": {"k": "v"}}),
+        resource("EtcdConfig", "cfg-b", {"prefix": "/apps/b", "data": {"k": "v"}}),
+        resource("ConsulConfig", "kv-a", {"prefix": "apps/a", "data": {"k": "v"}}),
+        resource("ConsulConfig", "kv-b", {"prefix": "apps/b", "data": {"k": "v"}}),
+    ]
+    try:
+        for obj in objects:
+            kubectl(crds, "create", "-n", ns, "-f", "-", input=json.dumps(obj))
+
+        def select(plural: str, selector: str) -> list[str]:
+            # The API server publishes a new CRD's selectable fields with its
+            # OpenAPI, a moment after it is Established.
+            seen: list[list[str]] = []
+
+            def answered() -> bool:
+                result = kubectl(crds, "get", plural, "-n", ns, "--field-selector", selector,
+                                 "-o", "json", check=False)
+                if result.returncode != 0:
+                    seen[:] = [[result.stderr]]
+                    return False
+                seen[:] = [_names(result)]
+                return True
+
+            wait_for(answered, timeout=30, interval=0.5, message=f"{plural} by {selector}: {seen}")
+            return seen[0]
+
+        assert select("consulservices", "spec.endpoints.service=web") == ["web-a", "web-b"]
+        assert select("consulservices", "spec.endpoints.service=api") == ["api"]
+        assert select("consulservices", "spec.endpoints.service!=web") == ["api", "fixed"]
+        assert select("etcdconfigs", "spec.prefix=/apps/a") == ["cfg-a"]
+        assert select("consulconfigs", "spec.prefix=apps/b") == ["kv-b"]
+        # A field that is not selectable is refused, not ignored.
+        refused = kubectl(crds, "get", "etcdconfigs", "-n", ns, "--field-selector", "spec.prune=true",
+                          check=False)
+        assert refused.returncode != 0 and "field label not supported" in refused.stderr, refused.stderr
+    finally:
+        kubectl(crds, "delete", "consulservices,etcdconfigs,consulconfigs", "--all", "-n", ns,
+                "--timeout=60s", check=False)
+        delete_namespace(crds, ns)
