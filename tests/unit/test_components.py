@@ -1,0 +1,97 @@
+"""The optional kustomize components of ``manifests/components/`` compose with the base.
+
+``tests/manifests/components/`` is an overlay of the base with every component; it is
+rendered with ``kubectl kustomize`` (the dev stack's build, else one on PATH: skipped,
+saying why, only where none exists), and what each component adds is checked against
+the base it has to fit (the operator Pod's labels and port names).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+OVERLAY = REPO / "tests" / "manifests" / "components"
+
+Manifest = dict[str, Any]
+
+
+def _kubectl() -> str | None:
+    bin_dir = os.environ.get("TETHER_BIN_DIR")
+    if bin_dir and (Path(bin_dir) / "kubectl").is_file():
+        return str(Path(bin_dir) / "kubectl")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tether" / "bin"
+    built = sorted(cache.glob("*/kubectl"))
+    if built:
+        return str(built[-1])
+    return shutil.which("kubectl")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[Manifest]:
+    kubectl = _kubectl()
+    if kubectl is None:
+        pytest.skip("no kubectl (neither the dev stack's build nor one on PATH) to run kustomize")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(OVERLAY)], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def _one(objects: list[Manifest], kind: str, name: str) -> Manifest:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _pod(objects: list[Manifest]) -> Manifest:
+    template: Manifest = _one(objects, "Deployment", "tether")["spec"]["template"]
+    return template
+
+
+def test_network_policy_fits_the_operator_pods(rendered: list[Manifest]) -> None:
+    policy = _one(rendered, "NetworkPolicy", "tether")
+    pod = _pod(rendered)
+    assert policy["metadata"]["namespace"] == "tether-system"
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items(), "the policy must select the operator"
+    assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+
+    # Ingress only to the ports the container names metrics and health, and every rule
+    # names its ports (a rule without ports would open everything).
+    container_ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    ingress = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert sorted(ingress) == ["health", "metrics"]
+    assert set(ingress) <= container_ports
+
+    egress = policy["spec"]["egress"]
+    assert all(rule.get("ports") for rule in egress), egress
+    allowed = {(p["port"], p["protocol"]) for rule in egress for p in rule["ports"]}
+    assert allowed == {
+        (443, "TCP"), (6443, "TCP"),  # the API server
+        (8500, "TCP"), (8501, "TCP"),  # Consul
+        (2379, "TCP"),  # etcd
+        (53, "UDP"), (53, "TCP"),  # DNS
+    }
+
+
+def test_components_leave_the_base_objects_alone(rendered: list[Manifest]) -> None:
+    """Every object of the base renders the same with the components as without them."""
+    kubectl = _kubectl()
+    assert kubectl is not None
+    out = subprocess.run(
+        [kubectl, "kustomize", str(REPO / "manifests")], check=True, capture_output=True, text=True,
+        timeout=60,
+    ).stdout
+    base = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out) if o}
+    with_components = {(o["kind"], o["metadata"]["name"]): o for o in rendered}
+    for key, obj in base.items():
+        assert with_components.get(key) == obj, f"{key} changed by a component"
+    assert ("NetworkPolicy", "tether") not in base, "the NetworkPolicy is opt-in"
