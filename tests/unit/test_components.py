@@ -8,7 +8,9 @@ the base it has to fit (the operator Pod's labels and port names).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,3 +97,73 @@ def test_components_leave_the_base_objects_alone(rendered: list[Manifest]) -> No
     for key, obj in base.items():
         assert with_components.get(key) == obj, f"{key} changed by a component"
     assert ("NetworkPolicy", "tether") not in base, "the NetworkPolicy is opt-in"
+
+
+# ------------------------------------------------------------------ the Grafana dashboard
+
+
+def _exported_series() -> set[str]:
+    """Every series name /metrics can show for the metrics tether.metrics defines."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from tether import metrics
+
+    names: set[str] = set()
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        for family in value.describe():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
+                        "gauge": [""], "summary": ["_sum", "_count", ""]}[family.type]
+            names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def _dashboard(rendered: list[Manifest]) -> dict[str, Any]:
+    config_map = _one(rendered, "ConfigMap", "tether-grafana-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == "tether-system"
+    (text,) = config_map["data"].values()
+    dashboard: dict[str, Any] = json.loads(text)
+    return dashboard
+
+
+def _expressions(dashboard: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    for panel in dashboard["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            found.extend(t["expr"] for t in inner.get("targets", []))
+    return found
+
+
+def test_exported_series_are_what_prometheus_client_names() -> None:
+    exported = _exported_series()
+    assert {"tether_reconciles_total", "tether_reconcile_duration_seconds_bucket",
+            "tether_leader"} <= exported
+    assert "tether_reconciles" not in exported and "tether_reconcile_duration_seconds" not in exported
+
+
+def test_every_dashboard_query_uses_an_exported_metric(rendered: list[Manifest]) -> None:
+    dashboard = _dashboard(rendered)
+    expressions = _expressions(dashboard)
+    assert len(expressions) >= 10, "the dashboard has lost its panels"
+    exported = _exported_series()
+    used: set[str] = set()
+    for expr in expressions:
+        names = set(re.findall(r"\btether_[a-z0-9_]+\b", expr))
+        assert names, f"a query on no tether_ metric: {expr}"
+        unknown = names - exported
+        assert not unknown, f"{expr!r} uses {sorted(unknown)}, which /metrics does not export"
+        used |= names
+    # The headline series are all on the dashboard.
+    assert {"tether_leader", "tether_backend_up", "tether_reconciles_total",
+            "tether_reconcile_duration_seconds_bucket", "tether_resources_not_ready"} <= used
+
+
+def test_alerts_use_exported_metrics(rendered: list[Manifest]) -> None:
+    rule = _one(rendered, "PrometheusRule", "tether")
+    exported = _exported_series()
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            names = set(re.findall(r"\btether_[a-z0-9_]+\b", alert["expr"]))
+            assert names and names <= exported, (alert["alert"], names - exported)
