@@ -4,7 +4,7 @@
 #   scripts/release.sh [OUT_DIR]        (default dist/)
 #
 #   OUT_DIR/install.yaml      the CRDs and every manifest, one file:
-#                             kubectl apply --server-side -f install.yaml
+#                             kubectl apply -f install.yaml
 #   OUT_DIR/sbom.spdx.json    SPDX 2.3 SBOM of the image's Python packages
 #
 # The version is pyproject.toml's, the one place it is written. The image is
@@ -80,7 +80,7 @@ EOF
 
 {
     echo "# Tether $version: the CRDs and the operator, one file (make release)."
-    echo "#   kubectl apply --server-side -f install.yaml"
+    echo "#   kubectl apply -f install.yaml"
     echo "# Image: $reference"
     "$kubectl" kustomize "$overlay"
 } > "$out/install.yaml.tmp"
