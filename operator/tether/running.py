@@ -185,8 +185,12 @@ async def _main(
         EtcdStore(etcd_client, max_txn_ops=settings.etcd_max_txn_ops), reads, cluster=cluster,
         ownership_prefix=settings.etcd_ownership_prefix, expectations=etcd_expect, source_index=etcd_sources,
     )
+    kv_store = ConsulKVStore(
+        consul_client, ownership_prefix=settings.consul_ownership_prefix,
+        tombstone_seconds=settings.consul_tombstone_seconds,
+    )
     consul_configs = ConsulConfigs(
-        ConsulKVStore(consul_client), reads, cluster=cluster,
+        kv_store, reads, cluster=cluster,
         ownership_prefix=settings.consul_ownership_prefix, expectations=kv_expect, source_index=kv_sources,
     )
     consul_ctl = Controller(services, kube_client, workers=settings.workers)
@@ -204,6 +208,7 @@ async def _main(
         "consul-kv-watch": KVWatcher(
             consul_client, kv_expect, kv_ctl.enqueue, ownership_prefix=settings.consul_ownership_prefix
         ).run,
+        "consul-kv-tombstones": kv_store.sweeper.run,
     }
 
     registry = kopf.OperatorRegistry()

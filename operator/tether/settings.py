@@ -98,6 +98,7 @@ class Settings:
     workers: int
     etcd_max_txn_ops: int
     consul_max_txn_ops: int
+    consul_tombstone_seconds: int
     lease_namespace: str
     lease_name: str
     identity: str
@@ -123,6 +124,11 @@ class Settings:
             # Catalog transactions of endpoints mode: Consul 1.16's maxTxnOps is 128
             # (a Consul older than 1.7 allows 64: set it there).
             consul_max_txn_ops=_int(env, "TETHER_CONSUL_MAX_TXN_OPS", 128, minimum=4, maximum=128),
+            # How long a deleted ConsulConfig's index record stays a tombstone
+            # (tether.config.stores.consulkv): far longer than a transaction in flight.
+            consul_tombstone_seconds=_int(
+                env, "TETHER_CONSUL_TOMBSTONE_SECONDS", 600, minimum=1, maximum=7 * 86400
+            ),
             lease_namespace=env.get("POD_NAMESPACE") or "tether-system",
             lease_name=env.get("TETHER_LEASE_NAME") or "tether-leader",
             identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from tether_dev.harness.kube import (
 )
 from tether_dev.harness.operator import OperatorProcess
 from tether_dev.harness.waiting import wait_for
+
+#: The short tombstone lifetime of the tombstone test's own operator.
+TOMBSTONE_SECONDS = 6
 
 KIND = "consulconfig"
 OWNERSHIP = "tether/"
@@ -129,7 +134,9 @@ def test_delete_policies_are_exact(
         else:
             assert keys == foreign | {f"{prefix}/a", f"{prefix}/b"}
         assert kv.entries(f"{OWNERSHIP}keys/{prefix}/") == {}, "claims are released either way"
-        assert kv.get(f"{OWNERSHIP}owners/kubernetes/{namespace}/{name}") is None
+        # The index record is a tombstone for a while (see test_a_deleted_resources_tombstone_*).
+        record = json.loads(kv.get(f"{OWNERSHIP}owners/kubernetes/{namespace}/{name}") or "{}")
+        assert (record.get("keys"), record.get("tombstone")) == ([], True), record
 
 
 def test_conflicts_write_nothing_and_resolve_on_their_own(
@@ -260,3 +267,80 @@ def test_bad_input_is_invalid_spec(
         dev_env, namespace, KIND, "reserved", status="False", reason="InvalidSpec", op=operator
     )
     assert "tether/" in condition(obj)["message"]
+
+
+def _create_if_absent(env: dict[str, str], key: str, value: str) -> bool:
+    """``PUT /v1/kv/<key>?cas=0``: a create guarded by the key's absence, as Tether's creates are."""
+    url = f"{env['CONSUL_HTTP_ADDR'].rstrip('/')}/v1/kv/{urllib.parse.quote(key, safe='/')}?cas=0"
+    request = urllib.request.Request(url, data=value.encode(), method="PUT")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bool(json.loads(response.read()))
+
+
+def test_a_deleted_resources_tombstone_fences_late_creates_and_goes_away_on_time(
+    dev_env: dict[str, str], tmp_path: Path
+) -> None:
+    # An operator of its own (outside the shared one's "t-*") with a short tombstone lifetime.
+    ns = f"x-tomb-{uuid.uuid4().hex[:6]}"
+    kubectl(dev_env, "create", "namespace", ns)
+    op = OperatorProcess(
+        dev_env, tmp_path / "op.log", args=("-n", ns),
+        extra_env={"TETHER_CONSUL_TOMBSTONE_SECONDS": str(TOMBSTONE_SECONDS)}, verbose=True,
+    ).start()
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    record_key = f"{OWNERSHIP}owners/kubernetes/{ns}/tomb"
+
+    def record() -> dict[str, Any] | None:
+        raw = kv.get(record_key)
+        return None if raw is None else dict(json.loads(raw))
+
+    def delete() -> float:
+        kubectl(dev_env, "delete", KIND, "tomb", "-n", ns, "--wait=false")
+        wait_gone(dev_env, ns, KIND, "tomb")
+        return time.time()
+
+    try:
+        apply(dev_env, ns, ccfg("tomb", prefix=prefix, data={"a": "1"}))
+        wait_condition(dev_env, ns, KIND, "tomb", op=op)
+        deleted = delete()
+        stone = record()
+        assert stone is not None and (stone["keys"], stone["tombstone"]) == ([], True), stone
+        assert deleted - 30 < stone["created"] <= deleted + 1, (stone, deleted)
+        assert kv.values(prefix + "/") == {} and kv.entries(f"{OWNERSHIP}keys/{prefix}/") == {}
+        # A create of this resource that Consul applies only now (sent before the
+        # release, guarded by the record's absence) is refused and writes nothing.
+        assert not _create_if_absent(dev_env, record_key, json.dumps({"keys": [f"{prefix}/a"]}))
+        assert record() == stone
+
+        # The same name again while the tombstone lives: written over, and kept
+        # when the tombstone's time has passed.
+        apply(dev_env, ns, ccfg("tomb", prefix=prefix, data={"b": "2"}))
+        wait_condition(dev_env, ns, KIND, "tomb", op=op)
+        assert record() == {"keys": [f"{prefix}/b"]}
+        time.sleep(TOMBSTONE_SECONDS + 2)
+        assert record() == {"keys": [f"{prefix}/b"]} and kv.values(prefix + "/") == {f"{prefix}/b": "2"}
+
+        # Deleted again: the tombstone goes away on its own, within its lifetime and a margin.
+        delete()
+        assert (record() or {}).get("tombstone") is True
+        wait_for(lambda: record() is None, timeout=TOMBSTONE_SECONDS + 10, interval=0.2,
+                 message="the tombstone deleted after its lifetime")
+        # ... and the name can be used afresh.
+        apply(dev_env, ns, ccfg("tomb", prefix=prefix, data={"c": "3"}))
+        wait_condition(dev_env, ns, KIND, "tomb", op=op)
+        assert record() == {"keys": [f"{prefix}/c"]}
+
+        # A tombstone left by an operator that died is deleted by the next one.
+        delete()
+        assert (record() or {}).get("tombstone") is True
+        op.kill()
+        time.sleep(TOMBSTONE_SECONDS)
+        assert (record() or {}).get("tombstone") is True, "nobody deletes it while no operator runs"
+        op.start()
+        wait_for(lambda: record() is None, timeout=15, interval=0.2,
+                 message="the dead operator's tombstone deleted by the next one")
+    finally:
+        kubectl(dev_env, "delete", "consulconfigs", "--all", "-n", ns, "--timeout=60s", check=False)
+        op.stop()
+        kubectl(dev_env, "delete", "namespace", ns, "--wait=false", check=False)

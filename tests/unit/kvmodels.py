@@ -11,7 +11,9 @@ all-or-nothing transactions, and each store's own way of guarding them:
   ``delete-cas``, ``check-index``, ``check-not-exists``, rolled back as a whole
   when one of them fails (Consul's 409). It runs what
   :func:`tether.config.stores.consulkv.transaction` builds. As in Consul's state store, a
-  ``delete-cas`` of a key that is already gone succeeds.
+  ``delete-cas`` of a key that is already gone succeeds. Consul KV has no
+  lease: a tombstone stays until Tether's sweeper deletes it (with a
+  :class:`FakeClock`, tests move its time on).
 
 So a plan is exercised through the real translation to each store's wire
 shape, and the tests check outcomes: what the store holds afterwards. Both
@@ -75,6 +77,10 @@ class Model:
 
     def snapshot(self) -> dict[str, tuple[bytes, int]]:
         return {k: (e.value, e.revision) for k, e in self.entries().items()}
+
+    def tombstones(self) -> list[str]:
+        """Index records that are tombstones, by key."""
+        raise NotImplementedError
 
     # -- writes by someone else than Tether (a person, another tool) ------------------
     def put(self, key: str, value: bytes) -> None:
@@ -217,6 +223,13 @@ class ConsulModel(Model):
     def entries(self) -> dict[str, Entry]:
         return {k: consul_kv.entry(raw) for k, raw in self.kv.items()}
 
+    def tombstones(self) -> list[str]:
+        """Index records that are tombstones (Consul KV has no lease: they carry their time), by key."""
+        owners = self.layout.index_key("")
+        return sorted(
+            k for k, e in self.entries().items() if k.startswith(owners) and planner.is_tombstone(e.value)
+        )
+
     def raw(self, key: str) -> dict[str, Any] | None:
         found = self.kv.get(key)
         return None if found is None else dict(found)
@@ -291,6 +304,24 @@ class ConsulModel(Model):
 
 
 MODELS: dict[str, type[Model]] = {"etcd": EtcdModel, "consul": ConsulModel}
+
+
+@dataclass
+class FakeClock:
+    """A monotonic and a wall clock that move only when a test says so."""
+
+    monotonic: float = 1000.0
+    wall: float = 1_765_000_000.0
+
+    def now(self) -> float:
+        return self.monotonic
+
+    def time(self) -> float:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.monotonic += seconds
+        self.wall += seconds
 
 
 # --------------------------------------------------------------------------- async clients

@@ -10,11 +10,11 @@ model of that store's transaction semantics (:mod:`kvmodels`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from kvmodels import ConsulModel, EtcdModel, FakeConsulKV, FakeEtcdClient, Faults, Model
+from kvmodels import ConsulModel, EtcdModel, FakeClock, FakeConsulKV, FakeEtcdClient, Faults, Model
 
 from tether.api import ObjectRef
 from tether.clients.etcd.errors import EtcdUnavailable
@@ -56,6 +56,7 @@ class Rig:
     faults: Faults
     kinds: ConfigReconciler
     kube: Kube
+    clock: FakeClock = field(default_factory=FakeClock)  # Consul KV's tombstones keep its time
 
     @property
     def plural(self) -> str:
@@ -87,11 +88,21 @@ class Rig:
     def owner(self, name: str) -> str:
         return self.kinds.owner(self.ref(name))
 
-    def tombstones_expire(self, *names: str) -> None:
-        """etcd: a release left exactly these resources' index tombstones; let their lease run out."""
+    async def tombstones_expire(self, *names: str) -> None:
+        """A release left exactly these resources' index tombstones; let their lifetime run out.
+
+        etcd: their lease expires. Consul KV: the store's sweeper deletes them
+        once its clock has passed their lifetime.
+        """
+        assert self.m.tombstones() == sorted(self.m.layout.index_key(self.owner(n)) for n in names)
         if isinstance(self.m, EtcdModel):
-            assert self.m.tombstones() == sorted(self.m.layout.index_key(self.owner(n)) for n in names)
             self.m.expire_leases()
+            return
+        store = self.kinds.store
+        assert isinstance(store, ConsulKVStore)
+        self.clock.advance(store.sweeper.lifetime)
+        assert await store.sweeper.sweep() == len(names)
+        assert self.m.tombstones() == []
 
 
 # The status field naming the store's stamp, written out (not read from the
@@ -112,11 +123,13 @@ def make_rig(backend: str, faults: Faults | None = None, kube: Kube | None = Non
         )
         return Rig(backend, etcd, faults, kinds, kube)
     consul = ConsulModel()
+    clock = FakeClock()
+    store = ConsulKVStore(FakeConsulKV(consul, faults), clock=clock.now, wall=clock.time)
     kinds = ConsulConfigs(
-        ConsulKVStore(FakeConsulKV(consul, faults)), kube, cluster="kubernetes", ownership_prefix="tether/",
+        store, kube, cluster="kubernetes", ownership_prefix="tether/",
         expectations=Expectations(), source_index=SourceIndex(),
     )
-    return Rig(backend, consul, faults, kinds, kube)
+    return Rig(backend, consul, faults, kinds, kube, clock)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -157,7 +170,7 @@ async def test_reconciler_writes_repairs_and_releases(rig: Rig) -> None:
     out = await rig.kinds.release(rig.resource("cfg", spec))
     assert out.released and out.message == f"deleted 2 keys from {STORE[rig.backend]}"
     assert notes(out) == [("Normal", "Deleted", out.message)]
-    rig.tombstones_expire("cfg")
+    await rig.tombstones_expire("cfg")
     assert not any(key.startswith((k("app/"), m.layout.ownership_prefix)) for key in m.values())
     assert rig.kinds.expectations.tracked_count() == 0
 
@@ -385,7 +398,7 @@ async def test_orphan_release_keeps_the_data_and_drops_ownership(rig: Rig) -> No
     )
     assert [n.reason for n in out.notes] == ["Orphaned"]
     assert rig.under("app/") == {k("app/a"): b"1", k("app/b"): b"2"}
-    rig.tombstones_expire("cfg")
+    await rig.tombstones_expire("cfg")
     assert not any(key.startswith(rig.m.layout.ownership_prefix) for key in rig.m.values())
 
 
@@ -397,15 +410,15 @@ async def test_release_of_an_invalid_spec_still_finds_the_keys_through_the_index
     out = await rig.kinds.release(rig.resource("cfg", broken))
     assert out.released and "deleted 1 key" in out.message
     assert rig.under("app/") == {k("app/foreign"): b"not ours"}
-    rig.tombstones_expire("cfg")
+    await rig.tombstones_expire("cfg")
     assert not any(key.startswith(rig.m.layout.ownership_prefix) for key in rig.m.values())
 
 
 async def test_release_of_a_resource_that_wrote_nothing_posts_no_event(rig: Rig) -> None:
     out = await rig.kinds.release(rig.resource("cfg", {"prefix": rig.m.k("app"), "data": {"a": "1"}}))
-    # etcd: one write, the tombstone that fences off a create still in flight.
-    assert out.released and out.notes == () and rig.m.txns == (1 if rig.backend == "etcd" else 0)
-    rig.tombstones_expire("cfg")
+    # One write: the tombstone that fences off a create still in flight.
+    assert out.released and out.notes == () and rig.m.txns == 1
+    await rig.tombstones_expire("cfg")
 
 
 async def test_release_never_deletes_another_resources_keys(rig: Rig) -> None:
@@ -579,7 +592,7 @@ async def test_a_create_that_lands_after_the_release_fails_its_guard() -> None:
     assert out.released and out.notes == ()
     assert not _lands(rig, held[0])
     assert rig.under("app/") == {} and rig.owned_by(rig.owner("cfg")) == set()
-    rig.tombstones_expire("cfg")
+    await rig.tombstones_expire("cfg")
     assert rig.m.values() == {}
 
 
@@ -593,7 +606,7 @@ async def test_a_create_repeated_then_released_cannot_be_resurrected_by_the_firs
     assert out.released and "deleted 1 key" in out.message
     assert not _lands(rig, held[0])
     assert rig.under("app/") == {} and rig.owned_by(rig.owner("cfg")) == set()
-    rig.tombstones_expire("cfg")
+    await rig.tombstones_expire("cfg")
     assert rig.m.values() == {}
 
 
@@ -607,7 +620,7 @@ async def test_a_create_that_lands_during_the_release_is_pruned_by_it() -> None:
     out = await rig.kinds.release(rig.resource("cfg", spec))
     assert out.released and out.message == "deleted 2 keys from etcd"
     assert rig.under("app/") == {} and rig.owned_by(rig.owner("cfg")) == set()
-    rig.tombstones_expire("cfg")
+    await rig.tombstones_expire("cfg")
     assert rig.m.values() == {}
 
 

@@ -28,7 +28,7 @@ FLAVORS = {
 class MemoryStore:
     """Guarded all-or-nothing transactions over a dict; ``before_commit`` injects a rival."""
 
-    tombstones = False  # a deleted index record is gone (as in Consul KV)
+    tombstones = False  # a deleted index record is gone (a store without tombstones)
 
     def __init__(self, max_ops: int = 128) -> None:
         self.kv: dict[str, Entry] = {}

@@ -24,6 +24,7 @@ def test_defaults() -> None:
     assert s.cluster == "kubernetes"
     assert s.etcd_ownership_prefix == "/tether/"
     assert s.consul_ownership_prefix == "tether/"
+    assert s.consul_tombstone_seconds == 600
     assert (s.lease_namespace, s.lease_name) == ("tether-system", "tether-leader")
     assert s.identity.startswith(socket.gethostname() + "-")
     assert s.consul.url == "http://127.0.0.1:8500"
@@ -40,6 +41,7 @@ def test_values_are_taken_from_the_environment() -> None:
         "TETHER_ETCD_OWNERSHIP_PREFIX": "/ops/tether",
         "TETHER_CONSUL_OWNERSHIP_PREFIX": "ops/tether",
         "TETHER_CONSUL_TIMEOUT": "2.5",
+        "TETHER_CONSUL_TOMBSTONE_SECONDS": "5",
         "CONSUL_HTTP_ADDR": "consul.example:8501",
         "CONSUL_HTTP_SSL": "true",
         "CONSUL_HTTP_TOKEN": "t0ken",
@@ -50,7 +52,7 @@ def test_values_are_taken_from_the_environment() -> None:
     assert (s.workers, s.etcd_max_txn_ops, s.cluster) == (4, 64, "prod-eu.1")
     assert (s.etcd_ownership_prefix, s.consul_ownership_prefix) == ("/ops/tether/", "ops/tether/")
     assert s.consul.url == "https://consul.example:8501" and s.consul.timeout == 2.5
-    assert s.consul.token == "t0ken"
+    assert s.consul.token == "t0ken" and s.consul_tombstone_seconds == 5
     assert (s.lease_namespace, s.lease_name, s.identity) == ("ops", "lease", "tether-0")
 
 
@@ -70,6 +72,8 @@ def test_values_are_taken_from_the_environment() -> None:
         ("TETHER_ETCD_OWNERSHIP_PREFIX", "tether/", "must start with '/'"),
         ("TETHER_CONSUL_OWNERSHIP_PREFIX", "/tether/", "without a leading '/'"),
         ("TETHER_CONSUL_OWNERSHIP_PREFIX", "/", "without a leading '/'"),
+        ("TETHER_CONSUL_TOMBSTONE_SECONDS", "0", "between 1 and"),
+        ("TETHER_CONSUL_TOMBSTONE_SECONDS", "10m", "expected a whole number"),
         ("TETHER_CONSUL_TIMEOUT", "soon", "expected a number of seconds"),
         ("TETHER_CONSUL_TIMEOUT", "0", "more than 0"),
         ("TETHER_CONSUL_TIMEOUT", "301", "at most 300"),

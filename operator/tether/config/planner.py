@@ -141,12 +141,18 @@ def directory(prefix: str) -> str:
     return prefix.rstrip("/") + "/"
 
 
-#: An index record that lists nothing, left where a record was deleted by a
-#: store that can expire it (etcd: on a lease; see :mod:`tether.config.stores.etcd`).
+#: An index record that lists nothing, left where a record was deleted, for a
+#: bounded time (etcd: on a lease, see :mod:`tether.config.stores.etcd`; Consul
+#: KV: with its creation time appended, see :mod:`tether.config.stores.consulkv`).
 #: It owns nothing and counts as no record, except that every transaction
 #: guards its revision: a transaction planned while the record was absent
 #: (a create whose outcome was never known) can then no longer apply.
 TOMBSTONE: Final = b'{"keys":[],"tombstone":true}'
+
+
+def is_tombstone(value: bytes | None) -> bool:
+    """Whether an index record's value is a tombstone: :data:`TOMBSTONE`, or it with more fields."""
+    return value is not None and (value == TOMBSTONE or value.startswith(TOMBSTONE[:-1] + b","))
 
 
 def encode_index(keys: Iterable[str]) -> bytes | None:
@@ -349,7 +355,7 @@ def plan(
     lost = frozenset(key for key in listed if key not in claims)
     index_revision = index.revision if index else 0
     # A tombstone is no record (nothing to delete, nothing listed) but is guarded.
-    index_before = index.value if index and index.value != TOMBSTONE else None
+    index_before = index.value if index and not is_tombstone(index.value) else None
 
     conflicts: list[str] = []
     for key in sorted(desired):

@@ -64,7 +64,8 @@ class Store(Protocol):
     #: Limits of one transaction; lowered by the engine when the server refuses.
     limits: planner.Limits
     #: Deleting an index record leaves :data:`~tether.config.planner.TOMBSTONE`,
-    #: which the store expires by itself (etcd); a release then leaves one too.
+    #: which the store removes after a while by itself (etcd: a lease; Consul KV:
+    #: its sweeper); a release then leaves one too.
     tombstones: bool
 
     async def read(self, key: str) -> Entry | None: ...
