@@ -145,3 +145,28 @@ def test_not_ready_gauge_counts_by_kind_and_reason() -> None:
     ctl._count_not_ready(b, "BackendUnavailable")
     assert gauge._value.get() == 0
     assert metrics.NOT_READY.labels(kind="Thing", reason="BackendUnavailable")._value.get() == 1
+
+
+def test_policy_admission_component_binds_one_cel_policy_per_kind() -> None:
+    """No webhook: ValidatingAdmissionPolicies only, each bound (Deny) to team namespaces."""
+    comp = MANIFESTS / "components" / "policy-admission"
+    spec = yaml.safe_load((comp / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component"
+    objs = [o for name in spec["resources"] for o in _objects(comp / name)]
+    assert {o["kind"] for o in objs} == {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    policies = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"}
+    bindings = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    covered = {r for p in policies.values() for rule in p["spec"]["matchConstraints"]["resourceRules"]
+               for r in rule["resources"]}
+    assert covered == KINDS
+    assert {b["spec"]["policyName"] for b in bindings} == set(policies)
+    for binding in bindings:
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        selector = binding["spec"]["matchResources"]["namespaceSelector"]
+        assert selector == {"matchExpressions": [{"key": "tether.dev/team", "operator": "Exists"}]}
+    for policy in policies.values():
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        for validation in policy["spec"]["validations"]:
+            assert validation.get("message") or validation.get("messageExpression")
+    configs = [p for name, p in policies.items() if name.endswith("configs")]
+    assert all(any("adopt" in v["expression"] for v in p["spec"]["validations"]) for p in configs)
