@@ -233,3 +233,37 @@ def test_default_deny(dev_env: Env, tmp_path: Path, policies: Callable[[str, dic
         op.stop(grace=20)
         delete_namespace(dev_env, ns)
         assert get(dev_env, ns, "etcdconfig", "cfg") is None
+
+
+ADMISSION = Path(__file__).resolve().parents[2] / "manifests" / "components" / "policy-admission"
+
+
+def test_the_admission_component_rejects_at_apply(dev_env: Env) -> None:
+    """The optional CEL component: a name outside the team convention, or adopt, never gets stored."""
+    tag = uuid.uuid4().hex[:6]
+    ns, team = f"adm-{tag}", f"team{tag}"
+    objects = str(ADMISSION / "validating_admission_policies.yaml")
+    kubectl(dev_env, "create", "namespace", ns)
+    kubectl(dev_env, "label", "namespace", ns, f"tether.dev/team={team}")
+    kubectl(dev_env, "apply", "-f", objects)
+
+    def dry_run(obj: dict[str, Any]) -> Any:
+        obj["metadata"]["namespace"] = ns
+        manifest = yaml.safe_dump(obj)
+        return kubectl(dev_env, "create", "--dry-run=server", "-f", "-", input=manifest, check=False)
+
+    try:
+        hijack = resource("ConsulService", "p", {"name": "payments", "address": "6.6.6.6", "port": 80})
+        # The API server compiles a new admission policy a moment after it is created.
+        refused = wait_for(lambda: (r := dry_run(hijack)).returncode != 0 and r, timeout=30,
+                           message="the admission policy to take effect")
+        assert "payments" in refused.stderr and "not allowed" in refused.stderr, refused.stderr
+        own = resource("ConsulService", "p", {"name": f"{team}-api", "address": "10.0.0.1", "port": 80})
+        assert dry_run(own).returncode == 0
+        adopt = resource("EtcdConfig", "c", {"prefix": f"/{team}/x", "adopt": True})
+        assert "adopt" in dry_run(adopt).stderr
+        assert dry_run(resource("EtcdConfig", "c", {"prefix": f"/{team}/x"})).returncode == 0
+        assert "not allowed" in dry_run(resource("ConsulConfig", "c", {"prefix": "other"})).stderr
+    finally:
+        kubectl(dev_env, "delete", "-f", objects, "--ignore-not-found", check=False)
+        delete_namespace(dev_env, ns)
