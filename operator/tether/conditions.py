@@ -22,6 +22,8 @@ RECONCILED = "Reconciled"
 RECONCILING = "Reconciling"
 INVALID_SPEC = "InvalidSpec"
 CONFLICT = "Conflict"
+# A TetherPolicy does not allow what the resource asks for (its name, prefix or adopt).
+FORBIDDEN = "Forbidden"
 BACKEND_UNAVAILABLE = "BackendUnavailable"
 BACKEND_REJECTED = "BackendRejected"
 DELETING = "Deleting"

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 from tether import conditions, errors, metrics
 from tether.api import FINALIZER, InvalidSpec, ObjectRef
+from tether.api.policies import Claims, Decision
 from tether.clients.kube.client import Involved, KubeClient, KubeError
 from tether.conditions import Condition, Status
 from tether.queueing import Backoff, WorkQueue
@@ -139,7 +140,7 @@ _UNAVAILABLE = conditions.BACKEND_UNAVAILABLE
 _REJECTED = conditions.BACKEND_REJECTED
 
 # Ready reasons announced with a Warning event when the condition turns to them.
-_WARNING_REASONS = frozenset({_INVALID_SPEC, _CONFLICT, _UNAVAILABLE, _REJECTED})
+_WARNING_REASONS = frozenset({_INVALID_SPEC, _CONFLICT, _UNAVAILABLE, _REJECTED, conditions.FORBIDDEN})
 
 
 class Reconciler(Protocol):
@@ -151,6 +152,24 @@ class Reconciler(Protocol):
     async def apply(self, res: Resource) -> Outcome: ...
 
     async def release(self, res: Resource) -> Outcome: ...
+
+    def forget(self, ref: ObjectRef) -> None: ...
+
+
+# TetherPolicy enforcement, once for every kind. A kind opts in with two more
+# methods beside the Reconciler protocol's (see Controller._policed):
+#   claims(res) -> Claims | None     what the spec asks for (None: the spec does
+#                                    not parse; apply reports InvalidSpec)
+#   withdraw(res, message) -> Outcome
+#                                    the Forbidden outcome, after taking back
+#                                    what must not stay (Consul instances); a
+#                                    kind without it writes nothing and keeps all.
+class PolicyGate(Protocol):
+    """The policy cache the skeleton asks before every apply (:mod:`tether.policing`)."""
+
+    def subscribe(self, plural: str, enqueue: Callable[[ObjectRef], None]) -> None: ...
+
+    async def check(self, ref: ObjectRef, claims: Claims) -> Decision | None: ...
 
     def forget(self, ref: ObjectRef) -> None: ...
 
@@ -262,6 +281,12 @@ class Controller:
         # resourceVersions our own patches produced, oldest first, whose watch
         # echoes need no reconcile (the watch delivers them in this order)
         self._own_writes: dict[ObjectRef, list[str]] = {}
+        self.policies: PolicyGate | None = None
+
+    def use_policies(self, gate: PolicyGate) -> None:
+        """Check every apply against ``gate``; it enqueues the resources its changes concern."""
+        self.policies = gate
+        gate.subscribe(self.reconciler.plural, self.enqueue)
 
     # -- inputs -----------------------------------------------------------
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -333,6 +358,8 @@ class Controller:
         """Reconcile ``ref`` once against the newest cached object."""
         body = self.cache.get(ref)
         if body is None:
+            if self.policies is not None:
+                self.policies.forget(ref)
             self.reconciler.forget(ref)
             self._count_not_ready(ref, None)
             self.backoff.reset(ref)
@@ -362,7 +389,7 @@ class Controller:
                     )
                     self._remember(body)
                     res = Resource.from_body(self.reconciler.plural, body)
-                outcome = await self._guarded(self.reconciler.apply, res)
+                outcome = await self._policed(res) or await self._guarded(self.reconciler.apply, res)
             await self._finish(res, outcome)
         except KubeError as exc:
             if exc.status == 404:
@@ -380,6 +407,37 @@ class Controller:
             self.queue.add_after(ref, self.backoff.next_delay(ref))
         finally:
             metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+
+    async def _policed(self, res: Resource) -> Outcome | None:
+        """None when the policies allow what ``res`` asks for; else the outcome instead of apply.
+
+        Checked before any backend write, from the in-memory policy cache (no
+        API call). A refused resource is not retried: a policy or namespace
+        change that concerns it enqueues it again.
+        """
+        gate = self.policies
+        claims_of: Callable[[Resource], Claims | None] | None = getattr(self.reconciler, "claims", None)
+        if gate is None or claims_of is None:
+            return None
+        claims = claims_of(res)
+        if claims is None:
+            gate.forget(res.ref)
+            return None  # the spec does not parse: apply says why
+        decision = await gate.check(res.ref, claims)
+        if decision is None:
+            return Outcome(
+                "Unknown", conditions.RECONCILING,
+                "waiting to read the TetherPolicies and the namespace's labels; retrying", retry=True,
+            )
+        if decision.allowed:
+            return None
+        withdraw: Callable[[Resource, str], Awaitable[Outcome]] | None = getattr(
+            self.reconciler, "withdraw", None
+        )
+        if withdraw is None:
+            return Outcome.failed(conditions.FORBIDDEN, decision.message, retry=False)
+        message = decision.message
+        return await self._guarded(lambda r: withdraw(r, message), res)
 
     async def _guarded(self, step: Callable[[Resource], Awaitable[Outcome]], res: Resource) -> Outcome:
         """Run ``apply``/``release``; a bug there becomes an honest status, not silence."""

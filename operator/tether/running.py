@@ -39,6 +39,7 @@ from tether.consulservice.catalogwatching import CatalogWatcher
 from tether.consulservice.index import AgentIndex, CatalogIndex
 from tether.health import Health
 from tether.leadership import LeaseElector
+from tether.policing import Policies
 from tether.reconciling import Controller
 from tether.settings import Settings
 
@@ -210,6 +211,14 @@ async def _main(
         ).run,
         "consul-kv-tombstones": kv_store.sweeper.run,
     }
+
+    # --- TetherPolicy enforcement (issue 19): one cache, fed by two watches,
+    # asked by every controller before it writes. ---------------------------
+    policies = Policies(kube_http, default=settings.policy_default)
+    for controller in controllers:
+        controller.use_policies(policies)
+    backend_watchers["policies"] = policies.run
+    # --- end of TetherPolicy enforcement --------------------------------------
 
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controllers=controllers)

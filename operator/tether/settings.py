@@ -13,6 +13,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from tether.clients.consul.connection import ConsulConnection
 from tether.clients.etcd.connection import EtcdConnection
@@ -72,6 +73,17 @@ def consul_ownership_prefix(env: Mapping[str, str] | None = None) -> str:
     return prefix if prefix.endswith("/") else prefix + "/"
 
 
+def policy_default(env: Mapping[str, str] | None = None) -> Literal["allow", "deny"]:
+    """What a namespace no TetherPolicy selects may use, when nobody reserved it."""
+    env = os.environ if env is None else env
+    raw = (env.get("TETHER_POLICY_DEFAULT") or "allow").strip().lower()
+    if raw == "allow":
+        return "allow"
+    if raw == "deny":
+        return "deny"
+    raise ValueError(f"TETHER_POLICY_DEFAULT={raw!r}: use allow or deny")
+
+
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -102,6 +114,8 @@ class Settings:
     lease_namespace: str
     lease_name: str
     identity: str
+    # TetherPolicy rule 3: what an unselected namespace may use that nobody reserved.
+    policy_default: Literal["allow", "deny"] = "allow"
 
     def warnings(self) -> list[str]:
         """Settings that work but are unsafe (credentials in cleartext), for a loud log line."""
@@ -132,4 +146,5 @@ class Settings:
             lease_namespace=env.get("POD_NAMESPACE") or "tether-system",
             lease_name=env.get("TETHER_LEASE_NAME") or "tether-leader",
             identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            policy_default=policy_default(env),
         )

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
 SAMPLES = REPO / "manifests" / "samples"
-CRD_NAMES = ("consulservices.tether.dev", "etcdconfigs.tether.dev")
+CRD_NAMES = ("consulservices.tether.dev", "etcdconfigs.tether.dev", "tetherpolicies.tether.dev")
 
 Env = dict[str, str]
 Manifest = dict[str, Any]
@@ -43,6 +43,10 @@ def _consul_service(spec: dict[str, Any] | None, name: str = "bad") -> Manifest:
 
 def _etcd_config(spec: dict[str, Any] | None) -> Manifest:
     return resource("EtcdConfig", "bad", spec)
+
+
+def _policy(spec: dict[str, Any] | None) -> Manifest:
+    return resource("TetherPolicy", "bad", spec)
 
 
 def _http_check(**extra: Any) -> dict[str, Any]:
@@ -213,6 +217,33 @@ INVALID: list[tuple[str, Manifest, str]] = [
         _etcd_config({"prefix": "/c", "deletionPolicy": "Retain"}),
         "spec.deletionPolicy",
     ),
+    # --- TetherPolicy --------------------------------------------------------
+    ("policy-selector-missing", _policy({"consulServiceNames": ["a"]}), "spec.namespaceSelector"),
+    (
+        "policy-name-pattern",
+        _policy({"namespaceSelector": {}, "consulServiceNames": ["pay ments"]}),
+        "spec.consulServiceNames[0]",
+    ),
+    (
+        "policy-etcd-prefix-relative",
+        _policy({"namespaceSelector": {}, "etcdPrefixes": ["payments"]}),
+        "spec.etcdPrefixes[0]",
+    ),
+    (
+        "policy-etcd-prefix-dot-dot",
+        _policy({"namespaceSelector": {}, "etcdPrefixes": ["/a/../b"]}),
+        "spec.etcdPrefixes[0]",
+    ),
+    (
+        "policy-kv-prefix-rooted",
+        _policy({"namespaceSelector": {}, "consulKVPrefixes": ["/shop"]}),
+        "spec.consulKVPrefixes[0]",
+    ),
+    (
+        "policy-selector-operator",
+        _policy({"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Has"}]}}),
+        "spec.namespaceSelector.matchExpressions[0].operator",
+    ),
 ]
 
 
@@ -289,6 +320,8 @@ def test_short_names_and_category(crds: Env) -> None:
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:] if line}
     assert "csvc" in rows["consulservices"]
     assert "ecfg" in rows["etcdconfigs"]
+    assert "tpol" in rows["tetherpolicies"]
+    assert "false" in rows["tetherpolicies"], "TetherPolicy is cluster-scoped"
     assert all(row[-1] == "tether" for row in rows.values()), result.stdout
     # The category makes `kubectl get tether` list both kinds.
     kubectl(crds, "get", "tether", "-A")
@@ -346,6 +379,8 @@ def test_invalid_resource_is_rejected(crds: Env, namespace: str, manifest: Manif
         ("consulservices.status.health", "passing"),
         ("etcdconfigs.spec.prefix", "Must start with '/'"),
         ("etcdconfigs.spec.prune", "Default: true"),
+        ("tetherpolicies.spec.etcdPrefixes", "/payments allows /payments and /payments/db"),
+        ("tetherpolicies.spec.namespaceSelector", "selects every namespace"),
     ],
 )
 def test_explain_teaches_the_api(crds: Env, field: str, phrase: str) -> None:

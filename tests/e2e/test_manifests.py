@@ -109,6 +109,7 @@ def test_kustomize_installs_everything(rendered: list[Manifest]) -> None:
         ("CustomResourceDefinition", "consulservices.tether.dev"),
         ("CustomResourceDefinition", "etcdconfigs.tether.dev"),
         ("CustomResourceDefinition", "consulconfigs.tether.dev"),
+        ("CustomResourceDefinition", "tetherpolicies.tether.dev"),
         ("ServiceAccount", "tether"),
         ("ClusterRole", "tether"),
         ("ClusterRole", "tether-edit"),
@@ -178,6 +179,10 @@ def test_cluster_role_is_least_privilege(rendered: list[Manifest]) -> None:
     assert len(events) == 1, events
     assert events[0]["apiGroups"] == ["events.k8s.io"] and events[0]["verbs"] == ["create"], events
     assert sorted(_rule_for(rules, "namespaces")["verbs"]) == ["get", "list", "watch"]
+    # TetherPolicies: read, and only their status written.
+    policies = _rule_for(rules, "tetherpolicies")
+    assert policies["apiGroups"] == ["tether.dev"] and sorted(policies["verbs"]) == ["get", "list", "watch"]
+    assert sorted(_rule_for(rules, "tetherpolicies/status")["verbs"]) == ["get", "patch"]
     crds = _rule_for(rules, "customresourcedefinitions")
     assert crds["apiGroups"] == ["apiextensions.k8s.io"]
     assert sorted(crds["verbs"]) == ["get", "list", "watch"]

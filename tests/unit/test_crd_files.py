@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tether.api import configs, consulservices
+from tether.api import configs, consulservices, policies
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -50,7 +50,17 @@ EXPECTED: dict[str, tuple[str, str, str, set[str], set[str], list[str]]] = {
         {"observedGeneration", "conditions", "keys", "modifyIndex"},
         ["Prefix", "Keys", "Ready", "Age"],
     ),
+    "TetherPolicy": (
+        "tetherpolicies.tether.dev.yaml",
+        "tetherpolicies",
+        "tpol",
+        {"namespaceSelector", "consulServiceNames", "etcdPrefixes", "consulKVPrefixes", "allowAdopt"},
+        {"observedGeneration", "conditions", "namespaces", "forbidden"},
+        ["Namespaces", "Forbidden", "Age"],
+    ),
 }
+# The kinds users create in their namespaces; TetherPolicy is cluster-scoped.
+NAMESPACED = {"ConsulService", "EtcdConfig", "ConsulConfig"}
 # The config kinds share one spec; they differ in the shape of a key.
 CONFIG_KINDS = {"EtcdConfig": configs.ETCD, "ConsulConfig": configs.CONSUL}
 KINDS = sorted(EXPECTED)
@@ -107,7 +117,7 @@ def test_names_scope_and_version(kind: str) -> None:
     assert crd["metadata"]["name"] == f"{plural}.tether.dev" == file.removesuffix(".yaml")
     spec = crd["spec"]
     assert spec["group"] == "tether.dev"
-    assert spec["scope"] == "Namespaced"
+    assert spec["scope"] == ("Namespaced" if kind in NAMESPACED else "Cluster")
     names = spec["names"]
     assert names["kind"] == kind
     assert names["plural"] == plural
@@ -160,6 +170,8 @@ def test_printer_columns(kind: str) -> None:
             assert column.get("description"), column["name"]
         _assert_json_path_exists(kind, column["jsonPath"])
     ready = next(c for c in columns if c["name"] == "Ready")
+    # A policy's Ready (its patterns are valid) is a wide column; the resources' is a default one.
+    assert ready.get("priority", 0) == (0 if kind in NAMESPACED else 1)
     assert ready["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
 
 
@@ -208,6 +220,9 @@ def test_defaults() -> None:
             optional = config["from"]["items"]["properties"][ref]["properties"]["optional"]
             assert optional["default"] is False, (kind, ref)
         nodes += [(f"{kind}.{name}", node) for name, node in config.items()]
+    policy = _schema("TetherPolicy")["properties"]["spec"]["properties"]
+    assert policy["allowAdopt"]["default"] is False
+    nodes += [(f"TetherPolicy.{name}", node) for name, node in policy.items()]
     for name, node in nodes:
         if "default" in node:
             assert "Default:" in node["description"], name
@@ -223,6 +238,23 @@ def test_required_fields() -> None:
         assert _schema(kind)["properties"]["spec"]["required"] == ["prefix"], kind
     port = _schema("ConsulService")["properties"]["spec"]["properties"]["port"]
     assert (port["minimum"], port["maximum"]) == (1, 65535)
+    assert _schema("TetherPolicy")["properties"]["spec"]["required"] == ["namespaceSelector"]
+
+
+def test_policy_schema_and_operator_agree_on_patterns() -> None:
+    """What the schema lets through the operator accepts too (the operator is the guard
+    for the rest: selector terms the schema cannot check)."""
+    spec = _schema("TetherPolicy")["properties"]["spec"]["properties"]
+    names = spec["consulServiceNames"]["items"]["pattern"]
+    etcd, kv = spec["etcdPrefixes"]["items"]["pattern"], spec["consulKVPrefixes"]["items"]["pattern"]
+    for name in ("payments", "team-a-*", "*"):
+        assert re.search(names, name)
+        assert policies.parse("p", {"namespaceSelector": {}, "consulServiceNames": [name]}).valid
+    assert not re.search(names, "pay ments") and not re.search(names, "a/b")
+    assert re.search(etcd, "/payments") and not re.search(etcd, "payments")
+    assert re.search(kv, "shop/payments") and not re.search(kv, "/shop")
+    ops = spec["namespaceSelector"]["properties"]["matchExpressions"]["items"]["properties"]["operator"]
+    assert ops["enum"] == ["In", "NotIn", "Exists", "DoesNotExist"]
 
 
 def _without_descriptions(node: Any) -> Any:
@@ -347,6 +379,12 @@ def test_sample_is_namespace_free_and_valid_for_the_operator(path: Path) -> None
         consulservices.parse("default", doc["metadata"]["name"], doc["spec"])
     elif doc["kind"] in CONFIG_KINDS:
         configs.parse(doc["spec"], CONFIG_KINDS[doc["kind"]])
+    elif doc["kind"] == "TetherPolicy":
+        parsed = policies.parse(doc["metadata"]["name"], doc["spec"])
+        assert parsed.valid, parsed.problems
+        # `make run` applies the samples to a namespace without labels: a sample
+        # policy must neither select it nor reserve what the other samples use.
+        assert not parsed.selects({})
     else:
         assert doc["kind"] in {"ConfigMap", "Secret"}
 
@@ -361,3 +399,21 @@ def test_samples_reference_sources_in_the_same_directory() -> None:
             for ref, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
                 if ref in item and not item[ref].get("optional", False):
                     assert (kind, item[ref]["name"]) in present
+
+
+def test_sample_policies_leave_the_other_samples_allowed() -> None:
+    """`make run` applies every sample to one unlabelled namespace: all must stay allowed."""
+    docs = [_load(p) for p in _samples()]
+    rules = [policies.parse(d["metadata"]["name"], d["spec"]) for d in docs if d["kind"] == "TetherPolicy"]
+    assert rules, "a sample TetherPolicy"
+    for doc in docs:
+        if doc["kind"] == "ConsulService":
+            name = consulservices.parse("default", doc["metadata"]["name"], doc["spec"]).name
+            claims = policies.Claims("service", name)
+        elif doc["kind"] in CONFIG_KINDS:
+            subject: policies.Subject = "etcd" if doc["kind"] == "EtcdConfig" else "consulkv"
+            claims = policies.Claims(subject, doc["spec"]["prefix"], bool(doc["spec"].get("adopt")))
+        else:
+            continue
+        decision = policies.decide(rules, "default", {}, claims, default="allow")
+        assert decision.allowed, (doc["metadata"]["name"], decision.message)

@@ -60,6 +60,13 @@ def test_operator_role_drops_verbs_it_never_uses() -> None:
     assert sorted(status["verbs"]) == ["get", "patch"]
     events = [r for r in rules if "events" in r["resources"]]
     assert events == [{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
+    policies = [r for r in rules if any(res.startswith("tetherpolicies") for res in r["resources"])]
+    assert policies == [
+        {"apiGroups": ["tether.dev"], "resources": ["tetherpolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["tether.dev"], "resources": ["tetherpolicies/status"], "verbs": ["get", "patch"]},
+    ]
+    namespaces = [r for r in rules if "namespaces" in r["resources"]]
+    assert [sorted(r["verbs"]) for r in namespaces] == [["get", "list", "watch"]]
     lease = _rules("Role", "tether-leader-election")
     assert sorted(lease[0]["verbs"]) == ["create", "get", "update"]
 
@@ -73,6 +80,24 @@ def test_aggregated_edit_and_view_roles_cover_every_kind() -> None:
     assert set(edit["rules"][0]["resources"]) == KINDS and "create" in edit["rules"][0]["verbs"]
     assert set(view["rules"][0]["resources"]) == KINDS
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+
+
+_WRITES = {"create", "update", "patch", "delete", "deletecollection", "*"}
+
+
+def test_aggregated_roles_never_grant_writing_a_policy() -> None:
+    """A namespace editor must not be able to widen their own allowance."""
+    for obj in _installed():
+        if obj["kind"] not in ("ClusterRole", "Role"):
+            continue
+        labels = obj["metadata"].get("labels") or {}
+        if not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels):
+            continue
+        for rule in obj["rules"]:
+            touches = {r for r in rule["resources"] if r.startswith("tetherpolicies") or r == "*"}
+            assert not (touches and _WRITES & set(rule["verbs"])), (obj["metadata"]["name"], rule)
+    view = next(o for o in _installed() if o["metadata"]["name"] == "tether-view")
+    assert any("tetherpolicies" in r["resources"] for r in view["rules"]), "view may read policies"
 
 
 def test_every_installed_object_carries_the_recommended_labels() -> None:
@@ -120,3 +145,28 @@ def test_not_ready_gauge_counts_by_kind_and_reason() -> None:
     ctl._count_not_ready(b, "BackendUnavailable")
     assert gauge._value.get() == 0
     assert metrics.NOT_READY.labels(kind="Thing", reason="BackendUnavailable")._value.get() == 1
+
+
+def test_policy_admission_component_binds_one_cel_policy_per_kind() -> None:
+    """No webhook: ValidatingAdmissionPolicies only, each bound (Deny) to team namespaces."""
+    comp = MANIFESTS / "components" / "policy-admission"
+    spec = yaml.safe_load((comp / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component"
+    objs = [o for name in spec["resources"] for o in _objects(comp / name)]
+    assert {o["kind"] for o in objs} == {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    policies = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"}
+    bindings = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    covered = {r for p in policies.values() for rule in p["spec"]["matchConstraints"]["resourceRules"]
+               for r in rule["resources"]}
+    assert covered == KINDS
+    assert {b["spec"]["policyName"] for b in bindings} == set(policies)
+    for binding in bindings:
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        selector = binding["spec"]["matchResources"]["namespaceSelector"]
+        assert selector == {"matchExpressions": [{"key": "tether.dev/team", "operator": "Exists"}]}
+    for policy in policies.values():
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        for validation in policy["spec"]["validations"]:
+            assert validation.get("message") or validation.get("messageExpression")
+    configs = [p for name, p in policies.items() if name.endswith("configs")]
+    assert all(any("adopt" in v["expression"] for v in p["spec"]["validations"]) for p in configs)

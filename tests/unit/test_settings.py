@@ -31,6 +31,12 @@ def test_defaults() -> None:
     consul = s.consul
     assert (consul.token, consul.ca_cert, consul.client_cert, consul.timeout) == (None, None, None, 5.0)
     assert s.etcd.endpoints == ("http://127.0.0.1:2379",)
+    assert s.policy_default == "allow"  # a cluster without policies behaves as before
+
+
+def test_policy_default() -> None:
+    assert Settings.from_env({"TETHER_POLICY_DEFAULT": "deny"}).policy_default == "deny"
+    assert Settings.from_env({"TETHER_POLICY_DEFAULT": " Allow "}).policy_default == "allow"
 
 
 def test_values_are_taken_from_the_environment() -> None:
@@ -81,6 +87,7 @@ def test_values_are_taken_from_the_environment() -> None:
         ("CONSUL_HTTP_ADDR", "ftp://consul:8500", "expected http://host:port"),
         ("CONSUL_HTTP_ADDR", "http://consul:99999", "invalid port"),
         ("ETCD_ENDPOINTS", "grpc://127.0.0.1:2379", "http:// or https://"),
+        ("TETHER_POLICY_DEFAULT", "block", "use allow or deny"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_variable(name: str, value: str, fragment: str) -> None:

@@ -30,6 +30,7 @@ from typing import Protocol
 from tether import conditions, errors, metrics
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import configs as api
+from tether.api.policies import Claims
 from tether.clients.kube.client import KubeError
 from tether.config import planner, sources
 from tether.config.expectations import Expectations, digest
@@ -283,6 +284,29 @@ class ConfigReconciler:
         self.expectations.forget(ref)
         self.sources.forget(ref)
         self._confirmed.pop(ref, None)
+
+    # -- TetherPolicy (the skeleton checks claims before apply) -----------------
+
+    def claims(self, res: Resource) -> Claims | None:
+        """The prefix and whether the resource adopts (None: the spec does not parse)."""
+        try:
+            spec = self._parse(res.spec)
+        except InvalidSpec:
+            return None
+        return Claims("etcd" if self.flavor.rooted else "consulkv", spec.prefix, spec.adopt)
+
+    async def withdraw(self, res: Resource, message: str) -> Outcome:
+        """Forbidden: nothing is written and nothing deleted — a policy change never
+        deletes config. The keys stay owned; drift is no longer watched for or
+        repaired until the resource is allowed again (then apply restores them)."""
+        self.expectations.untrack(res.ref)
+        self._confirmed.pop(res.ref, None)
+        return Outcome.failed(
+            conditions.FORBIDDEN,
+            f"{message}; nothing is written to {self.flavor.store}: its keys stay as they are, "
+            "still owned, and are not repaired",
+            retry=False,
+        )
 
     def _stored(self, res: Resource, plan: planner.Plan) -> int:
         """The revision to report when nothing was written this time."""

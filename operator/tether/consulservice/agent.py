@@ -20,6 +20,7 @@ from typing import Any
 from tether import conditions, metrics
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
+from tether.api.policies import Claims
 from tether.clients.consul.client import Agent, ConsulError, ConsulRejected
 from tether.conditions import Condition
 from tether.consulservice import planner, topology
@@ -208,3 +209,43 @@ class ConsulServices:
         self.index.untrack(ref)
         if self.endpoints is not None:
             self.endpoints.forget(ref)
+
+    # -- TetherPolicy (the skeleton checks claims before apply) -----------------
+
+    def claims(self, res: Resource) -> Claims | None:
+        """The Consul service name: what clients resolve, in both modes.
+
+        The service ID is not a claim: a registration under an ID is owned by
+        its resource's cluster/namespace/name meta, so another namespace's
+        custom ``spec.id`` gets Conflict, never that registration; and a
+        squatted ID under an allowed name only ever serves that name.
+        """
+        try:
+            spec = api.parse(res.ref.namespace, res.ref.name, res.spec)
+        except InvalidSpec:
+            return None
+        return Claims("service", spec.name)
+
+    async def withdraw(self, res: Resource, message: str) -> Outcome:
+        """Forbidden: the namespace must stop receiving the service's traffic, so
+        every instance this resource owns goes (agent registrations and catalog
+        instances alike, whatever the mode), regardless of ``deletionPolicy``."""
+        owner = self.owner(res.ref)
+        self.index.untrack(res.ref)
+        ids = {str(res.status.get("serviceID") or "")}
+        with contextlib.suppress(InvalidSpec):
+            ids.add(api.parse(res.ref.namespace, res.ref.name, res.spec).id)
+        try:
+            await self._deregister_owned(owner, ids)
+            if self.endpoints is not None:
+                await self.endpoints.withdraw(res)
+        except ConsulError as exc:
+            failed = Outcome.from_error(exc, doing="remove its instances from Consul")
+            return Outcome.failed(
+                conditions.FORBIDDEN, f"{message}; {failed.message}", fields=_UNKNOWN,
+                conditions=_UNKNOWN_HEALTH, retry=True,
+            )
+        return Outcome.failed(
+            conditions.FORBIDDEN, f"{message}; its Consul instances are removed", fields=_UNKNOWN,
+            conditions=_UNKNOWN_HEALTH, retry=False,
+        )

@@ -303,6 +303,30 @@ class CatalogServices:
     def forget(self, ref: ObjectRef) -> None:
         self.index.untrack(ref)
 
+    async def withdraw(self, res: Resource) -> None:
+        """Remove every catalog instance the resource owns (TetherPolicy refused it).
+
+        As :meth:`release` without orphaning and without the node's removal;
+        raises the Consul error when it cannot. Reads only when nothing is left.
+        """
+        owner = self.owner(res.ref)
+        self.index.untrack(res.ref)
+        async with self.gate.shared():
+            for attempt in range(_ATTEMPTS):
+                _, _, services = await self.catalog.node_services(
+                    self.node, where=endpoints.owner_filter(owner)
+                )
+                plan = endpoints.release(
+                    services, [], owner=owner, node=self.node, orphan=False, max_ops=self.max_txn_ops
+                )
+                try:
+                    for ops in plan.batches:
+                        await self.commits.submit(ops)
+                    return
+                except ConsulContended:
+                    if attempt == _ATTEMPTS - 1:
+                        raise
+
 
 def _without(want: dict[str, endpoints.Instance], ids: tuple[str, ...]) -> dict[str, endpoints.Instance]:
     return {iid: inst for iid, inst in want.items() if iid not in ids}
