@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tether.clients.kube.client import KubeError
+from tether.clients.kube.http import kube_error
 from tether.clients.kube.watching import ENSURE_SECONDS, NamespaceWatches
 
 
@@ -17,7 +17,7 @@ class _Forbidden:
 
     async def get(self, path: str, **_: Any) -> Any:
         self.lists += 1
-        raise KubeError(f"GET {path}: 403 Forbidden", 403)
+        raise kube_error(f"GET {path}", 403, b'{"message": "forbidden"}', "Forbidden")
 
 
 async def test_a_reader_does_not_wait_again_for_a_watch_that_fails() -> None:
