@@ -111,6 +111,8 @@ class Outcome:
     ) -> Outcome:
         """The one mapping of an error to the ``Ready`` condition, for every kind.
 
+        It reads only the :mod:`tether.errors` base an error subclasses, never
+        a backend's status code: each client chose that base already.
         ``doing`` completes "cannot ...": what the reconcile was trying to do.
         """
         if isinstance(exc, InvalidSpec):
