@@ -127,6 +127,14 @@ async def test_kv_txn_applied_and_rolled_back(stubbed: Stubbed) -> None:
     assert await client.kv_txn(ops) == (False, [])
 
 
+async def test_a_kv_transaction_refused_by_the_acl_is_rejected_not_rolled_back(stubbed: Stubbed) -> None:
+    client, http = stubbed
+    # Consul answers 409 for a transaction with an op the token may not write.
+    http.responses = [Response(409, json.dumps({"Errors": [{"OpIndex": 0, "What": "Permission denied"}]}))]
+    with pytest.raises(ConsulRejected, match="CONSUL_HTTP_TOKEN"):
+        await client.kv_txn([{"KV": {"Verb": "set", "Key": "app/a", "Value": "MQ=="}}])
+
+
 @pytest.mark.parametrize(
     ("response", "error", "base"),
     [

@@ -299,12 +299,14 @@ class ConsulClient:
     async def kv_txn(self, ops: list[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]]]:
         """Run one KV transaction: (True, results) when applied, (False, []) when rolled back."""
         metrics.WRITES.labels(system="consul").inc()
-        code, _, body = await self._kv_request(
-            "PUT", "/v1/txn", data=json.dumps(ops), what=f"KV transaction of {len(ops)} operations",
-            allow=(409,),
-        )
-        if code == 409:
-            # A guard failed and Consul rolled the whole transaction back.
+        try:
+            _, _, body = await self._kv_request(
+                "PUT", "/v1/txn", data=json.dumps(ops), what=f"KV transaction of {len(ops)} operations"
+            )
+        except ConsulContended:
+            # A guard failed and Consul rolled the whole transaction back. (An
+            # op the token may not write rolls it back too, but the mapping
+            # makes that ConsulRejected: re-reading would not help.)
             return False, []
         results = (json.loads(body) or {}).get("Results") or []
         return True, [dict(r.get("KV") or {}) for r in results]
