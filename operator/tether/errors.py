@@ -1,10 +1,15 @@
 """One error vocabulary for every backend, mapped to conditions in one place.
 
 Adapters (the Consul and etcd clients, the Kubernetes facade) raise their own
-errors, and each of them subclasses one of these bases. The shared skeleton
+errors, and each of them subclasses one of these bases. Each adapter picks
+its error in one function, from what the call raised or the status it got
+back (:func:`tether.clients.kube.http.kube_error`,
+:func:`tether.clients.consul.client.consul_error`,
+:func:`tether.clients.etcd.wire.error_from_status`). The shared skeleton
 (:meth:`tether.reconciling.Outcome.from_error`) turns a base into the
 ``Ready`` condition's reason, so that a kind never decides by hand which
-failure is retried and what it is called.
+failure is retried and what it is called; nothing above the adapters looks
+at a status code.
 """
 
 from __future__ import annotations

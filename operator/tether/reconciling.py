@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 from tether import conditions, errors, metrics
 from tether.api import FINALIZER, InvalidSpec, ObjectRef
 from tether.api.policies import Claims, Decision
-from tether.clients.kube.client import Involved, KubeClient, KubeError
+from tether.clients.kube.client import Involved, KubeClient, KubeConflict, KubeError, KubeNotFound
 from tether.conditions import Condition, Status
 from tether.queueing import Backoff, WorkQueue
 
@@ -112,6 +112,8 @@ class Outcome:
     ) -> Outcome:
         """The one mapping of an error to the ``Ready`` condition, for every kind.
 
+        It reads only the :mod:`tether.errors` base an error subclasses, never
+        a backend's status code: each client chose that base already.
         ``doing`` completes "cannot ...": what the reconcile was trying to do.
         """
         if isinstance(exc, InvalidSpec):
@@ -120,9 +122,6 @@ class Outcome:
             reason = _CONFLICT
         elif isinstance(exc, errors.BackendUnavailable):
             reason = _UNAVAILABLE
-        elif isinstance(exc, KubeError):
-            # 401/403: the API server answered "no" (RBAC); anything else is transient.
-            reason = _REJECTED if exc.status in (401, 403) else _UNAVAILABLE
         elif isinstance(exc, errors.BackendRejected):
             reason = _REJECTED
         else:
@@ -391,17 +390,16 @@ class Controller:
                     res = Resource.from_body(self.reconciler.plural, body)
                 outcome = await self._policed(res) or await self._guarded(self.reconciler.apply, res)
             await self._finish(res, outcome)
+        except KubeNotFound:
+            return  # gone; its DELETED event cleans up
+        except KubeConflict:
+            # Stale cache: the newer object is usually on its way through the
+            # watch, but not always (an API server restored from backup): read
+            # it afresh, and retry with backoff, never at a fixed rate.
+            metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
+            await self._refresh(ref)
+            self.queue.add_after(ref, self.backoff.next_delay(ref))
         except KubeError as exc:
-            if exc.status == 404:
-                return  # gone; its DELETED event cleans up
-            if exc.status == 409:
-                # Stale cache: the newer object is usually on its way through the
-                # watch, but not always (an API server restored from backup): read
-                # it afresh, and retry with backoff, never at a fixed rate.
-                metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
-                await self._refresh(ref)
-                self.queue.add_after(ref, self.backoff.next_delay(ref))
-                return
             metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
             log.warning("Kubernetes call failed for %s: %s", ref, exc, extra=_fields(ref))
             self.queue.add_after(ref, self.backoff.next_delay(ref))

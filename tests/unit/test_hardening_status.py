@@ -11,7 +11,7 @@ from typing import Any
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
 from tether.clients.consul.client import ConsulUnavailable
-from tether.clients.kube.client import Involved, KubeError
+from tether.clients.kube.client import Involved, KubeConflict
 from tether.consulservice.agent import ConsulServices
 from tether.consulservice.index import AgentIndex
 from tether.reconciling import Controller, Outcome, Resource
@@ -39,7 +39,7 @@ class FakeKube:
     ) -> dict[str, Any]:
         if self.finalizer_conflicts:
             self.finalizer_conflicts -= 1
-            raise KubeError("conflict", 409)
+            raise KubeConflict("conflict", 409)
         assert self.server is not None
         return self._stamp({**self.server, "metadata": {**self.server["metadata"], "finalizers": finalizers}})
 

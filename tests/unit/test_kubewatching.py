@@ -1,11 +1,17 @@
-"""Per-namespace watches: a reader waits for a new watch, but never for a failing one."""
+"""Per-namespace watches: a reader waits for a new watch, but never for a failing one.
+
+A watch stream's ERROR event is read by the same response check as an HTTP answer.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from tether.clients.kube.client import KubeError
+import pytest
+
+from tether.clients.kube.http import KubeRejected, kube_error
 from tether.clients.kube.watching import ENSURE_SECONDS, NamespaceWatches
 
 
@@ -17,7 +23,7 @@ class _Forbidden:
 
     async def get(self, path: str, **_: Any) -> Any:
         self.lists += 1
-        raise KubeError(f"GET {path}: 403 Forbidden", 403)
+        raise kube_error(f"GET {path}", 403, b'{"message": "forbidden"}', "Forbidden")
 
 
 async def test_a_reader_does_not_wait_again_for_a_watch_that_fails() -> None:
@@ -41,3 +47,33 @@ async def test_a_reader_does_not_wait_again_for_a_watch_that_fails() -> None:
     # they read at once, and the watch resyncs the namespace when it is up.
     assert first < 0.5 < ENSURE_SECONDS
     assert second < 0.5
+
+
+class _Stream:
+    """A watch whose stream carries one ERROR event (a ``Status`` object)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.event = {"type": "ERROR", "object": {"kind": "Status", "code": code, "message": message}}
+
+    async def watch(self, path: str, **_: Any) -> AsyncIterator[dict[str, Any]]:
+        yield self.event
+
+
+def _watches(http: Any) -> NamespaceWatches:
+    return NamespaceWatches(
+        http, what="secrets", path="api/v1/namespaces/{namespace}/secrets",
+        changed=lambda ns, meta: None, wanted=lambda ns: True, resync=lambda ns: None,
+    )
+
+
+async def test_an_expired_watch_asks_for_a_relist() -> None:
+    watches = _watches(_Stream(410, "too old resource version: 5 (90)"))
+    assert await watches._follow("team-a", "api/v1/namespaces/team-a/secrets", "5") is None
+
+
+async def test_a_watch_error_event_goes_through_the_response_check() -> None:
+    watches = _watches(_Stream(403, 'secrets is forbidden: User "tether" cannot watch'))
+    with pytest.raises(KubeRejected) as info:
+        await watches._follow("team-a", "api/v1/namespaces/team-a/secrets", "5")
+    assert info.value.status == 403
+    assert str(info.value).startswith("watch of secrets in team-a: 403 secrets is forbidden")

@@ -17,7 +17,7 @@ from tether import conditions, errors
 from tether.api import FINALIZER, InvalidSpec, ObjectRef
 from tether.clients.consul.client import ConsulRejected, ConsulUnavailable
 from tether.clients.etcd.errors import EtcdRejected, EtcdUnavailable
-from tether.clients.kube.client import KubeError
+from tether.clients.kube.http import KubeRejected, KubeUnavailable, kube_error
 from tether.conditions import Condition
 from tether.queueing import Backoff, WorkQueue
 from tether.reconciling import Controller, Note, Outcome, Resource, build_status
@@ -187,10 +187,19 @@ async def test_a_bug_in_a_reconciler_becomes_an_honest_status_and_a_retry() -> N
         (EtcdRejected("etcdserver: permission denied"), "BackendRejected"),
         (ConsulRejected("Consul refused: Permission denied"), "BackendRejected"),
         (errors.Contended("kept changing"), "Conflict"),
-        (KubeError("forbidden", status=403), "BackendRejected"),
-        (KubeError("unauthorized", status=401), "BackendRejected"),
-        (KubeError("internal error", status=500), "BackendUnavailable"),
-        (KubeError("connection refused"), "BackendUnavailable"),
+        # Kubernetes' errors come from the one response check, one of each class.
+        (kube_error("read ConfigMap a/b", 403, b'{"message": "forbidden"}'), "BackendRejected"),
+        (kube_error("read ConfigMap a/b", 401, b"Unauthorized"), "BackendRejected"),
+        (kube_error("read ConfigMap a/b", 422, b'{"message": "invalid"}'), "BackendRejected"),
+        (kube_error("read ConfigMap a/b", 400, b"bad request"), "BackendRejected"),
+        (kube_error("read ConfigMap a/b", 404, b"not found"), "BackendRejected"),
+        (kube_error("read ConfigMap a/b", 500, b"internal error"), "BackendUnavailable"),
+        (kube_error("read ConfigMap a/b", 503, b""), "BackendUnavailable"),
+        (kube_error("read ConfigMap a/b", 429, b"too many requests"), "BackendUnavailable"),
+        (kube_error("read ConfigMap a/b", 410, b"too old"), "BackendUnavailable"),
+        (kube_error("read ConfigMap a/b", 0, "ClientConnectorError: connection refused"),
+         "BackendUnavailable"),
+        (kube_error("patch status of a/b", 409, b"the object has been modified"), "Conflict"),
     ],
 )
 def test_every_backend_error_maps_to_one_reason_and_is_retried(exc: Exception, reason: str) -> None:
@@ -198,6 +207,13 @@ def test_every_backend_error_maps_to_one_reason_and_is_retried(exc: Exception, r
     assert (out.ready, out.reason, out.retry) == ("False", reason, True)
     assert out.message == f"cannot write to etcd: {exc}; retrying"
     assert out.fields == {"keys": 0} and not out.released
+
+
+def test_the_type_decides_not_the_status() -> None:
+    # No Kubernetes special case is left in the mapping: an error's class, chosen
+    # once by the response check, is all that counts.
+    assert Outcome.from_error(KubeUnavailable("odd", 403), doing="x").reason == "BackendUnavailable"
+    assert Outcome.from_error(KubeRejected("odd", 500), doing="x").reason == "BackendRejected"
 
 
 def test_an_invalid_spec_is_not_retried_and_says_only_what_is_wrong() -> None:

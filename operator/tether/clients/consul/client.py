@@ -114,39 +114,21 @@ class ConsulClient:
     async def _call(
         self, fn: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None
     ) -> T:
+        seconds = deadline or self.conn.timeout
         try:
-            result = await asyncio.wait_for(fn(), deadline or self.conn.timeout)
-        except TimeoutError:
-            self._down()
-            raise ConsulUnavailable(
-                f"Consul agent at {self.conn.url} did not answer {what} within "
-                f"{deadline or self.conn.timeout:.0f}s"
-            ) from None
-        except (consul_errors.ACLPermissionDenied, consul_errors.ACLDisabled) as exc:
-            self._up()
-            raise ConsulRejected(
-                f"Consul refused {what}: permission denied (check CONSUL_HTTP_TOKEN and its "
-                f"policy): {_short(exc)}"
-            ) from None
-        except consul_errors.ConsulException as exc:
-            text = _short(exc)
-            if "Permission denied" in text or "ACL not found" in text:
-                self._up()
-                raise ConsulRejected(
-                    f"Consul refused {what}: {text} (check CONSUL_HTTP_TOKEN and its policy)"
-                ) from None
-            if isinstance(exc, consul_errors.BadRequest | consul_errors.ClientError):
-                self._up()
-                raise ConsulRejected(f"Consul rejected {what}: {text}") from None
-            self._down()
-            raise ConsulUnavailable(f"Consul failed {what}: {text}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            self._down()
-            raise ConsulUnavailable(
-                f"Consul agent at {self.conn.url} is unreachable ({what}): {exc}"
-            ) from None
+            result = await asyncio.wait_for(fn(), seconds)
+        except (TimeoutError, consul_errors.ConsulException, aiohttp.ClientError, OSError) as exc:
+            raise self._failed(consul_error(what, exc, agent=self.conn.url, deadline=seconds)) from None
         self._up()
         return result
+
+    def _failed(self, error: ConsulError) -> ConsulError:
+        """Keep the backend gauge in step with ``error``: down only when the agent could not serve."""
+        if isinstance(error, ConsulUnavailable):
+            self._down()
+        else:
+            self._up()
+        return error
 
     @staticmethod
     def _up() -> None:
@@ -248,20 +230,15 @@ class ConsulClient:
     async def _wait(self, path: str, index: int, wait: str, what: str) -> int:
         params = [("index", str(index)), ("wait", wait)] if index else []
         seconds = float(wait.rstrip("s")) if index else 0.0
-        def index_only(response: Any) -> int:
-            # Only the index is wanted: the body (every service, or every check
-            # of the datacenter) is never parsed — decoding it on each change
-            # was the operator's largest single cost while 1000 services converged.
-            CB._status(response)
-            return int(response.headers.get("X-Consul-Index") or 0)
-
-        result: int = await self._call(
-            lambda: self._http.get(index_only, path, params=params, headers=self._headers()),
-            what=what,
+        # Only the index is wanted: the body (every service, or every check
+        # of the datacenter) is never parsed — decoding it on each change
+        # was the operator's largest single cost while 1000 services converged.
+        _, headers, _ = await self._kv_request(
+            "GET", path, params=params, what=what,
             # Consul adds up to wait/16 of jitter to a blocking query.
             deadline=seconds * 1.1 + self.conn.timeout,
         )
-        return result
+        return int(headers.get("X-Consul-Index") or 0)
 
     async def wait_services(self, index: int, wait: str) -> int:
         """Block until the catalog's services change after ``index``; return the new index."""
@@ -275,9 +252,9 @@ class ConsulClient:
 
     async def _kv_request(
         self, method: str, path: str, *, what: str, params: list[tuple[str, str]] | None = None,
-        data: str = "", deadline: float | None = None,
+        data: str = "", deadline: float | None = None, allow: tuple[int, ...] = (),
     ) -> tuple[int, Mapping[str, str], str]:
-        """One raw KV/txn call: status, headers, body; statuses are interpreted here."""
+        """One raw call: status, headers, body; an error status not in ``allow`` raises."""
         def raw(response: Any) -> tuple[int, Mapping[str, str], str]:
             return int(response.code), response.headers, str(response.body or "")
 
@@ -286,26 +263,14 @@ class ConsulClient:
         else:
             call = lambda: self._http.put(raw, path, params=params, data=data, headers=self._headers())  # noqa: E731
         code, headers, body = await self._call(call, what=what, deadline=deadline)
-        text = " ".join(body.split())[:300]
-        if code in (401, 403):
-            raise ConsulRejected(
-                f"Consul refused {what}: {code} {text} (check CONSUL_HTTP_TOKEN and its policy)"
-            )
-        if code == 413:
-            if "too many operations" in text.lower():
-                raise ConsulTooManyOps(f"Consul refused {what}: {text}")
-            raise ConsulRequestTooLarge(f"Consul refused {what}: {text}")
-        if code == 400:
-            raise ConsulRejected(f"Consul rejected {what}: {text}")
-        if code >= 500:
-            self._down()
-            raise ConsulUnavailable(f"Consul failed {what}: {code} {text}")
+        if not 200 <= code < 300 and code not in allow:
+            raise self._failed(consul_error(what, code=code, body=body))
         return code, headers, body
 
     async def kv_get(self, key: str) -> dict[str, Any] | None:
         """One KV entry as Consul returns it, or None."""
         code, _, body = await self._kv_request(
-            "GET", f"/v1/kv/{quote(key, safe='/')}", what=f"read of KV key {key!r}"
+            "GET", f"/v1/kv/{quote(key, safe='/')}", what=f"read of KV key {key!r}", allow=(404,)
         )
         if code == 404:
             return None
@@ -324,7 +289,7 @@ class ConsulClient:
             deadline = float(wait.rstrip("s")) * 1.1 + self.conn.timeout
         code, headers, body = await self._kv_request(
             "GET", f"/v1/kv/{quote(prefix, safe='/')}", params=params,
-            what=f"list of KV keys under {prefix!r}", deadline=deadline,
+            what=f"list of KV keys under {prefix!r}", deadline=deadline, allow=(404,),
         )
         new_index = int(headers.get("X-Consul-Index") or 0)
         if code == 404:
@@ -334,15 +299,15 @@ class ConsulClient:
     async def kv_txn(self, ops: list[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]]]:
         """Run one KV transaction: (True, results) when applied, (False, []) when rolled back."""
         metrics.WRITES.labels(system="consul").inc()
-        code, _, body = await self._kv_request(
-            "PUT", "/v1/txn", data=json.dumps(ops), what=f"KV transaction of {len(ops)} operations"
-        )
-        if code == 409:
-            # A guard failed and Consul rolled the whole transaction back.
+        try:
+            _, _, body = await self._kv_request(
+                "PUT", "/v1/txn", data=json.dumps(ops), what=f"KV transaction of {len(ops)} operations"
+            )
+        except ConsulContended:
+            # A guard failed and Consul rolled the whole transaction back. (An
+            # op the token may not write rolls it back too, but the mapping
+            # makes that ConsulRejected: re-reading would not help.)
             return False, []
-        if code != 200:
-            text = " ".join(body.split())[:300]
-            raise ConsulRejected(f"Consul answered {code} to a KV transaction: {text}")
         results = (json.loads(body) or {}).get("Results") or []
         return True, [dict(r.get("KV") or {}) for r in results]
 
@@ -368,7 +333,7 @@ class ConsulClient:
             params.append(("filter", where))
         code, headers, body = await self._kv_request(
             "GET", f"/v1/catalog/node-services/{quote(node, safe='')}", params=params,
-            what=f"list of services on node {node!r}", deadline=deadline,
+            what=f"list of services on node {node!r}", deadline=deadline, allow=(404,),
         )
         new_index = int(headers.get("X-Consul-Index") or 0)
         data = json.loads(body) if code == 200 and body.strip() else None
@@ -385,7 +350,7 @@ class ConsulClient:
             params.append(("filter", where))
         code, headers, body = await self._kv_request(
             "GET", f"/v1/health/node/{quote(node, safe='')}", params=params,
-            what=f"list of checks on node {node!r}", deadline=deadline,
+            what=f"list of checks on node {node!r}", deadline=deadline, allow=(404,),
         )
         new_index = int(headers.get("X-Consul-Index") or 0)
         data = json.loads(body) if code == 200 and body.strip() else None
@@ -394,25 +359,85 @@ class ConsulClient:
     async def catalog_txn(self, ops: list[dict[str, Any]]) -> None:
         """Apply one catalog transaction; :class:`ConsulContended` when a guard failed."""
         metrics.WRITES.labels(system="consul").inc()
-        code, _, body = await self._kv_request(
+        # A 409 (a failed guard: Consul rolled the whole transaction back) is
+        # ConsulContended, from the one mapping.
+        await self._kv_request(
             "PUT", "/v1/txn", data=json.dumps(ops),
             what=f"catalog transaction of {len(ops)} operations",
         )
-        if code == 409:
-            # Consul rolled the whole transaction back; its errors say which op
-            # failed: mostly a stale guard ("index is stale"), which a re-read fixes.
-            errs = (json.loads(body or "{}") or {}).get("Errors") or []
-            what = "; ".join(str(e.get("What", "")) for e in errs[:3]) or body[:200]
-            raise ConsulContended(f"Consul rolled the catalog transaction back: {what}")
-        if code != 200:
-            text = " ".join(body.split())[:300]
-            raise ConsulRejected(f"Consul answered {code} to a catalog transaction: {text}")
 
     async def close(self) -> None:
-        session = getattr(self._http, "_session", None)
-        if session is not None:
-            await session.close()
+        await self._client.close()
 
 
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+def consul_error(
+    what: str, failure: BaseException | None = None, *, code: int = 0, body: str = "",
+    agent: str = "", deadline: float = 0.0,
+) -> ConsulError:
+    """The one mapping of a failed Consul call to this client's errors.
+
+    Either ``failure``, what the call raised (a timeout, a connection error,
+    or one of py-consul's exceptions, which carry the HTTP status in their
+    class or text), or ``code`` and ``body``, an HTTP answer read raw.
+    ``what`` names the call ("registration of 'web'"); ``agent`` and
+    ``deadline`` complete the messages of failures without an answer.
+    """
+    if isinstance(failure, TimeoutError):
+        return ConsulUnavailable(f"Consul agent at {agent} did not answer {what} within {deadline:.0f}s")
+    if isinstance(failure, aiohttp.ClientError | OSError):
+        return ConsulUnavailable(f"Consul agent at {agent} is unreachable ({what}): {failure}")
+    if failure is not None:
+        code, body = _status_of(failure)
+    text = " ".join(body.split())[:300]
+    if code in (401, 403) or "Permission denied" in text or "ACL not found" in text:
+        # Consul words an ACL failure differently across versions and
+        # endpoints, sometimes under a 500: the words decide.
+        return ConsulRejected(
+            f"Consul refused {what}: permission denied (check CONSUL_HTTP_TOKEN and its policy): {text}"
+        )
+    if code == 413:
+        if "too many operations" in text.lower():
+            return ConsulTooManyOps(f"Consul refused {what}: {text}")
+        return ConsulRequestTooLarge(f"Consul refused {what}: {text}")
+    if code == 409:
+        # A guard of a transaction failed and Consul rolled it all back; its
+        # errors say which op: mostly a stale index, which a re-read fixes.
+        return ConsulContended(f"Consul rolled {what} back: {_txn_errors(body) or text[:200]}")
+    if code == 0 or code == 429 or code >= 500:
+        # No status (an answer py-consul could not read), rate-limited, or failing.
+        return ConsulUnavailable(f"Consul failed {what}: {text}" if code == 0 else
+                                 f"Consul failed {what}: {code} {text}")
+    return ConsulRejected(f"Consul rejected {what}: {code} {text}")
+
+
+# py-consul raises these for the statuses its callbacks check (consul.callback.CB).
+_STATUS_OF_CLASS: tuple[tuple[type[consul_errors.ConsulException], int], ...] = (
+    (consul_errors.ACLDisabled, 401),
+    (consul_errors.ACLPermissionDenied, 403),
+    (consul_errors.NotFound, 404),
+    (consul_errors.BadRequest, 400),
+)
+
+
+def _status_of(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and text a py-consul exception stands for (0: not an HTTP answer)."""
+    text = str(exc)
+    for cls, code in _STATUS_OF_CLASS:
+        if isinstance(exc, cls):
+            return code, text.removeprefix(f"{code} ")
+    if isinstance(exc, consul_errors.Timeout):
+        return 504, "timed out"  # py-consul's name for a 599 answer
+    # ClientError ("4xx body") and ConsulException ("5xx body", or a body it could not decode).
+    head, _, rest = text.partition(" ")
+    if head.isdigit() and len(head) == 3:
+        return int(head), rest
+    return 0, text
+
+
+def _txn_errors(body: str) -> str:
+    """What a rolled-back transaction's ``Errors`` say, for the first three."""
+    try:
+        errs = (json.loads(body or "{}") or {}).get("Errors") or []
+        return "; ".join(str(e.get("What", "")) for e in errs[:3])
+    except (ValueError, AttributeError, TypeError):
+        return ""

@@ -1,7 +1,8 @@
 """Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret/Service/EndpointSlice reads.
 
 Every call goes through :class:`tether.clients.kube.http.KubeHttp` (asyncio, a deadline
-per request); the official client only loads the configuration. Every write
+per request), so every failure is one of its :class:`KubeError` subclasses, which
+the skeleton tells apart by type; the official client only loads the configuration. Every write
 is counted (metrics, benchmarks and the idle tests rely on the count).
 """
 
@@ -21,9 +22,20 @@ import kubernetes.config as k8s_config
 
 from tether import metrics
 from tether.api import GROUP, VERSION, ObjectRef
-from tether.clients.kube.http import KubeError, KubeHttp
+from tether.clients.kube.http import (
+    KubeConflict,
+    KubeError,
+    KubeGone,
+    KubeHttp,
+    KubeNotFound,
+    KubeRejected,
+    KubeUnavailable,
+)
 
-__all__ = ["Involved", "KubeClient", "KubeError", "load_config"]
+__all__ = [
+    "Involved", "KubeClient", "KubeConflict", "KubeError", "KubeGone", "KubeNotFound", "KubeRejected",
+    "KubeUnavailable", "load_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +196,8 @@ class KubeClient:
     ) -> dict[str, Any] | None:
         try:
             body = await self.http.request("GET", path, params=params, what=what)
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        except KubeNotFound:
+            return None
         return dict(body)
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, bytes] | None:

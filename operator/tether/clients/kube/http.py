@@ -22,13 +22,67 @@ from typing import Any
 import aiohttp
 import kubernetes.client as k8s
 
+from tether.errors import BackendError, BackendRejected, BackendUnavailable, Contended
 
-class KubeError(Exception):
-    """A Kubernetes API call failed; ``status`` is the HTTP status (0 if none)."""
+
+class KubeError(BackendError):
+    """A Kubernetes API call failed; ``status`` is the HTTP status (0 if none).
+
+    Raised only as one of the subclasses below, chosen by :func:`kube_error`.
+    """
 
     def __init__(self, message: str, status: int = 0):
         super().__init__(message)
         self.status = status
+
+
+class KubeUnavailable(KubeError, BackendUnavailable):
+    """No answer (refused, timed out, unreadable), a 5xx, or 408/429: retry later."""
+
+
+class KubeRejected(KubeError, BackendRejected):
+    """The API server answered no: 401/403 (RBAC), 400/422 (invalid), any other 4xx."""
+
+
+class KubeNotFound(KubeError, BackendRejected):
+    """404: the object (or its namespace, or its API) does not exist."""
+
+
+class KubeConflict(KubeError, Contended):
+    """409: a write guarded by ``resourceVersion`` met a newer object (or it exists)."""
+
+
+class KubeGone(KubeError, BackendUnavailable):
+    """410: the watch's ``resourceVersion`` is older than the history kept; list again."""
+
+
+def kube_error(
+    what: str, status: int, body: bytes | str | Mapping[str, Any] = b"", reason: str = ""
+) -> KubeError:
+    """The one response check: an HTTP status and its body as the error to raise.
+
+    ``status`` 0 means no HTTP answer (``body`` then says why, as text);
+    otherwise ``body`` is the raw response or a decoded ``Status`` object (a
+    watch stream's ERROR event), of which the ``message`` is kept.
+    Every failure of :class:`KubeHttp`, and so of the facade, comes from here.
+    """
+    detail = _message(body)
+    message = f"{what}: {status} {reason}: {detail}" if reason else f"{what}: {status} {detail}"
+    if status == 0:
+        return KubeUnavailable(f"{what}: {detail}", 0)
+    if status == 404:
+        return KubeNotFound(message, status)
+    if status == 409:
+        return KubeConflict(message, status)
+    if status == 410:
+        return KubeGone(message, status)
+    if status in (408, 429) or status >= 500:
+        # Overloaded (API priority and fairness answers 429) or failing: transient.
+        return KubeUnavailable(message, status)
+    if 400 <= status < 500:
+        return KubeRejected(message, status)
+    # Not an error status at all (a caller's mistake): nothing says a retry fails.
+    return KubeUnavailable(message, status)
 
 
 # Metadata only: the API server sends names, labels and resourceVersions, never
@@ -100,11 +154,10 @@ class KubeHttp:
                                        timeout=timeout) as response:
                 raw = await response.read()
                 if response.status >= 400:
-                    raise KubeError(f"{what}: {response.status} {response.reason}: {_message(raw)}",
-                                    response.status)
+                    raise kube_error(what, response.status, raw, response.reason or "")
                 return json.loads(raw) if raw else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise KubeError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise kube_error(what, 0, f"{type(exc).__name__}: {exc}") from exc
 
     async def get(self, path: str, *, params: Mapping[str, str], accept: str = "application/json") -> Any:
         """One GET (see :meth:`request`)."""
@@ -125,20 +178,24 @@ class KubeHttp:
             async with session.get(path.lstrip("/"), params=query, headers=self._headers(accept),
                                    timeout=timeout) as response:
                 if response.status >= 400:
-                    body = await response.read()
-                    raise KubeError(f"watch {path}: {response.status} {_message(body)}", response.status)
+                    raise kube_error(f"watch {path}", response.status, await response.read())
                 async for line in response.content:
                     if line.strip():
                         yield json.loads(line)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise KubeError(f"watch {path}: {type(exc).__name__}: {exc}") from exc
+            raise kube_error(f"watch {path}", 0, f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
-def _message(body: bytes) -> str:
+def _message(body: bytes | str | Mapping[str, Any]) -> str:
+    """The ``message`` of a ``Status`` body, else the body's start."""
+    if isinstance(body, str):
+        return body[:300]
+    if isinstance(body, Mapping):
+        return str(body.get("message", ""))[:300]
     try:
         return str(json.loads(body).get("message", ""))[:300]
     except (ValueError, AttributeError):

@@ -36,8 +36,8 @@ from typing import Any
 
 from tether import metrics
 from tether.api import ObjectRef
-from tether.clients.kube.client import KubeClient, KubeError
-from tether.clients.kube.http import METADATA, METADATA_LIST, KubeHttp
+from tether.clients.kube.client import KubeClient, KubeError, KubeGone
+from tether.clients.kube.http import METADATA, METADATA_LIST, KubeHttp, kube_error
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,10 @@ class NamespaceWatches:
                     if version is not None and not self.wanted(namespace):
                         log.debug("no longer watching %s in %s", self.what, namespace)
                         return
+                except KubeGone:
+                    version = None
+                    continue
                 except KubeError as exc:
-                    if exc.status == 410:
-                        version = None
-                        continue
                     watch.answered.set()
                     log.info("watch of %s in %s failed (%s); again in %.0fs",
                              self.what, namespace, exc, delay)
@@ -164,10 +164,10 @@ class NamespaceWatches:
         async for event in self.http.watch(path, params=params, accept=METADATA, timeout_seconds=seconds):
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
-                if obj.get("code") == 410:
+                error = kube_error(f"watch of {self.what} in {namespace}", int(obj.get("code") or 0), obj)
+                if isinstance(error, KubeGone):
                     return None  # history compacted: relist, and resync this namespace
-                message = f"watch of {self.what} in {namespace}: {obj.get('message')}"
-                raise KubeError(message, obj.get("code", 0))
+                raise error
             meta = obj.get("metadata") or {}
             version = str(meta.get("resourceVersion") or version)
             if kind == "BOOKMARK":
