@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Protocol
 
 
@@ -56,6 +57,15 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
         "-A", "--all-namespaces", action="store_true", help="watch all namespaces (default)"
     )
     run.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port")
+    run.add_argument(
+        "--metrics-secure", action="store_true", default=None,
+        help="serve /metrics over HTTPS to callers allowed by a TokenReview and a "
+        "SubjectAccessReview (also TETHER_METRICS_SECURE=true); needs --metrics-cert-dir",
+    )
+    run.add_argument(
+        "--metrics-cert-dir", type=Path, default=None, metavar="DIR",
+        help="directory with tls.crt and tls.key for --metrics-secure (re-read when they change)",
+    )
     run.add_argument("--health-port", type=int, default=0, help="serve /healthz on this port")
     run.add_argument("--log-format", choices=["text", "json"], default="text")
     run.add_argument(
@@ -73,9 +83,18 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     commands = _commands()
-    args = _parser(commands).parse_args(argv)
+    parser = _parser(commands)
+    args = parser.parse_args(argv)
     if args.command == "run":
-        from tether import running
+        from tether import metricsserving, running
+
+        secure = metricsserving.env_secure() if args.metrics_secure is None else args.metrics_secure
+        options = metricsserving.Options(secure=secure, cert_dir=args.metrics_cert_dir)
+        problem = options.problem()
+        if problem:
+            # Before anything starts: a usage error, not a crash loop after the Lease is won.
+            parser.error(problem)
+        metricsserving.configure(options)
 
         return running.run(
             namespaces=args.namespace,

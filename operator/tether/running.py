@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tether import handlers, logs, metrics
+from tether import handlers, logs, metricsserving
 from tether.clients.consul.client import ConsulClient
 from tether.clients.etcd.client import EtcdClient
 from tether.clients.kube import client as kube
@@ -113,7 +113,7 @@ async def _main(
     settings: Settings, *, namespaces: list[str], metrics_port: int, health_port: int, leader_elect: bool,
 ) -> None:
     if metrics_port:
-        metrics.serve(metrics_port)
+        await metricsserving.serve(metrics_port)  # plain, or HTTPS as `tether run` configured it
     health = Health()
     health_runner = await health.serve(health_port) if health_port else None
     # Kopf installs its signal handlers only once it runs; until then (waiting

@@ -8,6 +8,7 @@ the base it has to fit (the operator Pod's labels and port names).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -95,8 +96,73 @@ def test_components_leave_the_base_objects_alone(rendered: list[Manifest]) -> No
     base = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out) if o}
     with_components = {(o["kind"], o["metadata"]["name"]): o for o in rendered}
     for key, obj in base.items():
+        if key == ("Deployment", "tether"):
+            # The one base object a component patches: exactly these additions.
+            obj = _with_metrics_auth(obj)
         assert with_components.get(key) == obj, f"{key} changed by a component"
     assert ("NetworkPolicy", "tether") not in base, "the NetworkPolicy is opt-in"
+    assert ("ClusterRole", "tether-metrics-reader") not in base, "metrics-auth is opt-in"
+    assert "--metrics-secure" not in str(base[("Deployment", "tether")]), "metrics-auth is opt-in"
+
+
+# ------------------------------------------------------------------ metrics-auth
+
+METRICS_CERT_DIR = "/etc/tether/metrics-cert"
+
+
+def _with_metrics_auth(deployment: Manifest) -> Manifest:
+    """The base Deployment as the metrics-auth component must leave it: flags, a mount, a volume."""
+    patched: Manifest = copy.deepcopy(deployment)
+    pod = patched["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["args"] += ["--metrics-secure", f"--metrics-cert-dir={METRICS_CERT_DIR}"]
+    container["volumeMounts"].append(
+        {"name": "metrics-cert", "mountPath": METRICS_CERT_DIR, "readOnly": True})
+    pod["volumes"].append(
+        {"name": "metrics-cert", "secret": {"secretName": "tether-metrics-cert", "defaultMode": 0o440}})
+    return patched
+
+
+def test_metrics_auth_flags_are_the_operators(rendered: list[Manifest]) -> None:
+    from tether import cli
+
+    (container,) = _pod(rendered)["spec"]["containers"]
+    args = cli._parser({}).parse_args(["run", *container["args"]])
+    assert args.metrics_secure is True
+    assert str(args.metrics_cert_dir) == METRICS_CERT_DIR
+    assert args.metrics_port == 8080
+
+
+def test_metrics_auth_roles(rendered: list[Manifest]) -> None:
+    reader = _one(rendered, "ClusterRole", "tether-metrics-reader")
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    auth = _one(rendered, "ClusterRole", "tether-metrics-auth")
+    granted = {(g, r, v) for rule in auth["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == {("authentication.k8s.io", "tokenreviews", "create"),
+                       ("authorization.k8s.io", "subjectaccessreviews", "create")}
+    binding = _one(rendered, "ClusterRoleBinding", "tether-metrics-auth")
+    assert binding["roleRef"]["name"] == "tether-metrics-auth"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": _pod(rendered)["spec"]["serviceAccountName"],
+         "namespace": "tether-system"}]
+
+
+def test_service_monitor_scrapes_https_with_a_token(rendered: list[Manifest]) -> None:
+    monitor = _one(rendered, "ServiceMonitor", "tether")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    service = _one(rendered, "Service", "tether-metrics")
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    tls = endpoint["tlsConfig"]
+    assert tls["serverName"] == f"tether-metrics.{service['metadata']['namespace']}.svc"
+    assert tls["ca"]["secret"]["name"] == "tether-metrics-cert"
+    # The example Certificate writes that Secret, for that name.
+    path = REPO / "manifests" / "components" / "metrics-auth" / "certificate.yaml"
+    (certificate,) = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "Certificate"]
+    assert certificate["spec"]["secretName"] == "tether-metrics-cert"
+    assert tls["serverName"] in certificate["spec"]["dnsNames"]
 
 
 # ------------------------------------------------------------------ the Grafana dashboard

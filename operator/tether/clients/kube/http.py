@@ -163,6 +163,10 @@ class KubeHttp:
         """One GET (see :meth:`request`)."""
         return await self.request("GET", path, params=params, accept=accept)
 
+    async def post(self, path: str, body: Any) -> Any:
+        """One POST of a JSON body, e.g. a TokenReview (see :meth:`request`)."""
+        return await self.request("POST", path, body=body)
+
     async def watch(
         self, path: str, *, params: Mapping[str, str], accept: str, timeout_seconds: int,
     ) -> AsyncIterator[dict[str, Any]]:
