@@ -223,7 +223,8 @@ def matches(expression: str, item: Mapping[str, Any]) -> bool:
             take("sym", "]")
             value = (value or {}).get(key)
         take("sym", "==")
-        return str(value) == take("str") if value is not None else False
+        literal = take("str")
+        return value is not None and str(value) == literal
 
     result = disjunction()
     assert pos == len(tokens), f"trailing tokens in filter {expression!r}"
