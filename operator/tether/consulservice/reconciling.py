@@ -51,7 +51,8 @@ class Mode(Protocol):
     async def release(self, res: Resource, spec: api.ConsulServiceSpec | None, *, orphan: bool) -> Outcome:
         """Remove (``orphan``: release) what ``res`` owns in this mode; a released Outcome.
 
-        ``spec`` is None when the spec does not parse. Raises ConsulError when
+        ``spec`` is None when the spec does not parse, or when the resource
+        is leaving this mode for the other one. Raises ConsulError when
         Consul could not do it; the caller makes that a status.
         """
         ...
@@ -104,7 +105,9 @@ class ConsulServices:
         if not other.holds(res):
             return None
         try:
-            return await other.release(res, spec, orphan=False)
+            # No spec: the current one is not that mode's (its ID was never used
+            # there unless the status or the owner index says so).
+            return await other.release(res, None, orphan=False)
         except ConsulError as exc:
             return Outcome.from_error(
                 exc, doing=f"remove {other.holding} (left {other.name} mode)",
