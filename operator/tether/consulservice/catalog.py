@@ -267,12 +267,18 @@ class CatalogServices:
 
         ``node_too``: then the node as well, once nothing is left on it.
         """
+        _, _, services = await self.catalog.node_services(self.node, where=endpoints.owner_filter(owner))
+        if not services:
+            # Nothing of it (a resource that left endpoints mode long ago reads
+            # this on each of its applies): no exclusive hold on the node.
+            return 0
         async with self.gate.exclusive():
             for attempt in range(_ATTEMPTS):
+                if attempt:
+                    _, _, services = await self.catalog.node_services(
+                        self.node, where=endpoints.owner_filter(owner)
+                    )
                 # Its own instances only (their checks go with them).
-                _, _, services = await self.catalog.node_services(
-                    self.node, where=endpoints.owner_filter(owner)
-                )
                 plan = endpoints.release(
                     services, [], owner=owner, node=self.node, orphan=orphan, max_ops=self.max_txn_ops,
                 )
