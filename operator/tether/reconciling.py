@@ -14,7 +14,16 @@ the difference) and this module does the rest, the same way for both:
 * a backend's error becomes a condition in one place, :meth:`Outcome.from_error`,
   and a failure is announced with one Warning event when the ``Ready``
   condition turns to it, by the skeleton, not by each kind (a resource stuck
-  in the same failure posts nothing more: that would be an idle write).
+  in the same failure posts nothing more: that would be an idle write);
+* what every kind's release and repair say is said here once: the released
+  outcome (:meth:`Outcome.release_done`, which also logs a release that found
+  nothing), a release that failed (:meth:`Outcome.release_failed`: the
+  finalizer stays), drift repaired (:func:`drift_repaired`: a Warning and the
+  metric), and ``spec.deletionPolicy`` (:attr:`Resource.deletion_policy`);
+* a backend watcher that finds something owned by a resource the cache does
+  not hold never removes it itself: it calls :meth:`Controller.enqueue_orphan`,
+  and a worker asks the kind to :meth:`~Reconciler.collect` it. The
+  reconciler stays the only writer.
 """
 
 from __future__ import annotations
@@ -63,6 +72,16 @@ class Resource:
             deleting=bool(meta.get("deletionTimestamp")),
         )
 
+    @property
+    def deletion_policy(self) -> Literal["Delete", "Orphan"]:
+        """``spec.deletionPolicy``, read the same way by every kind.
+
+        Read from the raw spec, not the parsed one: a resource whose spec no
+        longer parses must still be released as its policy says. Anything but
+        ``Orphan`` (the schema allows nothing else) deletes.
+        """
+        return "Orphan" if self.spec.get("deletionPolicy") == "Orphan" else "Delete"
+
     def reconciled(self) -> bool:
         """True when the stored status says this generation is already in place."""
         ready = conditions.find(self.status.get("conditions"), conditions.READY)
@@ -94,6 +113,9 @@ class Outcome:
     notes: tuple[Note, ...] = ()
     retry: bool = False
     released: bool = False
+    #: Where a release looked ("Consul", "etcd"): named in the log line of a
+    #: release that found nothing to remove.
+    backend: str = ""
 
     @classmethod
     def failed(
@@ -133,6 +155,41 @@ class Outcome:
         )
 
 
+    @classmethod
+    def release_done(cls, message: str, *, backend: str, note: Note | None) -> Outcome:
+        """A finished release: the finalizer may go.
+
+        ``note`` says what was removed or left (Deregistered, Deleted,
+        Orphaned); None when nothing of the resource was found in ``backend``.
+        That case posts no event but is still logged by the skeleton: a
+        silent release hid the orphans an earlier run had left under other
+        names.
+        """
+        return cls(
+            "False", conditions.DELETING, message, notes=(note,) if note else (), released=True,
+            backend=backend,
+        )
+
+    @classmethod
+    def release_failed(cls, exc: Exception, *, doing: str) -> Outcome:
+        """A release the backend refused or could not take: the finalizer stays, and it is retried."""
+        failed = cls.from_error(exc, doing=doing)
+        return cls.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
+
+
+def drift_repaired(kind: str, message: str) -> Note:
+    """The Warning of a repair of something changed outside Kubernetes, counted in the metric."""
+    metrics.DRIFT_REPAIRS.labels(kind=kind).inc()
+    return Note("Warning", "DriftRepaired", message)
+
+
+#: Read-plan-write rounds a reconcile runs again at once when a guarded write
+#: lost a race (another writer moved what it had read), before it gives up
+#: with ``Conflict`` and the skeleton's backoff takes over. Every kind with
+#: guarded writes uses this bound.
+STALE_ATTEMPTS = 3
+
+
 _INVALID_SPEC = conditions.INVALID_SPEC
 _CONFLICT = conditions.CONFLICT
 _UNAVAILABLE = conditions.BACKEND_UNAVAILABLE
@@ -153,6 +210,17 @@ class Reconciler(Protocol):
     async def release(self, res: Resource) -> Outcome: ...
 
     def forget(self, ref: ObjectRef) -> None: ...
+
+    async def collect(self, ref: ObjectRef) -> None:
+        """Remove what a resource the cache does not hold left in the backend, if it is gone.
+
+        Called by a worker for a key given to :meth:`Controller.enqueue_orphan`
+        when the cache has no object for it. The kind asks Kubernetes first
+        (the cache may just not have caught up) and removes nothing of a
+        resource that exists and still wants it. Raises a backend error when it
+        could not finish; the watcher that found the orphan asks again later.
+        """
+        ...
 
 
 # TetherPolicy enforcement, once for every kind. A kind opts in with two more
@@ -281,6 +349,8 @@ class Controller:
         # echoes need no reconcile (the watch delivers them in this order)
         self._own_writes: dict[ObjectRef, list[str]] = {}
         self.policies: PolicyGate | None = None
+        # Keys a backend watcher found orphans of, not in the cache when asked.
+        self._orphans: set[ObjectRef] = set()
 
     def use_policies(self, gate: PolicyGate) -> None:
         """Check every apply against ``gate``; it enqueues the resources its changes concern."""
@@ -325,6 +395,17 @@ class Controller:
         if ref in self.cache:
             self.queue.add(ref)
 
+    def enqueue_orphan(self, ref: ObjectRef) -> None:
+        """A backend watcher found what ``ref`` owns; reconcile it whether cached or not.
+
+        A cached resource is reconciled as usual (its ``apply`` removes what it
+        no longer wants). For one the cache does not hold, the worker calls the
+        kind's :meth:`~Reconciler.collect`. Watchers rate-limit their calls.
+        """
+        if ref not in self.cache:
+            self._orphans.add(ref)
+        self.queue.add(ref)
+
     # -- workers ----------------------------------------------------------
     def start(self) -> None:
         for i in range(self.workers):
@@ -356,6 +437,8 @@ class Controller:
     async def process(self, ref: ObjectRef) -> None:
         """Reconcile ``ref`` once against the newest cached object."""
         body = self.cache.get(ref)
+        orphan = ref in self._orphans
+        self._orphans.discard(ref)
         if body is None:
             if self.policies is not None:
                 self.policies.forget(ref)
@@ -363,6 +446,8 @@ class Controller:
             self._count_not_ready(ref, None)
             self.backoff.reset(ref)
             self.queue.cancel_delayed(ref)
+            if orphan:
+                await self._collect(ref)
             return
         res = Resource.from_body(self.reconciler.plural, body)
         started = time.monotonic()
@@ -373,6 +458,11 @@ class Controller:
                     return
                 outcome = await self._guarded(self.reconciler.release, res)
                 if outcome.released:
+                    if not outcome.notes:
+                        log.info(
+                            "%s released: nothing of this resource was found in %s", ref,
+                            outcome.backend or "the backend", extra=_fields(ref),
+                        )
                     await self._record(res, outcome.notes)
                     remaining = [f for f in res.finalizers if f != FINALIZER]
                     self._remember(await self.kube.set_finalizers(
@@ -436,6 +526,12 @@ class Controller:
             return Outcome.failed(conditions.FORBIDDEN, decision.message, retry=False)
         message = decision.message
         return await self._guarded(lambda r: withdraw(r, message), res)
+    async def _collect(self, ref: ObjectRef) -> None:
+        """Let the kind remove an orphan's leftovers; a failure waits for the watcher to ask again."""
+        try:
+            await self.reconciler.collect(ref)
+        except (errors.BackendError, KubeError) as exc:
+            log.warning("could not collect what %s left behind: %s", ref, exc, extra=_fields(ref))
 
     async def _guarded(self, step: Callable[[Resource], Awaitable[Outcome]], res: Resource) -> Outcome:
         """Run ``apply``/``release``; a bug there becomes an honest status, not silence."""

@@ -32,11 +32,12 @@ from tether.config.stores.consulkv import ConsulKVStore
 from tether.config.stores.etcd import EtcdStore
 from tether.config.watchers.consulkv import KVWatcher
 from tether.config.watchers.etcd import EtcdWatcher
-from tether.consulservice.agent import ConsulServices
+from tether.consulservice.agent import AgentServices
 from tether.consulservice.agentwatching import ConsulWatcher
 from tether.consulservice.catalog import CatalogServices
 from tether.consulservice.catalogwatching import CatalogWatcher
 from tether.consulservice.index import AgentIndex, CatalogIndex
+from tether.consulservice.reconciling import ConsulServices
 from tether.health import Health
 from tether.leadership import LeaseElector
 from tether.policing import Policies
@@ -178,8 +179,8 @@ async def _main(
         max_txn_ops=settings.consul_max_txn_ops,
     )
     services = ConsulServices(
-        consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url,
-        endpoints=catalog_services,
+        AgentServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url),
+        catalog_services,
     )
     etcd_expect, kv_expect = Expectations(), Expectations()
     etcd_configs = EtcdConfigs(
@@ -201,7 +202,7 @@ async def _main(
     backend_watchers = {
         "consul-watch": ConsulWatcher(consul_client, agent_index, consul_ctl.enqueue).run,
         "consul-catalog-watch": CatalogWatcher(
-            consul_client, catalog_index, settings.consul_node, consul_ctl.enqueue, catalog_services.sweep
+            consul_client, catalog_index, settings.consul_node, consul_ctl.enqueue, consul_ctl.enqueue_orphan
         ).run,
         "etcd-watch": EtcdWatcher(
             etcd_client, etcd_expect, etcd_ctl.enqueue, ownership_prefix=settings.etcd_ownership_prefix

@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from catalogmodels import consul_services
 
 from tether.api import ObjectRef
 from tether.clients.consul.client import ConsulRejected, ConsulUnavailable
 from tether.consulservice import planner
-from tether.consulservice.agent import ConsulServices
 from tether.consulservice.index import AgentIndex
+from tether.consulservice.reconciling import ConsulServices
 from tether.reconciling import Outcome, Resource
 
 REF = ObjectRef("consulservices", "team-a", "web")
@@ -127,7 +128,8 @@ def resource(
 def rig() -> tuple[FakeAgent, AgentIndex, ConsulServices]:
     agent = FakeAgent()
     index = AgentIndex(cluster="kubernetes", plural="consulservices")
-    return agent, index, ConsulServices(agent, index, cluster="kubernetes", agent_url=URL)
+    services: ConsulServices = consul_services(agent, index, cluster="kubernetes", agent_url=URL)
+    return agent, index, services
 
 
 def notes(out: Outcome) -> list[tuple[str, str]]:

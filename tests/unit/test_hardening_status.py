@@ -8,11 +8,12 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
+from catalogmodels import consul_services
+
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
 from tether.clients.consul.client import ConsulUnavailable
 from tether.clients.kube.client import Involved, KubeConflict
-from tether.consulservice.agent import ConsulServices
 from tether.consulservice.index import AgentIndex
 from tether.reconciling import Controller, Outcome, Resource
 
@@ -180,7 +181,7 @@ def _consul_resource() -> Resource:
 
 async def test_healthy_is_unknown_with_health_on_conflict_and_outage() -> None:
     for agent in (ForeignAgent(), ForeignAgent(down=True)):
-        services = ConsulServices(agent, AgentIndex(cluster="k", plural="consulservices"), cluster="k")  # type: ignore[arg-type]
+        services = consul_services(agent, AgentIndex(cluster="k", plural="consulservices"), cluster="k")  # type: ignore[arg-type]
         outcome = await services.apply(_consul_resource())
         assert outcome.ready == "False"
         assert outcome.fields["health"] == "unknown"
@@ -189,7 +190,7 @@ async def test_healthy_is_unknown_with_health_on_conflict_and_outage() -> None:
 
 
 async def test_healthy_is_unknown_on_invalid_spec() -> None:
-    services = ConsulServices(ForeignAgent(), AgentIndex(cluster="k", plural="consulservices"), cluster="k")  # type: ignore[arg-type]
+    services = consul_services(ForeignAgent(), AgentIndex(cluster="k", plural="consulservices"), cluster="k")  # type: ignore[arg-type]
     res = _consul_resource()
     bad = Resource(**{**res.__dict__, "spec": {"address": "10.0.0.1", "port": 0}})
     outcome = await services.apply(bad)

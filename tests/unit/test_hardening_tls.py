@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from catalogmodels import consul_services
 
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
 from tether.clients.consul.connection import ConsulConnection
 from tether.clients.etcd.connection import EtcdConnection
 from tether.consulservice import agent as consul_reconciling
-from tether.consulservice.agent import ConsulServices
 from tether.consulservice.index import AgentIndex
 from tether.consulservice.topology import NodeTracker
 from tether.reconciling import Resource
@@ -105,7 +105,7 @@ async def test_a_load_balanced_address_is_backend_rejected_with_what_to_do(
 ) -> None:
     # Every apply samples the node here (in production: at most once a second).
     monkeypatch.setattr(consul_reconciling, "NODE_SAMPLE_SECONDS", 0.0)
-    services = ConsulServices(
+    services = consul_services(
         BalancedAgent(), AgentIndex(cluster="k", plural="consulservices"), cluster="k",  # type: ignore[arg-type]
         agent_url="http://consul-lb:8500",
     )
@@ -127,7 +127,7 @@ def test_an_unknown_node_name_is_no_evidence() -> None:
 
 async def test_the_agent_is_identified_at_most_once_a_second_while_all_is_well() -> None:
     agent = BalancedAgent()
-    services = ConsulServices(
+    services = consul_services(
         agent, AgentIndex(cluster="k", plural="consulservices"), cluster="k",  # type: ignore[arg-type]
         agent_url="http://consul:8500",
     )

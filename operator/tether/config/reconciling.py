@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tether import conditions, errors, metrics
+from tether import conditions, errors, metrics, reconciling
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import configs as api
 from tether.api.policies import Claims
@@ -40,11 +40,12 @@ from tether.reconciling import Note, Outcome, Resource
 log = logging.getLogger(__name__)
 
 # Read-plan-write rounds in one reconcile. A round ends early only when a
-# transaction's guards fail (at most _STALE_ROUNDS times: then the resource
-# is retried with backoff) or the server refuses a transaction as too large
-# (each time the chunks halve, so this ends long before the bound).
+# transaction's guards fail (at most _STALE_ROUNDS times, the skeleton's bound
+# for every kind: then the resource is retried with backoff) or the server
+# refuses a transaction as too large (each time the chunks halve, so this ends
+# long before the bound).
 _MAX_ROUNDS = 16
-_STALE_ROUNDS = 3
+_STALE_ROUNDS = reconciling.STALE_ATTEMPTS
 
 # Smallest byte budget the chunker may shrink to after the server says
 # "request too large"; below it the server is misconfigured for Tether.
@@ -202,8 +203,7 @@ class ConfigReconciler:
         notes = []
         if done.revisions:
             if drift:
-                metrics.DRIFT_REPAIRS.labels(kind=self.kind).inc()
-                notes.append(Note("Warning", "DriftRepaired", _drift_message(done)))
+                notes.append(reconciling.drift_repaired(self.kind, _drift_message(done)))
             else:
                 notes.append(Note("Normal", "Written", _written_message(done)))
         return Outcome(
@@ -217,32 +217,28 @@ class ConfigReconciler:
         # Tether's own deletions must not look like drift.
         self.expectations.untrack(ref)
         self._confirmed.pop(ref, None)
-        policy = res.spec.get("deletionPolicy", "Delete")
         directory: str | None = None
         with contextlib.suppress(InvalidSpec):
-            spec = self._parse(res.spec)
-            policy = spec.deletion_policy
-            directory = planner.directory(spec.prefix)
-        delete = policy != "Orphan"
+            directory = planner.directory(self._parse(res.spec).prefix)
+        delete = res.deletion_policy == "Delete"
         try:
             # The index lists every owned key wherever it lives; the prefix,
             # when the spec still parses, also finds claims a damaged index lost.
             done = await self._release_fenced(self.owner(ref), directory, prune=delete)
         except errors.BackendError as exc:
-            failed = Outcome.from_error(exc, doing=f"clean up {self.flavor.store}")
-            return Outcome.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
+            return Outcome.release_failed(exc, doing=f"clean up {self.flavor.store}")
         self.sources.forget(ref)
         self.expectations.forget(ref)
         if delete:
             message = f"deleted {_plural(len(done.deleted_keys), 'key')} from {self.flavor.store}"
-            notes = (Note("Normal", "Deleted", message),) if done.revisions else ()
+            note = Note("Normal", "Deleted", message)
         else:
             message = (
                 f"released {_plural(len(done.released_keys), 'key')} in {self.flavor.store} "
                 "(deletionPolicy Orphan: they stay, no longer owned)"
             )
-            notes = (Note("Normal", "Orphaned", message),) if done.revisions else ()
-        return Outcome("False", conditions.DELETING, message, released=True, notes=notes)
+            note = Note("Normal", "Orphaned", message)
+        return Outcome.release_done(message, backend=self.flavor.store, note=note if done.revisions else None)
 
     async def _release_fenced(self, owner: str, directory: str | None, *, prune: bool) -> _Converged:
         """Remove (or release) everything ``owner`` has, and leave a tombstone on its index record.
@@ -307,6 +303,9 @@ class ConfigReconciler:
             "still owned, and are not repaired",
             retry=False,
         )
+    async def collect(self, ref: ObjectRef) -> None:
+        """Nothing to do: the store watchers compare keys with what cached resources
+        expect and never report owners the cache does not hold."""
 
     def _stored(self, res: Resource, plan: planner.Plan) -> int:
         """The revision to report when nothing was written this time."""

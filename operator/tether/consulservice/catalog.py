@@ -1,12 +1,16 @@
 """ConsulService endpoints mode: a Service's endpoints as instances in Consul's catalog.
 
-The ConsulService kind hands a resource here when its spec has
-``endpoints``. ``apply`` reads the Service and its EndpointSlices, reads the
-synthetic node's entries of that service, asks the pure planner
+One of the kind's two modes (:class:`~tether.consulservice.reconciling.Mode`):
+the dispatcher hands a resource here when its spec has ``endpoints``.
+``apply`` reads the Service and its EndpointSlices, reads the synthetic
+node's entries of that service, asks the pure planner
 (:mod:`tether.consulservice.endpoints`) for guarded transactions and writes only
 those; ``release`` removes (or orphans) the resource's instances and the
-node once nothing is left on it. What the watchers need is recorded in the
-shared :class:`~tether.consulservice.index.CatalogIndex`.
+node once nothing is left on it; ``collect`` removes the instances of an
+owner the catalog watcher found and the controller's cache does not hold,
+once Kubernetes confirms no endpoints-mode resource wants them. What the
+watchers need is recorded in the shared
+:class:`~tether.consulservice.index.CatalogIndex`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from tether import conditions, metrics
+from tether import conditions, reconciling
 from tether.api import InvalidSpec, ObjectRef
 from tether.api import consulservices as api
 from tether.clients.consul.client import Catalog, ConsulContended, ConsulError
@@ -33,8 +37,9 @@ log = logging.getLogger(__name__)
 
 # A guarded transaction that lost a race is re-planned from a fresh read at
 # once a few times (another resource creating the node at the same moment),
-# before the skeleton's backoff takes over.
-_ATTEMPTS = 3
+# before the skeleton's backoff takes over: the skeleton's bound, as for
+# every kind.
+_ATTEMPTS = reconciling.STALE_ATTEMPTS
 
 
 class Cluster(Protocol):
@@ -97,6 +102,9 @@ _UNKNOWN_HEALTH = (
 class CatalogServices:
     """Endpoints mode of ConsulService, on the synthetic node ``node``."""
 
+    name = "endpoints"
+    holding = "the instances in Consul's catalog"
+
     def __init__(
         self, catalog: Catalog, cluster_api: Cluster, index: CatalogIndex, *, cluster: str, node: str,
         max_txn_ops: int = endpoints.MAX_TXN_OPS,
@@ -142,8 +150,22 @@ class CatalogServices:
         )
         return node, services, checks
 
+    def holds(self, res: Resource) -> bool:
+        """Whether the catalog may hold instances of ``res`` (cheap: no Consul call).
+
+        True once endpoints mode wrote a status for it, while this process
+        follows it, or when the catalog watcher last saw instances it owns on
+        the node (written before a crash, or by another replica).
+        """
+        return (
+            "instances" in res.status
+            or self.index.follows(res.ref)
+            or self.owner(res.ref) in self.index.present()
+        )
+
     async def apply(self, res: Resource, spec: api.ConsulServiceSpec) -> Outcome:
-        assert spec.endpoints is not None
+        if spec.endpoints is None:
+            raise ValueError("endpoints mode needs spec.endpoints")
         owner = self.owner(res.ref)
         self.index.follow(res.ref, spec.endpoints.service)
         fields: dict[str, Any] = {"serviceID": spec.id}
@@ -201,9 +223,8 @@ class CatalogServices:
         notes: list[Note] = []
         if plan.ops and before is not None and before == want and res.reconciled():
             # Nothing in Kubernetes changed, yet Consul needed writes: drift.
-            metrics.DRIFT_REPAIRS.labels(kind=api.KIND).inc()
-            notes.append(Note(
-                "Warning", "DriftRepaired",
+            notes.append(reconciling.drift_repaired(
+                api.KIND,
                 f"Consul's catalog differed from the endpoints of {spec.endpoints.service!r} "
                 f"({_summary(plan.changes)}); restored",
             ))
@@ -222,43 +243,55 @@ class CatalogServices:
             fields=fields, conditions=(healthy,), notes=tuple(notes),
         )
 
-    async def release(self, res: Resource, *, orphan: bool) -> Outcome:
-        """Remove the resource's instances (or drop their ownership), then an empty node."""
-        owner = self.owner(res.ref)
-        try:
-            async with self.gate.exclusive():
-                for attempt in range(_ATTEMPTS):
-                    # Its own instances only (their checks go with them).
+    async def release(self, res: Resource, spec: api.ConsulServiceSpec | None, *, orphan: bool) -> Outcome:
+        """Remove the resource's instances (or drop their ownership), then an empty node.
+
+        Raises ConsulError when Consul could not do it.
+        """
+        removed = await self._remove(self.owner(res.ref), orphan=orphan, node_too=True)
+        self.index.untrack(res.ref)
+        if orphan:
+            return Outcome.release_done(
+                "deletionPolicy Orphan: instances left in Consul", backend="Consul's catalog",
+                note=Note("Normal", "Orphaned", f"Left {removed} instances in Consul's catalog "
+                          "(deletionPolicy Orphan)") if removed else None,
+            )
+        return Outcome.release_done(
+            "deregistered", backend="Consul's catalog",
+            note=Note("Normal", "Deregistered", f"Removed {removed} instances from Consul's catalog")
+            if removed else None,
+        )
+
+    async def _remove(self, owner: Owner, *, orphan: bool, node_too: bool) -> int:
+        """Remove (``orphan``: release) what ``owner`` has on the node; how many instances.
+
+        ``node_too``: then the node as well, once nothing is left on it.
+        """
+        _, _, services = await self.catalog.node_services(self.node, where=endpoints.owner_filter(owner))
+        if not services:
+            # Nothing of it (a resource that left endpoints mode long ago reads
+            # this on each of its applies): no exclusive hold on the node.
+            return 0
+        async with self.gate.exclusive():
+            for attempt in range(_ATTEMPTS):
+                if attempt:
                     _, _, services = await self.catalog.node_services(
                         self.node, where=endpoints.owner_filter(owner)
                     )
-                    plan = endpoints.release(
-                        services, [], owner=owner, node=self.node, orphan=orphan,
-                        max_ops=self.max_txn_ops,
-                    )
-                    try:
-                        for ops in plan.batches:
-                            await self.commits.submit(ops)
-                        break
-                    except ConsulContended:
-                        if attempt == _ATTEMPTS - 1:
-                            raise
+                # Its own instances only (their checks go with them).
+                plan = endpoints.release(
+                    services, [], owner=owner, node=self.node, orphan=orphan, max_ops=self.max_txn_ops,
+                )
+                try:
+                    for ops in plan.batches:
+                        await self.commits.submit(ops)
+                    break
+                except ConsulContended:
+                    if attempt == _ATTEMPTS - 1:
+                        raise
+            if node_too:
                 await self._remove_empty_node()
-        except ConsulError as exc:
-            failed = Outcome.from_error(exc, doing="release the instances in Consul's catalog")
-            return Outcome.failed(failed.reason, f"{failed.message}; the finalizer stays until it can")
-        self.index.untrack(res.ref)
-        if orphan:
-            message = f"Left {plan.removed} instances in Consul's catalog (deletionPolicy Orphan)"
-            return Outcome(
-                "False", conditions.DELETING, "deletionPolicy Orphan: instances left in Consul",
-                released=True, notes=(Note("Normal", "Orphaned", message),),
-            )
-        notes = (
-            (Note("Normal", "Deregistered", f"Removed {plan.removed} instances from Consul's catalog"),)
-            if plan.removed else ()
-        )
-        return Outcome("False", conditions.DELETING, "deregistered", released=True, notes=notes)
+        return plan.removed
 
     async def _remove_empty_node(self) -> None:
         """Remove the synthetic node once nothing at all is on it (called under the exclusive gate)."""
@@ -274,31 +307,26 @@ class CatalogServices:
         with contextlib.suppress(ConsulContended):
             await self.catalog.catalog_txn([op])
 
-    async def sweep(self, owner: Owner) -> None:
-        """Remove this cluster's instances that no endpoints-mode resource accounts for.
+    async def collect(self, ref: ObjectRef) -> None:
+        """Remove the instances of ``ref``, which the controller's cache does not hold, if no
+        endpoints-mode resource wants them.
 
-        The catalog watcher finds them (an owner with instances on the node
-        and no tracked resource); Kubernetes decides: only when the owning
-        ConsulService is gone, or no longer in endpoints mode, are they
-        removed. A resource not reconciled yet after a restart is neither.
+        The catalog watcher found them (an owner with instances on the node
+        and no tracked resource) and enqueued the owner; Kubernetes decides:
+        only when the owning ConsulService is gone, or no longer in endpoints
+        mode, are they removed. A resource not reconciled yet after a restart
+        is neither.
         """
-        ref = ObjectRef(self.index.plural, owner.namespace, owner.name)
         if self.index.is_tracked(ref):
             return
         body = await self.kube.get(ref)
         exists = body is not None
         if exists and (body or {}).get("spec", {}).get("endpoints") is not None:
             return
+        owner = self.owner(ref)
         log.info("removing catalog instances of %s, which no ConsulService in endpoints mode wants",
                  owner.describe())
-        async with self.gate.exclusive():
-            _, _, services = await self.catalog.node_services(self.node, where=endpoints.owner_filter(owner))
-            plan = endpoints.release(services, [], owner=owner, node=self.node, orphan=False,
-                                     max_ops=self.max_txn_ops)
-            for ops in plan.batches:
-                await self.commits.submit(ops)
-            if not exists:
-                await self._remove_empty_node()
+        await self._remove(owner, orphan=False, node_too=not exists)
 
     def forget(self, ref: ObjectRef) -> None:
         self.index.untrack(ref)

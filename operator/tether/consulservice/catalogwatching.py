@@ -7,9 +7,11 @@ the first, a check's status the second, and neither moves for anything
 elsewhere in the datacenter. Each answer carries the node's entries, so
 there is no separate scan: the newest pair is compared with what every
 resource wants (the shared :class:`~tether.consulservice.index.CatalogIndex`), and
-only the resources that differ are enqueued. Instances of this cluster that
-no tracked resource accounts for are handed to ``sweep``, which asks
-Kubernetes before removing anything.
+only the resources that differ are enqueued. The owners of instances of
+this cluster that no tracked resource accounts for are enqueued as orphans
+(``enqueue_orphan``, at most once per owner per ``sweep_interval``): the
+reconciler asks Kubernetes before removing anything. The watcher itself
+never writes.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class CatalogWatcher:
-    """Blocking queries on one node; enqueues drifted resources, sweeps orphans."""
+    """Blocking queries on one node; enqueues drifted resources and the owners of orphans."""
 
     def __init__(
         self, catalog: Catalog, index: CatalogIndex, node: str, enqueue: Callable[[ObjectRef], None],
-        sweep: Callable[[Owner], Awaitable[None]], *, wait: str = "60s", min_scan_interval: float = 0.1,
+        enqueue_orphan: Callable[[ObjectRef], None], *, wait: str = "60s", min_scan_interval: float = 0.1,
         settle: float = 0.05,
         sweep_interval: float = 10.0,
     ) -> None:
@@ -41,7 +43,7 @@ class CatalogWatcher:
         self.index = index
         self.node = node
         self.enqueue = enqueue
-        self.sweep = sweep
+        self.enqueue_orphan = enqueue_orphan
         self.wait = wait
         self.min_scan_interval = min_scan_interval
         self.settle = settle
@@ -123,14 +125,12 @@ class CatalogWatcher:
             self._swept = {o: t for o, t in self._swept.items() if o in set(untracked)}
             for owner in untracked:
                 # A resource not reconciled yet after a start is also untracked:
-                # sweep asks Kubernetes, at most once per owner per interval.
+                # the reconciler asks Kubernetes, and is asked at most once per
+                # owner per interval (a failed collection waits for the next).
                 if now - self._swept.get(owner, -self.sweep_interval) < self.sweep_interval:
                     continue
                 self._swept[owner] = now
-                try:
-                    await self.sweep(owner)
-                except Exception as exc:  # a failed sweep is retried at the next interval
-                    log.warning("could not sweep catalog instances of %s: %s", owner.describe(), exc)
+                self.enqueue_orphan(ObjectRef(self.index.plural, owner.namespace, owner.name))
             if untracked and (self._revisit is None or self._revisit.cancelled()):
                 # Come back after the interval even if the node stays quiet
                 # (one handle, whatever the number of owners).

@@ -100,9 +100,13 @@ class CatalogIndex:
       nothing;
     * resource → the instances it wants: the catalog watcher compares them
       with the synthetic node after every change to it, and enqueues only
-      the resources whose instances differ.
+      the resources whose instances differ;
+    * the owners with instances on the node at the watcher's last
+      comparison: a resource switched back to a fixed instance reads the
+      catalog only when it may have instances there.
 
-    Written by the reconciler after each apply, read by the watchers.
+    Written by the reconciler after each apply, read by the watchers (and the
+    last part written by the catalog watcher, read by the reconciler).
     """
 
     def __init__(self, *, cluster: str, plural: str) -> None:
@@ -111,6 +115,7 @@ class CatalogIndex:
         self._wanted: dict[ObjectRef, dict[str, endpoints.Instance]] = {}
         self._service_of: dict[ObjectRef, tuple[str, str]] = {}
         self._followers: dict[tuple[str, str], set[ObjectRef]] = {}
+        self._present: frozenset[planner.Owner] = frozenset()
 
     # -- written by the reconciler -----------------------------------------------
     def follow(self, ref: ObjectRef, service: str) -> None:
@@ -149,6 +154,14 @@ class CatalogIndex:
     def is_tracked(self, ref: ObjectRef) -> bool:
         return ref in self._wanted
 
+    def follows(self, ref: ObjectRef) -> bool:
+        """True while ``ref`` follows a Service (an endpoints-mode apply ran and no release since)."""
+        return ref in self._service_of
+
+    def present(self) -> frozenset[planner.Owner]:
+        """This cluster's owners with instances on the node at the watcher's last comparison."""
+        return self._present
+
     # -- read by the EndpointSlice watch -----------------------------------------
     def followers(self, namespace: str, service: str) -> list[ObjectRef]:
         return sorted(self._followers.get((namespace, service), ()))
@@ -162,10 +175,14 @@ class CatalogIndex:
         self, services: list[dict[str, Any]], checks: list[dict[str, Any]]
     ) -> tuple[list[ObjectRef], list[planner.Owner]]:
         """Resources whose instances differ from the node's, and this cluster's
-        owners with instances on the node that no tracked resource accounts for."""
+        owners with instances on the node that no tracked resource accounts for.
+
+        Also remembers which owners have instances on the node (:meth:`present`).
+        """
         by_id = {str(s.get("ID", "")): s for s in services}
         check_by_id = {str(c.get("CheckID", "")): c for c in checks}
         owned = endpoints.owned_by(services, self.cluster)
+        self._present = frozenset(owned)
         # Instances with a check Tether did not write (it could change their health).
         extra = {
             str(c.get("ServiceID")) for c in checks
