@@ -29,9 +29,10 @@ class Fixed(random.Random):
         return a if self.end == "low" else b
 
 
-def make(clock: Clock | None = None, *, end: str = "high", **kw: float) -> Retry:
-    options: dict[str, float] = {"base": 0.5, "cap": 3.0, **kw}
-    return Retry("Consul watch of services", rng=Fixed(end), clock=clock or Clock(), **options)
+def make(clock: Clock | None = None, *, end: str = "high", jitter: float = 0.5) -> Retry:
+    return Retry(
+        "Consul watch of services", base=0.5, cap=3.0, jitter=jitter, rng=Fixed(end), clock=clock or Clock()
+    )
 
 
 def test_delays_double_up_to_the_cap() -> None:
