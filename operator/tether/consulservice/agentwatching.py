@@ -21,6 +21,10 @@ from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
 
+# Backoff of a failing query (base, cap in seconds): drift after a Consul
+# restart must be repaired in well under 10 s.
+_BACKOFF = (0.5, 3.0)
+
 
 class ConsulWatcher:
     """One pair of blocking queries per agent; enqueues drifted resources."""
@@ -60,9 +64,8 @@ class ConsulWatcher:
             if answer.moved:
                 self._changed.set()
 
-        # Short cap: drift after an agent restart must be repaired in well
-        # under 10 s, and this is one query per agent, not per object.
-        retry = Retry(f"Consul {what} watch", base=0.5, cap=3.0, logger=log)
+        # One query per agent, not per object: a short cap costs little.
+        retry = Retry(f"Consul {what} watch", base=_BACKOFF[0], cap=_BACKOFF[1], logger=log)
         await blocking.follow(fetch, answered, retry=retry, wait=self.wait)
 
     async def _scanner(self) -> None:

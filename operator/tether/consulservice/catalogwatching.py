@@ -28,6 +28,10 @@ from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
 
+# Backoff of a failing query (base, cap in seconds): drift after a Consul
+# restart must be repaired in well under 10 s.
+_BACKOFF = (0.5, 3.0)
+
 
 class CatalogWatcher:
     """Blocking queries on one node; enqueues drifted resources, sweeps orphans."""
@@ -73,7 +77,8 @@ class CatalogWatcher:
                 self._changed.set()
 
         # Capped and jittered; one query per node, not per object.
-        retry = Retry(f"Consul {what} watch on node {self.node!r}", base=0.5, cap=3.0, logger=log)
+        base, cap = _BACKOFF
+        retry = Retry(f"Consul {what} watch on node {self.node!r}", base=base, cap=cap, logger=log)
         await blocking.follow(fetch, answered, retry=retry, wait=self.wait)
 
     async def _poll_services(self) -> None:
