@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
+
+import pytest
 
 from tether.clients.kube.client import KubeError
 from tether.clients.kube.watching import ENSURE_SECONDS, NamespaceWatches
@@ -41,3 +45,25 @@ async def test_a_reader_does_not_wait_again_for_a_watch_that_fails() -> None:
     # they read at once, and the watch resyncs the namespace when it is up.
     assert first < 0.5 < ENSURE_SECONDS
     assert second < 0.5
+
+
+async def test_a_failing_watch_warns_once_however_often_it_retries(caplog: pytest.LogCaptureFixture) -> None:
+    http = _Forbidden()
+    watches = NamespaceWatches(
+        http, what="secrets", path="api/v1/namespaces/{namespace}/secrets",  # type: ignore[arg-type]
+        changed=lambda ns, meta: None, wanted=lambda ns: True, resync=lambda ns: None,
+    )
+    caplog.set_level(logging.DEBUG, logger="tether.clients.kube.watching")
+    try:
+        await watches.ensure("team-a")
+        for _ in range(500):  # the second try comes after about 1 s; 5 s at most
+            if http.lists >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await watches.stop()
+    assert http.lists >= 2
+    levels = [r.levelname for r in caplog.records]
+    assert levels.count("WARNING") == 1 and levels[0] == "WARNING"
+    assert "watch of secrets in team-a failed" in caplog.records[0].getMessage()
+    assert "DEBUG" in levels
