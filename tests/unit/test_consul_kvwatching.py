@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -157,3 +158,27 @@ def test_roots_are_first_path_segments() -> None:
     assert roots.root_of("/app/web/db") == "/app/"
     assert roots.root_of("tether/keys/x") == "tether/"
     assert roots.root_of("flat") == "flat"
+
+
+async def test_nothing_changed_enqueues_nothing(watched: Watched) -> None:
+    client, _, enqueued = watched
+    await client.answer("app/", (10, [kv("app/a", b"1", 10)]))
+    await client.answer("app/", (10, [kv("app/a", b"1", 10)]))  # the wait ran out
+    await client.answer("tether/", (10, [kv("tether/keys/app/a", b"kubernetes/team-a/cfg", 9)]))
+    assert enqueued == [] and client.last_index("app/") == 10 and client.last_index("tether/") == 10
+
+
+async def test_an_outage_logs_once_and_its_end_once(
+    watched: Watched, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _, enqueued = watched
+    caplog.set_level(logging.DEBUG, logger="tether.config.watchers.consulkv")
+    await client.answer("app/", (30, [kv("app/a", b"1", 30)]))
+    for _ in range(3):
+        await client.answer("app/", ConsulUnavailable("Consul agent is unreachable"))
+    await client.answer("app/", (31, [kv("app/a", b"1", 30)]))
+    assert enqueued == []
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert [level for level, _ in records] == ["WARNING", "INFO"]
+    assert "Consul KV watch of 'app/' failed: Consul agent is unreachable" in records[0][1]
+    assert "Consul KV watch of 'app/' recovered after 3 failures" in records[1][1]

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from tether.api import ObjectRef
+from tether.clients.consul import blocking
 from tether.clients.consul.client import Agent, ConsulRejected, ConsulUnavailable
 from tether.consulservice.index import AgentIndex
+from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
+
+# Backoff of a failing query (base, cap in seconds): drift after a Consul
+# restart must be repaired in well under 10 s.
+_BACKOFF = (0.5, 3.0)
 
 
 class ConsulWatcher:
@@ -49,28 +53,20 @@ class ConsulWatcher:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _poll(self, wait: Callable[[int, str], Any], what: str) -> None:
-        index = 0
-        failures = 0
-        while True:
-            try:
-                new = await wait(index, self.wait)
-                failures = 0
-            except (ConsulUnavailable, ConsulRejected) as exc:
-                failures += 1
-                # Short cap: drift after an agent restart must be repaired in
-                # well under 10 s, and this is one poll per agent, not per object.
-                delay = min(3.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
-                if failures == 1:
-                    log.warning("Consul %s watch failed: %s", what, exc)
-                index = 0
-                await asyncio.sleep(delay)
-                continue
-            # Any move, including backwards (an agent that restarted empty),
-            # means the agent's state may differ from what resources want.
-            if new != index:
+    async def _poll(self, wait: Callable[[int, str], Awaitable[int]], what: str) -> None:
+        async def fetch(index: int, wait_for: str) -> tuple[int, None]:
+            return await wait(index, wait_for), None
+
+        def answered(answer: blocking.Answer[None]) -> None:
+            # Any move, including backwards (an agent that restarted empty) and
+            # the first answer after an outage, means the agent's state may
+            # differ from what resources want.
+            if answer.moved:
                 self._changed.set()
-            index = max(new, 0)
+
+        # One query per agent, not per object: a short cap costs little.
+        retry = Retry(f"Consul {what} watch", base=_BACKOFF[0], cap=_BACKOFF[1], logger=log)
+        await blocking.follow(fetch, answered, retry=retry, wait=self.wait)
 
     async def _scanner(self) -> None:
         loop = asyncio.get_running_loop()

@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tether.api import ObjectRef
-from tether.clients.consul.client import Catalog, ConsulError
+from tether.clients.consul import blocking
+from tether.clients.consul.client import Catalog
 from tether.consulservice.index import CatalogIndex
 from tether.consulservice.planner import Owner
+from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
+
+# Backoff of a failing query (base, cap in seconds): drift after a Consul
+# restart must be repaired in well under 10 s.
+_BACKOFF = (0.5, 3.0)
 
 
 class CatalogWatcher:
@@ -67,42 +72,30 @@ class CatalogWatcher:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _poll(self, fetch: Callable[[int], Awaitable[int]], what: str) -> None:
-        index, failures = 0, 0
-        while True:
-            try:
-                new = await fetch(index)
-                failures = 0
-            except ConsulError as exc:
-                failures += 1
-                if failures == 1:
-                    log.warning("Consul %s watch on node %r failed: %s", what, self.node, exc)
-                # Capped and jittered; one query per node, not per object.
-                await asyncio.sleep(min(3.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0))
-                index = 0
-                continue
+    async def _poll(self, fetch: Callable[[int, str], Awaitable[tuple[int, None]]], what: str) -> None:
+        def answered(answer: blocking.Answer[None]) -> None:
             # Any move, backwards included (a Consul that restarted empty).
-            if new != index:
+            if answer.moved:
                 self._changed.set()
-            if new <= 0:
-                # No index to block on (an answer without X-Consul-Index): without
-                # a pause the next query would return at once, over and over.
-                await asyncio.sleep(1.0)
-            index = max(new, 0)
+
+        # Capped and jittered; one query per node, not per object.
+        base, cap = _BACKOFF
+        retry = Retry(f"Consul {what} watch on node {self.node!r}", base=base, cap=cap, logger=log)
+        await blocking.follow(fetch, answered, retry=retry, wait=self.wait)
 
     async def _poll_services(self) -> None:
-        async def fetch(index: int) -> int:
-            new, node, services = await self.catalog.node_services(self.node, index=index, wait=self.wait)
+        async def fetch(index: int, wait: str) -> tuple[int, None]:
+            new, node, services = await self.catalog.node_services(self.node, index=index, wait=wait)
             self._services = services if node is not None else []
-            return new
+            return new, None
 
         await self._poll(fetch, "services")
 
     async def _poll_checks(self) -> None:
-        async def fetch(index: int) -> int:
-            new, checks = await self.catalog.node_checks(self.node, index=index, wait=self.wait)
+        async def fetch(index: int, wait: str) -> tuple[int, None]:
+            new, checks = await self.catalog.node_checks(self.node, index=index, wait=wait)
             self._checks = checks
-            return new
+            return new, None
 
         await self._poll(fetch, "checks")
 

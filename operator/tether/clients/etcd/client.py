@@ -190,10 +190,19 @@ class EtcdClient:
         next_revision = start_revision
         last_revision = max(start_revision - 1, 0)
         reauthenticated = False
-        # One pass per stream; a second pass happens only after re-authenticating,
-        # which resumes exactly where the first stream stopped.
-        for _ in range(2):
-            endpoint, call, token = await self._open_watch(prefix, next_revision)
+        # etcd answers a progress request only once its revision has reached
+        # the watch's start revision (progressIfSync in its watchable store):
+        # a watch "from the next revision" on a store where nothing is written
+        # would never be answered, and its silence would look like a broken
+        # stream. So the stream opens one revision early, where the server can
+        # always answer, and the events of that revision are dropped here.
+        early = next_revision > 1
+        # One pass per stream; another pass happens only after re-authenticating
+        # or when the early revision was compacted away, and resumes exactly
+        # where the stream before stopped.
+        for _ in range(3):
+            opened_at = next_revision - 1 if early else next_revision
+            endpoint, call, token = await self._open_watch(prefix, opened_at)
             queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=16)
             reader = asyncio.create_task(self._pump(call, queue))
             reopen = False
@@ -227,6 +236,12 @@ class EtcdClient:
                         self._advance(endpoint)
                         raise self._stream_error(endpoint, item) from item
                     if item.canceled:
+                        if early and 0 < item.compact_revision <= next_revision:
+                            # Only the early revision is gone, and nothing was
+                            # asked of it: open from the revision asked for.
+                            early = False
+                            reopen = True
+                            break
                         if item.compact_revision > 0:
                             raise Compacted(
                                 int(item.compact_revision),
@@ -241,7 +256,12 @@ class EtcdClient:
                             break
                         raise error_from_status(None, reason or "watch canceled", endpoint=endpoint.url)
                     if item.events:
-                        events = [event_from_pb(e) for e in item.events]
+                        events = [
+                            event for event in map(event_from_pb, item.events)
+                            if event.kv.mod_revision >= next_revision
+                        ]
+                        if not events:
+                            continue  # the early revision's events: delivered before
                         last_revision = max(last_revision, max(e.kv.mod_revision for e in events))
                         next_revision = last_revision + 1
                         yield last_revision, events

@@ -38,6 +38,7 @@ from tether import metrics
 from tether.api import ObjectRef
 from tether.clients.kube.client import KubeClient, KubeError, KubeGone
 from tether.clients.kube.http import METADATA, METADATA_LIST, KubeHttp, kube_error
+from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ class NamespaceWatches:
     async def _run(self, namespace: str, watch: _Watch) -> None:
         path = self.path.format(namespace=namespace)
         version: str | None = None
-        delay = 1.0
+        retry = Retry(
+            f"watch of {self.what} in {namespace}", base=1.0, cap=_BACKOFF_MAX, jitter=0.2, logger=log
+        )
         try:
             while True:
                 try:
@@ -138,8 +141,8 @@ class NamespaceWatches:
                             self.resync(namespace)
                         watch.established.set()
                         watch.answered.set()
-                    version = await self._follow(namespace, path, version)
-                    delay = 1.0
+                    version = await self._follow(namespace, path, version, retry)
+                    retry.succeeded()
                     if version is not None and not self.wanted(namespace):
                         log.debug("no longer watching %s in %s", self.what, namespace)
                         return
@@ -148,17 +151,18 @@ class NamespaceWatches:
                     continue
                 except KubeError as exc:
                     watch.answered.set()
-                    log.info("watch of %s in %s failed (%s); again in %.0fs",
-                             self.what, namespace, exc, delay)
-                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                    delay = min(delay * 2, _BACKOFF_MAX)
+                    await retry.pause(exc)
         finally:
             if self._watches.get(namespace) is watch:
                 del self._watches[namespace]
                 metrics.WATCHED_NAMESPACES.labels(resource=self.what).set(len(self._watches))
 
-    async def _follow(self, namespace: str, path: str, version: str) -> str | None:
-        """One watch request from ``version``; the version to go on from (None: relist)."""
+    async def _follow(self, namespace: str, path: str, version: str, retry: Retry) -> str | None:
+        """One watch request from ``version``; the version to go on from (None: relist).
+
+        Any event but an error (a bookmark included) proves the watch works again: ``retry``
+        hears of it at once, not when the request ends minutes later.
+        """
         params = {**self._params(), "resourceVersion": version, "allowWatchBookmarks": "true"}
         seconds = WATCH_SECONDS + random.randint(0, 20)
         async for event in self.http.watch(path, params=params, accept=METADATA, timeout_seconds=seconds):
@@ -168,6 +172,7 @@ class NamespaceWatches:
                 if isinstance(error, KubeGone):
                     return None  # history compacted: relist, and resync this namespace
                 raise error
+            retry.succeeded()
             meta = obj.get("metadata") or {}
             version = str(meta.get("resourceVersion") or version)
             if kind == "BOOKMARK":

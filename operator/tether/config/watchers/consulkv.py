@@ -13,17 +13,17 @@ out its ``wait`` time and is re-issued: reads, never writes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Callable
+from typing import Any
 
 from tether.api import ObjectRef
-from tether.clients.consul.client import ConsulError
+from tether.clients.consul import blocking
 from tether.config.expectations import Expectations
 from tether.config.roots import RootWatchers, root_of
 from tether.config.stores.consulkv import Client, value_of
 from tether.config.values import Change
+from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +48,17 @@ class KVWatcher:
         await self.roots.run()
 
     async def _poll(self, root: str) -> None:
-        index = 0
         seen: dict[str, int] | None = None  # key → ModifyIndex at the last answer
-        failures = 0
-        while True:
-            try:
-                new_index, entries = await self.client.kv_tree(root, index=index, wait=self.wait)
-                failures = 0
-            except ConsulError as exc:
-                failures += 1
-                if failures == 1:
-                    log.warning("Consul KV watch of %r failed: %s", root, exc)
-                index, seen = 0, None  # the store may have restarted empty: re-list and compare all
-                await asyncio.sleep(min(_BACKOFF_CAP, 0.25 * 2**failures) * random.uniform(0.5, 1.0))
-                continue
+
+        def answered(answer: blocking.Answer[list[dict[str, Any]]]) -> None:
+            nonlocal seen
+            entries = answer.value
             current = {str(e.get("Key", "")): int(e.get("ModifyIndex") or 0) for e in entries}
-            if seen is None:
-                # First answer (or after an outage): every entry is news, and so
-                # is every expected key under this root that is missing.
+            if answer.fresh or seen is None:
+                # First answer, after an outage, or an index that went backwards
+                # (the store may have restarted empty or been restored): every
+                # entry is news, and so is every expected key under this root
+                # that is missing.
                 changes = [Change(str(e.get("Key", "")), value_of(e)) for e in entries]
                 expected = self.expectations.managed_keys()
                 missing = [k for k in expected if root_of(k) == root and k not in current]
@@ -79,10 +72,10 @@ class KVWatcher:
             seen = current
             for ref in sorted(self.expectations.drifted(changes)):
                 self.enqueue(ref)
-            if new_index < index:
-                # The index went backwards (a server restored or restarted
-                # empty): do not wait on it; re-list from 0, as Consul's docs ask.
-                index, seen = 0, None
-                await asyncio.sleep(0.1)
-            else:
-                index = max(new_index, 1)
+
+        async def fetch(index: int, wait: str) -> tuple[int, list[dict[str, Any]]]:
+            return await self.client.kv_tree(root, index=index, wait=wait)
+
+        cap = _BACKOFF_CAP  # read here, not at import: tests shorten it
+        retry = Retry(f"Consul KV watch of {root!r}", base=min(0.5, cap), cap=cap, logger=log)
+        await blocking.follow(fetch, answered, retry=retry, wait=self.wait)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 
 from tether import metrics
@@ -28,6 +27,7 @@ from tether.config.expectations import Expectations
 from tether.config.roots import RootWatchers
 from tether.config.stores.etcd import Client, decode, encode
 from tether.config.values import Change
+from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,15 @@ class PrefixWatch:
         self.prefix = prefix
         self.backoff_cap = backoff_cap
         self.revision: int | None = None  # last revision whose events were handled
-        self.failures = 0  # consecutive failed attempts to (re)open the watch
         self.resyncs = 0
+        self.retry = Retry(
+            f"etcd watch of {decode(prefix)!r}", base=min(0.2, backoff_cap), cap=backoff_cap, logger=log
+        )
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failed attempts to (re)open the watch."""
+        return self.retry.failures
 
     async def run(self) -> None:
         # Lives as long as the operator: every pass awaits etcd or sleeps, and
@@ -109,13 +116,8 @@ class PrefixWatch:
                 self._resync()
                 continue
             except EtcdError as exc:
-                self.failures += 1
                 metrics.BACKEND_UP.labels(backend="etcd").set(0)
-                if self.failures == 1:
-                    log.warning("etcd watch failed: %s; resuming after revision %s", exc, self.revision)
-                exponent = min(self.failures, 16)
-                delay = min(self.backoff_cap, 0.1 * 2**exponent) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(delay)
+                await self.retry.pause(f"{exc}; resuming after revision {self.revision}")
 
     async def _watch(self) -> None:
         current = await self.client.status()
@@ -140,9 +142,7 @@ class PrefixWatch:
         stream = self.client.watch_prefix(self.prefix, self.revision + 1)
         try:
             async for revision, events in stream:
-                if self.failures:
-                    log.info("etcd watch resumed after revision %s", self.revision)
-                    self.failures = 0
+                if self.retry.succeeded():
                     metrics.BACKEND_UP.labels(backend="etcd").set(1)
                 if events:
                     for ref in sorted(self.expectations.drifted(_changes(events))):
