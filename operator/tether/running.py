@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tether import handlers, logs, metrics
+from tether import handlers, kopfing, logs, metrics
 from tether.api import GROUP, VERSION
 from tether.clients.consul.client import ConsulClient
 from tether.clients.etcd.client import EtcdClient
@@ -55,8 +55,10 @@ _UNWIND_SECONDS = 0.5
 _THREADS_JOIN_SECONDS = 0.5
 # Waiting for the API server before Kopf starts: polled at most this far apart.
 API_POLL_CAP_SECONDS = 5.0
-# Every kind must be watched by Kopf within this long of its start.
+# Every kind must be watched by Kopf within this long of its start; one that is
+# not is looked up in discovery again this often until then.
 SERVED_WITHIN_SECONDS = 30.0
+REPAIR_EVERY_SECONDS = 3.0
 
 
 def run(
@@ -251,7 +253,7 @@ async def _main(
     # the watches begin: from then on this replica does its job.
     kopf_ready = asyncio.Event()
     # What Kopf resolved from the API server's discovery: the kinds it watches.
-    insights = kopf_insights()
+    insights = kopfing.insights()
     exit_code = 0
 
     async def mark_ready() -> None:
@@ -260,16 +262,21 @@ async def _main(
         if stop.is_set():
             return
         health.state, health.ready = "ok", True
-        if not await watch_served(insights, kinds, health, stop):
+        served = await watch_served(
+            lambda: kopfing.watched(insights), kinds, health, stop,
+            repair=lambda: kopfing.rescan(kube_client.http, insights, registry),
+        )
+        if not served:
             # Kopf resolves the served kinds at its start and again only when
             # a CRD changes: a kind it missed (discovery partial while the API
-            # server restarted) stays unwatched, its resources silently never
-            # reconciled. Restarting Kopf inside this process would replay its
-            # start-up and our stop paths around state we cannot see into;
-            # exiting (gracefully, the Lease handed over) lets the kubelet
-            # restart the Pod with its back-off, and the next start waits for
-            # discovery to serve every kind first. A restart count is visible;
-            # a kind never watched was not.
+            # server restarted) would stay unwatched, its resources silently
+            # never reconciled. The discovery re-reads above did not bring it
+            # back either. Restarting Kopf inside this process would replay
+            # its start-up and our stop paths around state we cannot see
+            # into; exiting (gracefully, the Lease handed over) lets the
+            # kubelet restart the Pod with its back-off, and the next start
+            # waits for discovery to serve every kind first. A restart count
+            # is visible; a kind never watched was not.
             exit_code = 1
             on_signal()
 
@@ -307,13 +314,6 @@ async def _main(
         if health_runner is not None:
             await health_runner.cleanup()
     return exit_code
-
-
-def kopf_insights() -> Any:
-    """Kopf's record of the resources it serves, passed to ``kopf.operator`` to be read."""
-    from kopf._cogs.structs.references import Insights  # not re-exported by Kopf
-
-    return Insights()
 
 
 async def wait_for_api(
@@ -356,22 +356,36 @@ async def wait_for_api(
 
 
 async def watch_served(
-    insights: Any, kinds: Mapping[str, str], health: Health, stop: asyncio.Event, *,
-    within: float = SERVED_WITHIN_SECONDS, poll: float = 0.5,
+    watched: Callable[[], set[str]], kinds: Mapping[str, str], health: Health, stop: asyncio.Event, *,
+    repair: Callable[[], Awaitable[None]] | None = None, within: float = SERVED_WITHIN_SECONDS,
+    repair_every: float = REPAIR_EVERY_SECONDS, poll: float = 0.5,
 ) -> bool:
-    """Whether Kopf watches every one of ``kinds`` within ``within`` seconds of its start.
+    """Whether Kopf watches every one of ``kinds`` (plural → kind) within ``within`` seconds.
 
-    Read from Kopf's insights (what its resource observer resolved from
-    discovery). A kind still missing then is reported: ``/readyz`` names it,
-    ``tether_kinds_unserved{kind}`` is 1, and an ERROR line says so.
+    ``watched`` gives the plurals Kopf watches (its insights). A kind missing
+    ``repair_every`` seconds in is repaired (``repair``: Kopf's discovery read
+    again, as on a CRD change), every ``repair_every`` seconds; one still missing
+    at the bound is reported: ``/readyz`` names it, ``tether_kinds_unserved{kind}``
+    is 1, and an ERROR line says so.
     """
-    deadline = time.monotonic() + within
+    started = time.monotonic()
+    deadline, next_repair = started + within, started + repair_every
     missing = list(kinds.values())
     while not stop.is_set():
-        watched = {(r.group, r.plural) for r in insights.watched_resources}
-        missing = [kind for plural, kind in kinds.items() if (GROUP, plural) not in watched]
-        if not missing or time.monotonic() >= deadline:
+        served = watched()
+        missing = [kind for plural, kind in kinds.items() if plural not in served]
+        now = time.monotonic()
+        if not missing or now >= deadline:
             break
+        if repair is not None and now >= next_repair:
+            next_repair = now + repair_every
+            log.warning("%s not watched %.0fs after Kopf's start; reading the API server's discovery again",
+                        ", ".join(missing), now - started)
+            try:
+                await repair()
+            except KubeError as exc:
+                log.info("could not read the API server's discovery: %s", exc)
+            continue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), poll)
     if stop.is_set():
