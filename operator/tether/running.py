@@ -285,6 +285,7 @@ async def _main(
         health.state = "starting"
         if not await wait_for_api(kube_client.http, kinds, stop, health):
             return 0
+        health.state = "starting"
         for controller in controllers:
             controller.start()
         watchers += [
