@@ -10,10 +10,12 @@ stuck (the probe's timeout then fails it).
 
 Readiness: ``/readyz`` answers 200 only while the replica is doing its job —
 a standby waiting for the Lease, or a leader whose controllers run and whose
-Kopf watches have started — and 503 while starting, once stopping, and when
-wedged. An outage of Consul or etcd does not make it unready: that is the
-resources' ``BackendUnavailable``, and an unready operator would only be
-taken out of its Service and PodDisruptionBudget for no gain.
+Kopf watches have started — and 503 while starting (and while waiting for the
+API server to serve Tether's kinds), once stopping, when wedged, and when a
+kind is not served (watched) after start, naming it. An outage of Consul or
+etcd does not make it unready: that is the resources' ``BackendUnavailable``,
+and an unready operator would only be taken out of its Service and
+PodDisruptionBudget for no gain.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class Health:
         self.wedged_after = wedged_after
         # Returns (keys waiting?, reconciles finished so far).
         self.progress: Callable[[], tuple[bool, int]] = lambda: (False, 0)
+        # Kinds Kopf does not watch a bound after start: their resources would
+        # never be reconciled, so the replica is not ready whatever else holds.
+        self.unserved: list[str] = []
         self._last_count = -1
         self._last_change = time.monotonic()
 
@@ -66,6 +71,8 @@ class Health:
         problem = self.problem()
         if problem:
             return problem
+        if self.unserved:
+            return f"not served by the API server: {', '.join(self.unserved)}"
         if not self.ready:
             return self.state
         return None

@@ -52,3 +52,8 @@ WATCHED_NAMESPACES = Gauge(
 WATCH_EVENTS = Counter(
     "tether_watch_events_total", "Events received from the per-namespace watches", ["resource"]
 )
+# 1 for a kind that Kopf was not watching a bound after start (its resources
+# would never be reconciled): the operator reports it and exits to be restarted.
+KINDS_UNSERVED = Gauge(
+    "tether_kinds_unserved", "1 while a kind is not served (not watched) after start, else 0", ["kind"]
+)

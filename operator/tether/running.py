@@ -14,37 +14,35 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 
-from tether import handlers, logs, metricsserving
+from tether import handlers, kopfing, logs, metrics, metricsserving
+from tether.api import GROUP, VERSION
 from tether.clients.consul.client import ConsulClient
 from tether.clients.etcd.client import EtcdClient
 from tether.clients.kube import client as kube
-from tether.clients.kube.watching import WatchedReads
-from tether.config.consulconfigs import ConsulConfigs
-from tether.config.etcdconfigs import EtcdConfigs
-from tether.config.expectations import Expectations
-from tether.config.sources import SourceIndex
-from tether.config.stores.consulkv import ConsulKVStore
-from tether.config.stores.etcd import EtcdStore
-from tether.config.watchers.consulkv import KVWatcher
-from tether.config.watchers.etcd import EtcdWatcher
-from tether.consulservice.agent import AgentServices
-from tether.consulservice.agentwatching import ConsulWatcher
-from tether.consulservice.catalog import CatalogServices
-from tether.consulservice.catalogwatching import CatalogWatcher
-from tether.consulservice.index import AgentIndex, CatalogIndex
-from tether.consulservice.reconciling import ConsulServices
+from tether.clients.kube.client import KubeError
+from tether.clients.kube.http import KubeHttp
+from tether.config import wiring as config_wiring
+from tether.consulservice import wiring as consulservice_wiring
+from tether.families import Family, Provided
 from tether.health import Health
 from tether.leadership import LeaseElector
 from tether.policing import Policies
+from tether.queueing import Backoff
 from tether.reconciling import Controller
+from tether.retrying import Retry
 from tether.settings import Settings
 
 log = logging.getLogger("tether")
+
+# The families of kinds, each wiring itself (its reconcilers, Controllers,
+# backend watchers and per-namespace watches): a new family is its package
+# and one line here.
+FAMILIES: tuple[Callable[[Provided], Family], ...] = (consulservice_wiring.setup, config_wiring.setup)
 
 # A stop (SIGTERM, SIGINT) at any moment — start-up, waiting for the Lease,
 # work — ends the process within this many seconds: first gracefully (tasks
@@ -54,6 +52,15 @@ STOP_GRACE_SECONDS = 1.8
 # Within it: cancelled tasks get this long to unwind before the Lease is
 # released (itself bounded to 1 s by the elector).
 _UNWIND_SECONDS = 0.5
+# After a stop, worker threads still finishing (a pool told to shut down, a
+# last call returning) get this long to end before they count as lingering.
+_THREADS_JOIN_SECONDS = 0.5
+# Waiting for the API server before Kopf starts: polled at most this far apart.
+API_POLL_CAP_SECONDS = 5.0
+# Every kind must be watched by Kopf within this long of its start; one that is
+# not is looked up in discovery again this often until then.
+SERVED_WITHIN_SECONDS = 30.0
+REPAIR_EVERY_SECONDS = 3.0
 
 
 def run(
@@ -73,32 +80,44 @@ def run(
     # synchronous work on a busy machine: done here, before the event loop
     # starts, it cannot hold up the loop (nor a stop) later.
     kube.preload()
+    code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
+        code = asyncio.run(
             _main(
                 settings, namespaces=namespaces, metrics_port=metrics_port, health_port=health_port,
                 leader_elect=leader_elect,
             )
         )
-    _exit_if_threads_linger()
-    return 0
+    _exit_if_threads_linger(code)
+    return code
 
 
-def _hard_exit(reason: str) -> None:
+def _hard_exit(reason: str, code: int = 0) -> None:
     """End the process now: flush what was logged, skip every join."""
     log.warning("%s; exiting now", reason)
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
 
 
-def _exit_if_threads_linger() -> None:
-    """Python joins worker threads at exit; one stuck in a blocking call would hang it."""
-    lingering = [
-        t for t in threading.enumerate()
-        if t is not threading.main_thread() and t.is_alive() and not t.daemon
-    ]
+def _exit_if_threads_linger(code: int = 0, *, join: float = _THREADS_JOIN_SECONDS) -> None:
+    """Python joins worker threads at exit; one stuck in a blocking call would hang it.
+
+    Threads that are merely finishing (the Lease pool was shut down without
+    waiting, so as not to wait on a hung call) get ``join`` seconds first;
+    only those still alive then are named and abandoned.
+    """
+    deadline = time.monotonic() + join
+    lingering: list[threading.Thread] = []
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            lingering.append(thread)
     if lingering:
-        _hard_exit(f"{len(lingering)} worker threads still alive after the stop (maybe in blocking calls)")
+        names = ", ".join(t.name for t in lingering)
+        _hard_exit(f"{len(lingering)} worker threads still alive after the stop ({names}; "
+                   "maybe in blocking calls)", code)
 
 
 def _arm_stop_deadline() -> None:
@@ -112,7 +131,7 @@ def _arm_stop_deadline() -> None:
 
 async def _main(
     settings: Settings, *, namespaces: list[str], metrics_port: int, health_port: int, leader_elect: bool,
-) -> None:
+) -> int:
     if metrics_port:
         await metricsserving.serve(metrics_port)  # plain, or HTTPS as `tether run` configured it
     health = Health()
@@ -150,72 +169,28 @@ async def _main(
             elector.close()
             if health_runner is not None:
                 await health_runner.cleanup()
-            return
+            return 0
         stopping.cancel()
         health.state, health.ready = "starting as leader", False
         holder = asyncio.create_task(elector.hold(), name="lease-holder")
 
     # Events name this replica as their reporting instance (the Pod's name).
     kube_client = kube.KubeClient(instance=settings.identity)
-    kube_http = kube_client.http
     consul_client = ConsulClient(settings.consul)
     etcd_client = EtcdClient(settings.etcd)
-    cluster = settings.cluster
-
-    # Each kind: a reconciler and what it shares with its backend's watcher.
-    agent_index = AgentIndex(cluster=cluster, plural="consulservices")
-    catalog_index = CatalogIndex(cluster=cluster, plural="consulservices")
-    etcd_sources, kv_sources = SourceIndex(), SourceIndex()
-    # The objects around the resources, watched per namespace that matters and
-    # metadata only; the controllers they wake are created below.
-    config_maps, secrets = handlers.source_watches(kube_http, (
-        (etcd_sources, lambda ref: etcd_ctl.enqueue(ref)), (kv_sources, lambda ref: kv_ctl.enqueue(ref)),
-    ))
-    slices = handlers.slice_watches(kube_http, catalog_index, lambda ref: consul_ctl.enqueue(ref))
-    around = (config_maps, secrets, slices)
-    reads = WatchedReads(kube_client, config_maps=config_maps, secrets=secrets, slices=slices)
-    catalog_services = CatalogServices(
-        consul_client, reads, catalog_index, cluster=cluster, node=settings.consul_node,
-        max_txn_ops=settings.consul_max_txn_ops,
+    provided = Provided(
+        settings=settings, kube=kube_client, consul=consul_client, etcd=etcd_client,
+        controller=lambda reconciler: Controller(reconciler, kube_client, workers=settings.workers),
     )
-    services = ConsulServices(
-        AgentServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url),
-        catalog_services,
-    )
-    etcd_expect, kv_expect = Expectations(), Expectations()
-    etcd_configs = EtcdConfigs(
-        EtcdStore(etcd_client, max_txn_ops=settings.etcd_max_txn_ops), reads, cluster=cluster,
-        ownership_prefix=settings.etcd_ownership_prefix, expectations=etcd_expect, source_index=etcd_sources,
-    )
-    kv_store = ConsulKVStore(
-        consul_client, ownership_prefix=settings.consul_ownership_prefix,
-        tombstone_seconds=settings.consul_tombstone_seconds,
-    )
-    consul_configs = ConsulConfigs(
-        kv_store, reads, cluster=cluster,
-        ownership_prefix=settings.consul_ownership_prefix, expectations=kv_expect, source_index=kv_sources,
-    )
-    consul_ctl = Controller(services, kube_client, workers=settings.workers)
-    etcd_ctl = Controller(etcd_configs, kube_client, workers=settings.workers)
-    kv_ctl = Controller(consul_configs, kube_client, workers=settings.workers)
-    controllers = (consul_ctl, etcd_ctl, kv_ctl)
-    backend_watchers = {
-        "consul-watch": ConsulWatcher(consul_client, agent_index, consul_ctl.enqueue).run,
-        "consul-catalog-watch": CatalogWatcher(
-            consul_client, catalog_index, settings.consul_node, consul_ctl.enqueue, consul_ctl.enqueue_orphan
-        ).run,
-        "etcd-watch": EtcdWatcher(
-            etcd_client, etcd_expect, etcd_ctl.enqueue, ownership_prefix=settings.etcd_ownership_prefix
-        ).run,
-        "consul-kv-watch": KVWatcher(
-            consul_client, kv_expect, kv_ctl.enqueue, ownership_prefix=settings.consul_ownership_prefix
-        ).run,
-        "consul-kv-tombstones": kv_store.sweeper.run,
-    }
+    families = [setup(provided) for setup in FAMILIES]
+    controllers = tuple(c for family in families for c in family.controllers)
+    backend_watchers = {name: run for family in families for name, run in family.watchers.items()}
+    around = [w for family in families for w in family.watches]
+    kinds = {c.reconciler.plural: c.reconciler.kind for c in controllers}
 
     # --- TetherPolicy enforcement (issue 19): one cache, fed by two watches,
     # asked by every controller before it writes. ---------------------------
-    policies = Policies(kube_http, default=settings.policy_default)
+    policies = Policies(kube_client.http, default=settings.policy_default)
     for controller in controllers:
         controller.use_policies(policies)
     backend_watchers["policies"] = policies.run
@@ -224,14 +199,16 @@ async def _main(
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controllers=controllers)
 
-    # A private registry does not carry Kopf's default login handlers.
+    # A private registry does not carry Kopf's default login handlers. Every
+    # handler is a coroutine: Kopf runs plain functions in a thread pool of its
+    # own that is never shut down, whose idle threads outlived every stop.
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
         return info
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.standalone = True
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
@@ -282,25 +259,51 @@ async def _main(
         not all(c.queue.idle() for c in controllers),
         sum(c.processed for c in controllers),
     )
-    health.state = "starting"
     # Kopf sets this once its start-up (login, startup handlers) is done and
     # the watches begin: from then on this replica does its job.
     kopf_ready = asyncio.Event()
+    # What Kopf resolved from the API server's discovery: the kinds it watches.
+    insights = kopfing.insights()
+    exit_code = 0
 
     async def mark_ready() -> None:
+        nonlocal exit_code
         await kopf_ready.wait()
-        if not stop.is_set():
-            health.state, health.ready = "ok", True
+        if stop.is_set():
+            return
+        health.state, health.ready = "ok", True
+        served = await watch_served(
+            lambda: kopfing.watched(insights), kinds, health, stop,
+            repair=lambda: kopfing.rescan(kube_client.http, insights, registry),
+        )
+        if not served:
+            # Kopf resolves the served kinds at its start and again only when
+            # a CRD changes: a kind it missed (discovery partial while the API
+            # server restarted) would stay unwatched, its resources silently
+            # never reconciled. The discovery re-reads above did not bring it
+            # back either. Restarting Kopf inside this process would replay
+            # its start-up and our stop paths around state we cannot see
+            # into; exiting (gracefully, the Lease handed over) lets the
+            # kubelet restart the Pod with its back-off, and the next start
+            # waits for discovery to serve every kind first. A restart count
+            # is visible; a kind never watched was not.
+            exit_code = 1
+            on_signal()
 
-    for controller in controllers:
-        controller.start()
-    watchers += [
-        asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
-    ]
-    watchers.append(asyncio.create_task(mark_ready(), name="readiness"))
-    # Not among the watchers: stop_writers cancels those, and this calls it.
-    stopper = asyncio.create_task(stop_on_flag(), name="stopper")
+    stopper: asyncio.Task[None] | None = None
     try:
+        health.state = "starting"
+        if not await wait_for_api(kube_client.http, kinds, stop, health):
+            return 0
+        health.state = "starting"
+        for controller in controllers:
+            controller.start()
+        watchers += [
+            asyncio.create_task(_supervise(name, run), name=name) for name, run in backend_watchers.items()
+        ]
+        watchers.append(asyncio.create_task(mark_ready(), name="readiness"))
+        # Not among the watchers: stop_writers cancels those, and this calls it.
+        stopper = asyncio.create_task(stop_on_flag(), name="stopper")
         await kopf.operator(
             registry=registry,
             clusterwide=not namespaces,
@@ -308,10 +311,12 @@ async def _main(
             standalone=True,
             stop_flag=stop,
             ready_flag=kopf_ready,
+            insights=insights,
         )
     finally:
         await stop_writers()
-        stopper.cancel()
+        if stopper is not None:
+            stopper.cancel()
         if elector is not None:
             elector.close()
         await consul_client.close()
@@ -319,6 +324,91 @@ async def _main(
         await kube_client.close()
         if health_runner is not None:
             await health_runner.cleanup()
+    return exit_code
+
+
+async def wait_for_api(
+    http: KubeHttp, kinds: Mapping[str, str], stop: asyncio.Event, health: Health, *,
+    backoff: Backoff[str] | None = None,
+) -> bool:
+    """Until the API server's discovery serves every one of ``kinds`` (plural → kind); False if stopped first.
+
+    Kopf resolves the resources it watches once, at its start, and gives up
+    (the process exits with a traceback) when the API server does not answer
+    its discovery within about a minute; a kind missing from a partial answer
+    (CRDs not yet served after a restart) would never be watched. So Kopf
+    starts only once the API server answers with all of Tether's kinds.
+    Bounded by the stop flag; polled with the capped backoff the reconciles use.
+    """
+    backoff = backoff or Backoff(base=0.5, cap=API_POLL_CAP_SECONDS)
+    path = f"apis/{GROUP}/{VERSION}"
+    since: float | None = None
+    while not stop.is_set():
+        try:
+            listing = await http.get(path, params={})
+            served = {r.get("name") for r in (listing or {}).get("resources") or []}
+            missing = [kind for plural, kind in kinds.items() if plural not in served]
+            why = f"{', '.join(missing)} not served yet" if missing else ""
+        except KubeError as exc:
+            why = str(exc)
+        if not why:
+            if since is not None:
+                log.info("the API server serves every kind, after %.0fs; starting", time.monotonic() - since)
+            return True
+        if since is None:
+            since = time.monotonic()
+            health.state = "waiting for the API server"
+            log.warning("waiting for the API server to serve %s/%s (%s)", GROUP, VERSION, why)
+        else:
+            log.debug("still waiting for the API server: %s", why)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff.next_delay(path))
+    return False
+
+
+async def watch_served(
+    watched: Callable[[], set[str]], kinds: Mapping[str, str], health: Health, stop: asyncio.Event, *,
+    repair: Callable[[], Awaitable[None]] | None = None, within: float = SERVED_WITHIN_SECONDS,
+    repair_every: float = REPAIR_EVERY_SECONDS, poll: float = 0.5,
+) -> bool:
+    """Whether Kopf watches every one of ``kinds`` (plural → kind) within ``within`` seconds.
+
+    ``watched`` gives the plurals Kopf watches (its insights). A kind missing
+    ``repair_every`` seconds in is repaired (``repair``: Kopf's discovery read
+    again, as on a CRD change), every ``repair_every`` seconds; one still missing
+    at the bound is reported: ``/readyz`` names it, ``tether_kinds_unserved{kind}``
+    is 1, and an ERROR line says so.
+    """
+    started = time.monotonic()
+    deadline, next_repair = started + within, started + repair_every
+    missing = list(kinds.values())
+    while not stop.is_set():
+        served = watched()
+        missing = [kind for plural, kind in kinds.items() if plural not in served]
+        now = time.monotonic()
+        if not missing or now >= deadline:
+            break
+        if repair is not None and now >= next_repair:
+            next_repair = now + repair_every
+            log.warning("%s not watched %.0fs after Kopf's start; reading the API server's discovery again",
+                        ", ".join(missing), now - started)
+            try:
+                await repair()
+            except KubeError as exc:
+                log.info("could not read the API server's discovery: %s", exc)
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll)
+    if stop.is_set():
+        return True
+    for kind in kinds.values():
+        metrics.KINDS_UNSERVED.labels(kind=kind).set(1 if kind in missing else 0)
+    if not missing:
+        return True
+    health.unserved = missing
+    log.error("%s not served: Kopf does not watch them %.0fs after its start (the API server's discovery "
+              "did not list them); exiting to be restarted", ", ".join(missing), within)
+    return False
 
 
 def _keep_signal_handlers(
@@ -361,17 +451,20 @@ def _keep_signal_handlers(
 
 
 async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
-    """Keep a watcher alive: a bug in one must not take the operator down."""
-    delay = 1.0
+    """Keep a watcher alive: a bug in one must not take the operator down.
+
+    The shared retry policy: 1 s doubling to 30 s, started over once the task
+    ran for a minute; the first crash of an incident is logged with its
+    traceback, its repeats quietly, its recovery once.
+    """
+    retry = Retry(f"background task {name}", base=1.0, cap=30.0, jitter=0.0, reset_after=60.0, logger=log)
     while True:
-        started = time.monotonic()
+        retry.started()
         try:
             await run()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s crashed; restarting in %.0fs", name, delay)
-        if time.monotonic() - started > 60:
-            delay = 1.0
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
+        except Exception as exc:
+            await retry.pause(f"crashed: {exc!r}; restarting", exc_info=True)
+            continue
+        await retry.pause("returned; restarting")

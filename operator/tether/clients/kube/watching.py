@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether import metrics
-from tether.api import ObjectRef
-from tether.clients.kube.client import KubeClient, KubeError, KubeGone
+from tether.clients.kube.client import KubeError, KubeGone
 from tether.clients.kube.http import METADATA, METADATA_LIST, KubeHttp, kube_error
 from tether.retrying import Retry
 
@@ -183,38 +182,3 @@ class NamespaceWatches:
             self.changed(namespace, meta)
         return version
 
-
-class WatchedReads:
-    """The reads reconcilers make of objects around them, each behind its namespace's watch.
-
-    Same methods as :class:`tether.clients.kube.client.KubeClient` for these reads (the
-    ``Sources`` and ``Cluster`` protocols), so the reconcilers do not know.
-    """
-
-    def __init__(
-        self, kube: KubeClient, *, config_maps: NamespaceWatches, secrets: NamespaceWatches,
-        slices: NamespaceWatches,
-    ) -> None:
-        self.kube = kube
-        self.config_maps = config_maps
-        self.secrets = secrets
-        self.slices = slices
-
-    async def read_config_map(self, namespace: str, name: str) -> dict[str, bytes] | None:
-        await self.config_maps.ensure(namespace)
-        return await self.kube.read_config_map(namespace, name)
-
-    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
-        await self.secrets.ensure(namespace)
-        return await self.kube.read_secret(namespace, name)
-
-    async def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
-        # Not watched: a change of the Service's ports changes its slices, which are.
-        return await self.kube.read_service(namespace, name)
-
-    async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
-        await self.slices.ensure(namespace)
-        return await self.kube.list_endpoint_slices(namespace, service)
-
-    async def get(self, ref: ObjectRef) -> dict[str, Any] | None:
-        return await self.kube.get(ref)

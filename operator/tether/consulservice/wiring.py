@@ -1,0 +1,101 @@
+"""The ConsulService family wires itself: its reconciler, Controller, watchers and watches.
+
+One kind with two modes, dispatched by
+:class:`~tether.consulservice.reconciling.ConsulServices`: fixed instances on the
+Consul agent (:class:`~tether.consulservice.agent.AgentServices`) and endpoints
+mode in Consul's catalog (:class:`~tether.consulservice.catalog.CatalogServices`). Two backend watchers
+(the agent's services, the synthetic node's catalog) and one per-namespace watch
+(EndpointSlices of the followed Services) wake its resources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from tether.api import ObjectRef
+from tether.clients.kube.client import KubeClient
+from tether.clients.kube.http import KubeHttp
+from tether.clients.kube.watching import NamespaceWatches
+from tether.consulservice.agent import AgentServices
+from tether.consulservice.agentwatching import ConsulWatcher
+from tether.consulservice.catalog import CatalogServices
+from tether.consulservice.catalogwatching import CatalogWatcher
+from tether.consulservice.index import AgentIndex, CatalogIndex
+from tether.consulservice.reconciling import ConsulServices
+from tether.families import Enqueue, Family, Provided, Router
+
+PLURAL = "consulservices"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+class Followers(Protocol):
+    def followers(self, namespace: str, service: str) -> list[ObjectRef]: ...
+
+    def followers_in(self, namespace: str) -> list[ObjectRef]: ...
+
+
+def setup(provided: Provided) -> Family:
+    """The ConsulService kind, ready for the process to run."""
+    settings, consul_client = provided.settings, provided.consul
+    cluster = settings.cluster
+    route = Router()
+    agent_index = AgentIndex(cluster=cluster, plural=PLURAL)
+    catalog_index = CatalogIndex(cluster=cluster, plural=PLURAL)
+    slices = slice_watches(provided.kube.http, catalog_index, route.enqueue)
+    reads = ClusterReads(provided.kube, slices)
+    catalog_services = CatalogServices(
+        consul_client, reads, catalog_index, cluster=cluster, node=settings.consul_node,
+        max_txn_ops=settings.consul_max_txn_ops,
+    )
+    services = ConsulServices(
+        AgentServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url),
+        catalog_services,
+    )
+    controller = route.add(provided.controller(services))
+    watchers = {
+        "consul-watch": ConsulWatcher(consul_client, agent_index, controller.enqueue).run,
+        "consul-catalog-watch": CatalogWatcher(
+            consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan
+        ).run,
+    }
+    return Family(controllers=(controller,), watchers=watchers, watches=(slices,))
+
+
+def slice_watches(http: KubeHttp, followers: Followers, enqueue: Enqueue) -> NamespaceWatches:
+    """The EndpointSlice watch: only slices of a Service some ConsulService follows enqueue anything."""
+
+    def changed(namespace: str, meta: Mapping[str, Any]) -> None:
+        service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if service:
+            for ref in followers.followers(namespace, service):
+                enqueue(ref)
+
+    def resync(namespace: str) -> None:
+        for ref in followers.followers_in(namespace):
+            enqueue(ref)
+
+    return NamespaceWatches(
+        http, what="endpointslices", path="apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+        changed=changed, wanted=lambda ns: bool(followers.followers_in(ns)), resync=resync,
+        label_selector=SERVICE_NAME_LABEL,
+    )
+
+
+class ClusterReads:
+    """Endpoints mode's Kubernetes reads (the ``Cluster`` protocol); slices behind their namespace's watch."""
+
+    def __init__(self, kube: KubeClient, slices: NamespaceWatches) -> None:
+        self.kube = kube
+        self.slices = slices
+
+    async def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        # Not watched: a change of the Service's ports changes its slices, which are.
+        return await self.kube.read_service(namespace, name)
+
+    async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        await self.slices.ensure(namespace)
+        return await self.kube.list_endpoint_slices(namespace, service)
+
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None:
+        return await self.kube.get(ref)

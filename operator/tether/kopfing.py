@@ -1,0 +1,69 @@
+"""What Tether reads and repairs of Kopf's record of the resources it watches.
+
+Kopf resolves the resources to watch from the API server's discovery once at
+its start, and again only when a CRD changes. A discovery read while the API
+server restarts can lack a group whose CRDs are not served yet; Kopf then never
+watches that kind, and says nothing. Kopf has no public API for this, so the
+few private names used are kept here, against the pinned Kopf version
+(``kopf==1.45.2`` in pyproject.toml):
+
+- :func:`insights` — the ``Insights`` object passed to ``kopf.operator``, which
+  Kopf fills with the resources it watches;
+- :func:`watched` — the plurals of Tether's group among them;
+- :func:`rescan` — re-reads Tether's group from discovery into the insights,
+  exactly what Kopf's own resource observer does on a CRD event; Kopf's
+  orchestrator then starts the missing watches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kopf._cogs.structs.references import Insights, Resource
+from kopf._core.reactor.observation import revise_resources
+
+from tether.api import GROUP, VERSION
+from tether.clients.kube.http import KubeHttp
+
+
+def insights() -> Insights:
+    """A fresh record for ``kopf.operator(insights=...)``."""
+    return Insights()
+
+
+def watched(record: Insights) -> set[str]:
+    """The plurals of Tether's group that Kopf watches now."""
+    return {r.plural for r in record.watched_resources if r.group == GROUP}
+
+
+def resources(listing: Mapping[str, Any]) -> set[Resource]:
+    """Kopf's resources from one discovery answer for Tether's group, as Kopf's scanner builds them."""
+    items = listing.get("resources") or []
+    return {
+        Resource(
+            group=GROUP, version=VERSION, kind=item["kind"], plural=item["name"],
+            singular=item.get("singularName") or item["kind"].lower(),
+            shortcuts=frozenset(item.get("shortNames") or ()),
+            categories=frozenset(item.get("categories") or ()),
+            subresources=frozenset(
+                sub["name"].split("/", 1)[-1] for sub in items if sub["name"].startswith(f"{item['name']}/")
+            ),
+            namespaced=bool(item.get("namespaced")),
+            preferred=True,  # Tether's group serves one version
+            verbs=frozenset(item.get("verbs") or ()),
+        )
+        for item in items
+        if "/" not in item["name"]
+    }
+
+
+async def rescan(http: KubeHttp, record: Insights, registry: kopf.OperatorRegistry) -> None:
+    """Read Tether's group from discovery into ``record``, as Kopf does when a CRD changes."""
+    listing = await http.get(f"apis/{GROUP}/{VERSION}", params={})
+    found = resources(listing or {})
+    async with record.revised:
+        revise_resources(resources=found, insights=record, registry=registry, group=GROUP)
+        await record.backbone.fill(resources=found)
+        record.revised.notify_all()
