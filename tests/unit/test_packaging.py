@@ -68,3 +68,10 @@ def test_the_operator_wheel_holds_tether_alone(tmp_path: Path) -> None:
     # The developer tools are a distribution of their own, with the `dev` command.
     dev = tomllib.loads((REPO / "devtools" / "pyproject.toml").read_text())
     assert dev["project"]["entry-points"]["tether.commands"] == {"dev": "tether_dev.cli:COMMAND"}
+
+
+def test_every_test_module_has_a_name_of_its_own() -> None:
+    """The suites are plain folders (no ``__init__.py``): pytest imports each test module
+    by its basename, so two files of the same name in different suites cannot both run."""
+    names = [p.name for p in (REPO / "tests").rglob("*.py") if p.name != "conftest.py"]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
