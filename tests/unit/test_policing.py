@@ -2,7 +2,7 @@
 
 The cache is fed here the way its watches feed it (events as the API server
 sends them); no server is involved. End-to-end behaviour is in
-``tests/e2e/test_policies.py``.
+``tests/e2e/test_tetherpolicy.py``.
 """
 
 from __future__ import annotations
