@@ -84,6 +84,7 @@ def namespace(dev_env: dict[str, str]) -> Iterator[str]:
     # never deleted with it: delete Tether's resources first, so their Consul
     # registrations and etcd keys are cleaned up by the operator.
     kubectl(
-        dev_env, "delete", "consulservices,etcdconfigs", "--all", "-n", name, "--timeout=60s", check=False
+        dev_env, "delete", "consulservices,etcdconfigs,consulconfigs", "--all", "-n", name, "--timeout=60s",
+        check=False,
     )
     kubectl(dev_env, "delete", "namespace", name, "--wait=false", check=False)

@@ -269,6 +269,27 @@ def test_bad_input_is_invalid_spec(
     assert "tether/" in condition(obj)["message"]
 
 
+def test_missing_sources_are_reported_and_recover_by_themselves(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    """A missing reference is Ready=False naming it, and the source watches wake the resource."""
+    kv = ConsulKV.from_env(dev_env)
+    prefix = unique_prefix()
+    sources = [{"configMapRef": {"name": "later"}}, {"secretRef": {"name": "later-creds"}}]
+    apply(dev_env, namespace, ccfg("miss", prefix=prefix, **{"from": sources}))
+    obj = wait_condition(dev_env, namespace, KIND, "miss", status="False", reason="InvalidSpec", op=operator)
+    assert f"ConfigMap {namespace}/later not found" in condition(obj)["message"]
+    kubectl(dev_env, "create", "configmap", "later", "-n", namespace, "--from-literal=x=1")
+    wait_for(
+        lambda: f"Secret {namespace}/later-creds not found"
+        in condition(get(dev_env, namespace, KIND, "miss"))["message"],
+        timeout=10, interval=0.1, message="the missing Secret named",
+    )
+    kubectl(dev_env, "create", "secret", "generic", "later-creds", "-n", namespace, "--from-literal=y=2")
+    wait_condition(dev_env, namespace, KIND, "miss", timeout=10, op=operator)
+    assert kv.values(prefix + "/") == {f"{prefix}/x": "1", f"{prefix}/y": "2"}
+
+
 def _create_if_absent(env: dict[str, str], key: str, value: str) -> bool:
     """``PUT /v1/kv/<key>?cas=0``: a create guarded by the key's absence, as Tether's creates are."""
     url = f"{env['CONSUL_HTTP_ADDR'].rstrip('/')}/v1/kv/{urllib.parse.quote(key, safe='/')}?cas=0"

@@ -504,6 +504,61 @@ def test_two_clusters_sharing_one_consul_never_touch_each_other(
             green.stop()
 
 
+def _missing(env: dict[str, str], namespace: str, name: str, op: OperatorProcess) -> dict[str, Any]:
+    """Wait for Ready=False naming the missing Service ``name``; the object."""
+    obj = wait_condition(env, namespace, KIND, name, status="False", reason="InvalidSpec", timeout=10, op=op)
+    assert f"Service {namespace}/{name} not found" in condition(obj)["message"]
+    st = obj["status"]
+    assert st["instances"]["total"] == 0 and st["health"] == "critical"
+    assert condition(obj, "Healthy")["status"] == "False"
+    return obj
+
+
+def test_a_deleted_service_takes_its_instances_with_it(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    """Issue 23 item 3: the Service was not watched, and its leftover slices stayed registered."""
+    env = dev_env
+    apply(env, namespace, service("shop", [("http", 80, 8080)]))
+    apply(env, namespace, endpoint_slice("shop-a", "shop", [("http", 8080)], [ready("10.7.0.1")]))
+    apply(env, namespace, csvc("shop", endpoints={"service": "shop", "port": "http"}))
+    wait_condition(env, namespace, KIND, "shop", op=operator)
+    until(env, namespace, "shop", {"10.7.0.1": (8080, "passing")}, op=operator)
+    # The dev stack runs no garbage collector: the slice stays, as a custom
+    # controller's would.
+    kubectl(env, "delete", "service", "shop", "-n", namespace)
+    until(env, namespace, "shop", {}, op=operator, timeout=10)
+    _missing(env, namespace, "shop", operator)
+    # A leftover slice that changes registers nothing either.
+    apply(
+        env, namespace,
+        endpoint_slice("shop-a", "shop", [("http", 8080)], [ready("10.7.0.1"), ready("10.7.0.2")]),
+    )
+    time.sleep(2)
+    assert instances(env, namespace, "shop") == {}
+    # The Service comes back: Ready by itself, through the Service watch.
+    apply(env, namespace, service("shop", [("http", 80, 8080)]))
+    wait_condition(env, namespace, KIND, "shop", timeout=10, op=operator)
+    until(
+        env, namespace, "shop", {"10.7.0.1": (8080, "passing"), "10.7.0.2": (8080, "passing")},
+        op=operator, timeout=10,
+    )
+
+
+def test_slices_without_their_service_register_nothing_until_it_exists(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    env = dev_env
+    apply(env, namespace, endpoint_slice("late-a", "late", [("http", 8080)], [ready("10.8.0.1")]))
+    apply(env, namespace, csvc("late", endpoints={"service": "late", "port": "http"}))
+    _missing(env, namespace, "late", operator)
+    assert instances(env, namespace, "late") == {}
+    apply(env, namespace, service("late", [("http", 80, 8080)]))
+    obj = wait_condition(env, namespace, KIND, "late", timeout=10, op=operator)
+    until(env, namespace, "late", {"10.8.0.1": (8080, "passing")}, op=operator, timeout=10)
+    assert condition(obj, "Healthy")["status"] == "True"
+
+
 @pytest.mark.parametrize("policy", ["Delete", "Orphan"])
 def test_deletion(dev_env: dict[str, str], operator: OperatorProcess, namespace: str, policy: str) -> None:
     env = dev_env

@@ -393,9 +393,10 @@ def test_select_port() -> None:
         endpoints.select_port(two, None, where="s")
     with pytest.raises(InvalidSpec, match="no port 8080"):
         endpoints.select_port(two, 8080, where="s")
-    assert endpoints.select_port(None, "http", where="s") == "http"
-    with pytest.raises(endpoints.ServiceMissing):
-        endpoints.select_port(None, 80, where="s")
+    # No Service, no endpoints: even a port name that slices would match is refused.
+    for wanted in ("http", 80, None):
+        with pytest.raises(endpoints.ServiceMissing, match="Service s does not exist"):
+            endpoints.select_port(None, wanted, where="s")
 
 
 @pytest.mark.parametrize(

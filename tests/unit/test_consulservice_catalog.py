@@ -40,9 +40,12 @@ class Cluster:
     def __init__(self) -> None:
         self.ready: dict[str, bool] = {}  # endpoint address → ready
         self.resources: dict[ObjectRef, dict[str, Any]] = {}
+        # False: the Service is deleted, while its slices stay (a custom
+        # controller's, or before garbage collection).
+        self.service_exists = True
 
     async def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
-        if (namespace, name) != ("team-a", "web"):
+        if (namespace, name) != ("team-a", "web") or not self.service_exists:
             return None
         return {"spec": {"ports": [{"name": "http", "port": 80}]}}
 
@@ -196,6 +199,45 @@ async def test_a_node_of_another_cluster_is_a_conflict(rig: Rig) -> None:
     out = await rig.services.apply(resource(ENDPOINTS_SPEC))
     assert out.reason == conditions.CONFLICT
     assert rig.ids() == []
+
+
+# --------------------------------------------------------------------------- a missing Service
+
+
+@pytest.mark.parametrize("port", [None, "http", 80], ids=["no-port", "port-name", "port-number"])
+async def test_a_deleted_service_removes_every_instance_whatever_slices_remain(
+    rig: Rig, port: str | int | None,
+) -> None:
+    """Issue 23 item 3: leftover slices stayed registered, Ready=True, Healthy=True."""
+    spec = {**ENDPOINTS_SPEC, "endpoints": {"service": "web", **({"port": port} if port else {})}}
+    rig.kube.ready = {"10.0.0.1": True, "10.0.0.2": True}
+    first = await rig.services.apply(resource(spec))
+    assert first.ready == "True" and len(rig.ids()) == 2
+    rig.kube.service_exists = False
+    rig.kube.ready = {"10.0.0.1": True, "10.0.0.3": True}  # a leftover slice changes
+    out = await rig.services.apply(resource(spec, {"instances": first.fields["instances"]}))
+    assert rig.ids() == []
+    assert (out.ready, out.reason) == ("False", conditions.INVALID_SPEC)
+    assert "Service team-a/web not found" in out.message
+    assert not out.retry  # the Service watch wakes it when the Service appears
+    assert out.fields["instances"] == {"total": 0, "passing": 0, "warning": 0, "critical": 0}
+    assert out.fields["health"] == "critical"
+    (healthy,) = out.conditions
+    assert (healthy.type, healthy.status) == ("Healthy", "False")
+    assert "team-a/web" in healthy.message
+
+
+async def test_a_service_that_appears_later_gets_its_instances(rig: Rig) -> None:
+    rig.kube.service_exists = False
+    rig.kube.ready = {"10.0.0.1": True}
+    out = await rig.services.apply(resource(ENDPOINTS_SPEC))
+    assert (out.ready, out.reason) == ("False", conditions.INVALID_SPEC)
+    assert rig.ids() == [] and rig.model.txns == 0
+    rig.kube.service_exists = True
+    out = await rig.services.apply(resource(ENDPOINTS_SPEC, {"instances": out.fields["instances"]}))
+    assert out.ready == "True", out.message
+    assert rig.ids() == [iid("10.0.0.1")]
+    assert out.fields["health"] == "passing"
 
 
 # --------------------------------------------------------------------------- mode switches

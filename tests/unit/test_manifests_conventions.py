@@ -65,6 +65,14 @@ def test_operator_role_drops_verbs_it_never_uses() -> None:
         {"apiGroups": ["tether.dev"], "resources": ["tetherpolicies"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["tether.dev"], "resources": ["tetherpolicies/status"], "verbs": ["get", "patch"]},
     ]
+    # Endpoints mode reads the followed Services and watches them and their
+    # slices (a deleted Service changes no slice): read only.
+    services = [r for r in rules if "services" in r["resources"]]
+    assert services == [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}]
+    slices = [r for r in rules if "endpointslices" in r["resources"]]
+    assert slices == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+    ]
     namespaces = [r for r in rules if "namespaces" in r["resources"]]
     assert [sorted(r["verbs"]) for r in namespaces] == [["get", "list", "watch"]]
     lease = _rules("Role", "tether-leader-election")

@@ -233,6 +233,45 @@ def test_a_slice_wakes_the_consulservices_following_its_service() -> None:
     assert slices.label_selector == "kubernetes.io/service-name"
 
 
+def test_a_followed_service_wakes_its_consulservices() -> None:
+    woken: list[ObjectRef] = []
+    services = consulservice_wiring.service_watches(None, _Followers(), woken.append)  # type: ignore[arg-type]
+    services.changed("shop", {"name": "web"})
+    services.changed("shop", {"name": "db"})
+    assert woken == [ObjectRef("consulservices", "shop", "web")]
+    assert services.wanted("shop") and not services.wanted("other")
+    assert services.path == "api/v1/namespaces/{namespace}/services" and services.label_selector == ""
+    services.resync("shop")
+    assert woken == [ObjectRef("consulservices", "shop", "web")] * 2
+
+
+async def test_a_service_is_read_only_once_its_namespace_is_watched() -> None:
+    """A Service created after the read must arrive as an event: the watch comes first."""
+    calls: list[str] = []
+
+    class Watches:
+        def __init__(self, what: str) -> None:
+            self.what = what
+
+        async def ensure(self, namespace: str) -> None:
+            calls.append(f"ensure {self.what} {namespace}")
+
+    class Kube:
+        async def read_service(self, namespace: str, name: str) -> None:
+            calls.append(f"read service {namespace}/{name}")
+
+        async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+            calls.append(f"list slices {namespace}/{service}")
+            return []
+
+    reads = consulservice_wiring.ClusterReads(Kube(), Watches("slices"), Watches("services"))  # type: ignore[arg-type]
+    await reads.read_service("shop", "web")
+    await reads.list_endpoint_slices("shop", "web")
+    assert calls == [
+        "ensure services shop", "read service shop/web", "ensure slices shop", "list slices shop/web",
+    ]
+
+
 def test_a_key_of_a_kind_without_controller_is_dropped() -> None:
     route = Router()
     ctl = _Controller("etcdconfigs")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -122,20 +123,22 @@ class CatalogServices:
     def owner(self, ref: ObjectRef) -> Owner:
         return Owner(self.cluster, ref.namespace, ref.name)
 
-    async def _endpoints(
-        self, res: Resource, spec: api.ConsulServiceSpec
-    ) -> tuple[list[endpoints.Endpoint], str]:
-        """The Service's endpoints with the selected port, and a note when the Service is absent."""
+    async def _endpoints(self, res: Resource, spec: api.ConsulServiceSpec) -> list[endpoints.Endpoint] | None:
+        """The Service's endpoints with the selected port; None when the Service does not exist.
+
+        A missing Service means no instances, whatever EndpointSlices still
+        carry its name (a custom controller's, or ones not yet garbage
+        collected): its slices are not even read.
+        """
         assert spec.endpoints is not None
         ns, svc_name = res.ref.namespace, spec.endpoints.service
         service = await self.kube.read_service(ns, svc_name)
         try:
             port_name = endpoints.select_port(service, spec.endpoints.port, where=f"{ns}/{svc_name}")
         except endpoints.ServiceMissing:
-            return [], f"; Service {ns}/{svc_name} does not exist"
+            return None
         slices = await self.kube.list_endpoint_slices(ns, svc_name)
-        missing = "" if service is not None else f"; Service {ns}/{svc_name} does not exist"
-        return endpoints.endpoints(slices, port_name), missing
+        return endpoints.endpoints(slices, port_name)
 
     async def _observe(
         self, name: str, owner: Owner
@@ -171,7 +174,7 @@ class CatalogServices:
         fields: dict[str, Any] = {"serviceID": spec.id}
         unknown = {**fields, "health": "unknown"}
         try:
-            eps, note = await self._endpoints(res, spec)
+            eps = await self._endpoints(res, spec)
         except InvalidSpec as exc:
             return Outcome.from_error(
                 exc, doing="follow the Service", fields=unknown, conditions=_UNKNOWN_HEALTH
@@ -181,7 +184,7 @@ class CatalogServices:
                 exc, doing=f"read Service {spec.endpoints.service!r}", fields=unknown,
                 conditions=_UNKNOWN_HEALTH,
             )
-        want = endpoints.desired(spec, owner, eps)
+        want = endpoints.desired(spec, owner, eps or ())
         before = self.index.wanted(res.ref)
         plan = endpoints.CatalogPlan()
         try:
@@ -219,7 +222,11 @@ class CatalogServices:
         written = _without(want, plan.conflicts)
         tally = endpoints.counts(inst.status for inst in written.values())
         fields.update({"health": tally.health, "instances": tally.as_status()})
-        healthy = _healthy(tally, note)
+        missing = (
+            f"Service {res.ref.namespace}/{spec.endpoints.service} not found: no instances are "
+            "registered until it exists" if eps is None else ""
+        )
+        healthy = _healthy(tally, f"; {missing}" if missing else "")
         notes: list[Note] = []
         if plan.ops and before is not None and before == want and res.reconciled():
             # Nothing in Kubernetes changed, yet Consul needed writes: drift.
@@ -228,6 +235,11 @@ class CatalogServices:
                 f"Consul's catalog differed from the endpoints of {spec.endpoints.service!r} "
                 f"({_summary(plan.changes)}); restored",
             ))
+        if missing:
+            # As a missing non-optional ConfigMap of the config kinds: InvalidSpec,
+            # not retried, as the Service watch wakes the resource when it appears.
+            failed = Outcome.failed(conditions.INVALID_SPEC, missing, fields=fields, conditions=(healthy,))
+            return dataclasses.replace(failed, notes=tuple(notes))
         if plan.conflicts:
             return Outcome.failed(
                 conditions.CONFLICT,
@@ -239,7 +251,7 @@ class CatalogServices:
         return Outcome(
             "True", conditions.RECONCILED,
             f"{tally.total} endpoints of Service {spec.endpoints.service!r} registered as "
-            f"{spec.name!r} on Consul node {self.node!r}{note}",
+            f"{spec.name!r} on Consul node {self.node!r}",
             fields=fields, conditions=(healthy,), notes=tuple(notes),
         )
 

@@ -92,9 +92,8 @@ def select_port(service: Mapping[str, Any] | None, wanted: str | int | None, *, 
     ties a Service port to the slices.
     """
     if service is None:
-        # Without the Service only a name can be matched against the slices.
-        if isinstance(wanted, str):
-            return wanted
+        # No Service, no endpoints: slices that still carry its name (a custom
+        # controller's, or ones not yet garbage collected) do not count.
         raise ServiceMissing(f"Service {where} does not exist")
     ports = ((service.get("spec") or {}).get("ports")) or []
     if wanted is None:
@@ -116,7 +115,7 @@ def select_port(service: Mapping[str, Any] | None, wanted: str | int | None, *, 
 
 
 class ServiceMissing(LookupError):
-    """The Service is absent and a numeric (or no) port cannot be resolved without it."""
+    """The Service is absent: it has no endpoints, whatever slices carry its name."""
 
 
 def _port_text(port: Mapping[str, Any]) -> str:

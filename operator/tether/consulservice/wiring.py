@@ -4,8 +4,8 @@ One kind with two modes, dispatched by
 :class:`~tether.consulservice.reconciling.ConsulServices`: fixed instances on the
 Consul agent (:class:`~tether.consulservice.agent.AgentServices`) and endpoints
 mode in Consul's catalog (:class:`~tether.consulservice.catalog.CatalogServices`). Two backend watchers
-(the agent's services, the synthetic node's catalog) and one per-namespace watch
-(EndpointSlices of the followed Services) wake its resources.
+(the agent's services, the synthetic node's catalog) and two per-namespace watches
+(the followed Services, and their EndpointSlices) wake its resources.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def setup(provided: Provided) -> Family:
     agent_index = AgentIndex(cluster=cluster, plural=PLURAL)
     catalog_index = CatalogIndex(cluster=cluster, plural=PLURAL)
     slices = slice_watches(provided.kube.http, catalog_index, route.enqueue)
-    reads = ClusterReads(provided.kube, slices)
+    services_watched = service_watches(provided.kube.http, catalog_index, route.enqueue)
+    reads = ClusterReads(provided.kube, slices, services_watched)
     catalog_services = CatalogServices(
         consul_client, reads, catalog_index, cluster=cluster, node=settings.consul_node,
         max_txn_ops=settings.consul_max_txn_ops,
@@ -59,7 +60,7 @@ def setup(provided: Provided) -> Family:
             consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan
         ).run,
     }
-    return Family(controllers=(controller,), watchers=watchers, watches=(slices,))
+    return Family(controllers=(controller,), watchers=watchers, watches=(slices, services_watched))
 
 
 def slice_watches(http: KubeHttp, followers: Followers, enqueue: Enqueue) -> NamespaceWatches:
@@ -82,15 +83,40 @@ def slice_watches(http: KubeHttp, followers: Followers, enqueue: Enqueue) -> Nam
     )
 
 
-class ClusterReads:
-    """Endpoints mode's Kubernetes reads (the ``Cluster`` protocol); slices behind their namespace's watch."""
+def service_watches(http: KubeHttp, followers: Followers, enqueue: Enqueue) -> NamespaceWatches:
+    """The Service watch: a followed Service created, changed or deleted wakes its followers.
 
-    def __init__(self, kube: KubeClient, slices: NamespaceWatches) -> None:
+    Slices alone are not enough: a Service deleted while its slices stay (a
+    custom controller's, or before garbage collection) changes no slice, yet
+    means no instances; and a Service created after its follower must wake it.
+    """
+
+    def changed(namespace: str, meta: Mapping[str, Any]) -> None:
+        for ref in followers.followers(namespace, str(meta.get("name") or "")):
+            enqueue(ref)
+
+    def resync(namespace: str) -> None:
+        for ref in followers.followers_in(namespace):
+            enqueue(ref)
+
+    return NamespaceWatches(
+        http, what="services", path="api/v1/namespaces/{namespace}/services",
+        changed=changed, wanted=lambda ns: bool(followers.followers_in(ns)), resync=resync,
+    )
+
+
+class ClusterReads:
+    """Endpoints mode's Kubernetes reads (the ``Cluster`` protocol), each behind its namespace's watch."""
+
+    def __init__(self, kube: KubeClient, slices: NamespaceWatches, services: NamespaceWatches) -> None:
         self.kube = kube
         self.slices = slices
+        self.services = services
 
     async def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
-        # Not watched: a change of the Service's ports changes its slices, which are.
+        # Watched before it is read: a Service created or deleted after this
+        # read always arrives as an event.
+        await self.services.ensure(namespace)
         return await self.kube.read_service(namespace, name)
 
     async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:

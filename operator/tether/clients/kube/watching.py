@@ -1,7 +1,7 @@
 """Watches of the objects around Tether's resources, proportional to what Tether manages.
 
-ConfigMaps and Secrets named in ``spec.from`` and the EndpointSlices of followed
-Services must wake their resources within seconds, but a cluster holds tens of
+ConfigMaps and Secrets named in ``spec.from``, the Services ConsulServices follow
+and those Services' EndpointSlices must wake their resources within seconds, but a cluster holds tens of
 thousands of such objects that have nothing to do with Tether. So:
 
 * **per namespace, on demand**: a namespace is watched only while some resource
