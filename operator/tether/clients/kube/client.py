@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _EVENT_DEDUP_SECONDS = 600.0
 _EVENT_DEDUP_SIZE = 10_000
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,14 @@ class KubeClient:
             what=f"list EndpointSlices of Service {namespace}/{service}",
         )
         return [dict(item) for item in (listing or {}).get("items") or []]
+
+    async def patch_pod_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """A strategic-merge patch of a Pod's ``status`` subresource (its conditions merge by type)."""
+        metrics.WRITES.labels(system="kubernetes").inc()
+        await self.http.request(
+            "PATCH", _core_path(namespace, "pods", name) + "/status", body=patch,
+            content_type=STRATEGIC_MERGE_PATCH, what=f"patch status of Pod {namespace}/{name}",
+        )
 
     async def close(self) -> None:
         await self.http.close()
