@@ -153,7 +153,7 @@ def test_a_namesake_pod_is_not_the_endpoints_pod() -> None:
 def test_gate_index_maps_pods_and_moves() -> None:
     index = GateIndex()
     index.record(REF, {"a"}, {"i1": None})
-    assert index.backed_by("team-a", "a") == [REF] and index.gated_in("team-a")
+    assert index.backed_by("team-a", "a") == [REF]
     assert index.moved({}) == []
     assert index.moved({"i1": "passing"}) == [REF]
     index.record(REF, {"a"}, {"i1": "passing"})
@@ -285,3 +285,21 @@ async def test_a_refused_patch_is_retried_with_a_warning_and_a_vanished_pod_is_n
     rig.kube.refuse = KubeNotFound
     out = await rig.apply()
     assert not out.retry and out.notes == ()
+
+
+def test_a_gated_pod_change_wakes_its_resources_or_else_its_namespaces_followers() -> None:
+    from tether.consulservice.gating import pod_cache
+
+    class Followers:
+        def followers_in(self, namespace: str) -> list[ObjectRef]:
+            return [REF, ObjectRef("consulservices", namespace, "other")]
+
+    index = GateIndex()
+    woken: list[ObjectRef] = []
+    cache = pod_cache(None, Followers(), index, woken.append)  # type: ignore[arg-type]
+    cache.changed("team-a", "a")  # not tied to a resource yet: every follower
+    assert woken == [REF, ObjectRef("consulservices", "team-a", "other")]
+    woken.clear()
+    index.record(REF, {"a"}, {"i1": "passing"})
+    cache.changed("team-a", "a")
+    assert woken == [REF]

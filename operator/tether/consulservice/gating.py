@@ -124,13 +124,16 @@ def pod_cache(
 ) -> NamespaceCaches[gates.Pod]:
     """The Pods of namespaces with followed Services, keeping only gated ones (slim).
 
-    A Pod change enqueues the resources its instances back (from the
-    index); a gated Pod no reconcile has seen yet enqueues nothing — its
-    EndpointSlice's change does, once it has an address.
+    A gated Pod's change enqueues the resources its instances back (from the
+    index). A gated Pod no reconcile has tied to a resource yet (the cache
+    saw it after the reconcile that read its endpoint) enqueues every
+    follower of its namespace: otherwise its endpoint, read as ungated, would
+    wait for an unrelated change. Ungated Pods are not kept, so their changes
+    enqueue nothing.
     """
 
     def changed(namespace: str, name: str) -> None:
-        for ref in index.backed_by(namespace, name):
+        for ref in index.backed_by(namespace, name) or followers.followers_in(namespace):
             enqueue(ref)
 
     return NamespaceCaches(

@@ -249,9 +249,6 @@ class GateIndex:
     def backed_by(self, namespace: str, pod: str) -> list[ObjectRef]:
         return sorted(self._refs.get((namespace, pod), ()))
 
-    def gated_in(self, namespace: str) -> bool:
-        return any(ns == namespace for ns, _ in self._refs)
-
     # -- read by the catalog watcher ---------------------------------------------
     def moved(self, statuses: Mapping[str, str]) -> list[ObjectRef]:
         """Resources with a gated instance whose status on the node (Service ID → aggregate)
