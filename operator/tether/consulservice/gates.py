@@ -128,7 +128,10 @@ def wanted(pod_instances: Mapping[str, Status], consul: Mapping[str, str | None]
     for iid in sorted(pod_instances):
         seen = consul.get(iid)
         if pod_instances[iid] != "passing":
-            return Condition("False", NOT_PASSING, f"instance {iid} is not ready (containers not ready)")
+            return Condition(
+                "False", NOT_PASSING,
+                f"instance {iid} is registered {pod_instances[iid]} (containers not ready, or Pod terminating)",
+            )
         if seen != "passing":
             lagging.append(f"{iid} is {seen or 'not registered yet'}")
     if lagging:
