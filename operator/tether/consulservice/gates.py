@@ -128,8 +128,8 @@ def wanted(pod_instances: Mapping[str, Status], consul: Mapping[str, str | None]
     for iid in sorted(pod_instances):
         seen = consul.get(iid)
         if pod_instances[iid] != "passing":
-            why = "containers not ready, or Pod terminating"
-            return Condition("False", NOT_PASSING, f"instance {iid} is registered {pod_instances[iid]} ({why})")
+            why = f"registered {pod_instances[iid]}: containers not ready, or Pod terminating"
+            return Condition("False", NOT_PASSING, f"instance {iid} is {why}")
         if seen != "passing":
             lagging.append(f"{iid} is {seen or 'not registered yet'}")
     if lagging:
