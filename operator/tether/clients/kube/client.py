@@ -1,4 +1,5 @@
-"""Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret/Service/EndpointSlice reads.
+"""Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret/Service/EndpointSlice reads,
+the readiness gate's Pod status patches.
 
 Every call goes through :class:`tether.clients.kube.http.KubeHttp` (asyncio, a deadline
 per request), so every failure is one of its :class:`KubeError` subclasses, which
