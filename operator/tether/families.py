@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tether.api import ObjectRef
 from tether.clients.consul.client import ConsulClient
 from tether.clients.etcd.client import EtcdClient
+from tether.clients.kube.caching import NamespaceCaches
 from tether.clients.kube.client import KubeClient
 from tether.clients.kube.watching import NamespaceWatches
 from tether.reconciling import Controller, Reconciler
@@ -47,7 +49,8 @@ class Family:
     watchers: Mapping[str, Watcher]
     #: Per-namespace watches of the objects around the resources; each maps its
     #: events to the resource keys it enqueues.
-    watches: tuple[NamespaceWatches, ...]
+    #: (A cache lists and watches full objects and keeps slim views: Pods for the readiness gate.)
+    watches: tuple[NamespaceWatches | NamespaceCaches[Any], ...]
 
 
 class Router:

@@ -511,6 +511,9 @@ _PERMISSIONS = [
     ("update", "services", "default", False),
     ("list", "namespaces", None, True),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, True),
+    # The readiness gate: Pods read and watched, their status patched, nothing else.
+    ("watch", "pods", "", True),
+    ("patch", "pods/status", "default", True),
     ("update", "leases.coordination.k8s.io", NAMESPACE, True),
     ("create", "leases.coordination.k8s.io", NAMESPACE, True),
     # What it must not do:
@@ -522,6 +525,9 @@ _PERMISSIONS = [
     ("create", "leases.coordination.k8s.io", "kube-system", False),
     ("update", "leases.coordination.k8s.io", "kube-node-lease", False),
     ("create", "pods", "default", False),
+    ("patch", "pods", "default", False),
+    ("update", "pods/status", "default", False),
+    ("delete", "pods", "default", False),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None, False),
 ]
 

@@ -103,7 +103,8 @@ def test_operator_works_with_only_its_service_account(installed: dict[str, str],
         json.loads(who.stdout)["status"]["userInfo"]["username"]
         == f"system:serviceaccount:{NAMESPACE}:tether"
     )
-    denied = kubectl({**env, "KUBECONFIG": str(kubeconfig)}, "get", "pods", "-n", ns, check=False)
+    # (Not Pods: the readiness gate reads them.)
+    denied = kubectl({**env, "KUBECONFIG": str(kubeconfig)}, "get", "deployments", "-n", ns, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
 
     op = run_as(env, kubeconfig, ns, tmp_path / "op.log", "--leader-elect")

@@ -23,7 +23,7 @@ from tether.clients.consul.client import ConsulRejected, ConsulUnavailable
 from tether.consulservice import agentwatching, catalogwatching, endpoints, planner
 from tether.consulservice.agentwatching import ConsulWatcher
 from tether.consulservice.catalogwatching import CatalogWatcher
-from tether.consulservice.index import AgentIndex, CatalogIndex, Tracked
+from tether.consulservice.index import AgentIndex, CatalogIndex, GateIndex, Tracked
 from tether.retrying import Retry
 
 CLUSTER = "kubernetes"
@@ -413,3 +413,19 @@ async def test_catalog_an_index_going_backwards_compares_and_reads_again(catalog
     assert rig.catalog.services_query.calls[-1] == 0
     await rig.catalog.services_query.answer(4)
     assert rig.catalog.services_query.calls[-1] == 4
+
+
+async def test_catalog_a_gated_instance_that_moved_wakes_its_resource(catalog_rig: CatalogRig) -> None:
+    """The readiness gate follows Consul: an instance now passing that the last gate
+    decision read otherwise enqueues its resource, even though nothing drifted."""
+    rig = catalog_rig
+    gates = GateIndex()
+    rig.watcher.gates = gates
+    web_iid = next(str(s["ID"]) for s in rig.catalog.services if str(s["ID"]).startswith("team-a-web"))
+    api_iid = next(str(s["ID"]) for s in rig.catalog.services if str(s["ID"]).startswith("team-b-api"))
+    gates.record(WEB, {"web-0"}, {web_iid: None})  # read before its registration
+    gates.record(API, {"api-0"}, {api_iid: "passing"})  # already settled
+    compares = rig.compares
+    await rig.catalog.checks_query.answer(11)
+    await rig.compared(compares + 1)
+    assert rig.enqueued == [WEB]

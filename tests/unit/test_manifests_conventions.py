@@ -75,6 +75,11 @@ def test_operator_role_drops_verbs_it_never_uses() -> None:
     ]
     namespaces = [r for r in rules if "namespaces" in r["resources"]]
     assert [sorted(r["verbs"]) for r in namespaces] == [["get", "list", "watch"]]
+    pods = [r for r in rules if any(res.startswith("pods") for res in r["resources"])]
+    assert pods == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+    ]
     lease = _rules("Role", "tether-leader-election")
     assert sorted(lease[0]["verbs"]) == ["create", "get", "update"]
 

@@ -28,8 +28,9 @@ from tether.api import consulservices as api
 from tether.clients.consul.client import Catalog, ConsulContended, ConsulError
 from tether.clients.kube.client import KubeError
 from tether.conditions import Condition
-from tether.consulservice import endpoints
+from tether.consulservice import endpoints, gates
 from tether.consulservice.committing import GroupCommit
+from tether.consulservice.gating import Decisions, Gating
 from tether.consulservice.index import CatalogIndex
 from tether.consulservice.planner import Owner
 from tether.reconciling import Note, Outcome, Resource
@@ -108,7 +109,7 @@ class CatalogServices:
 
     def __init__(
         self, catalog: Catalog, cluster_api: Cluster, index: CatalogIndex, *, cluster: str, node: str,
-        max_txn_ops: int = endpoints.MAX_TXN_OPS,
+        max_txn_ops: int = endpoints.MAX_TXN_OPS, gating: Gating | None = None,
     ) -> None:
         self.catalog = catalog
         self.kube = cluster_api
@@ -119,6 +120,8 @@ class CatalogServices:
         self.gate = NodeGate()
         # Writes of concurrent reconciles share transactions (a rollout touches many at once).
         self.commits = GroupCommit(catalog, max_ops=max_txn_ops)
+        # The readiness gate tether.dev/consul-passing (None: off, Pods are never read).
+        self.gating = gating
 
     def owner(self, ref: ObjectRef) -> Owner:
         return Owner(self.cluster, ref.namespace, ref.name)
@@ -138,7 +141,7 @@ class CatalogServices:
         except endpoints.ServiceMissing:
             return None
         slices = await self.kube.list_endpoint_slices(ns, svc_name)
-        return endpoints.endpoints(slices, port_name)
+        return endpoints.endpoints(slices, port_name, await self._gated(ns))
 
     async def _observe(
         self, name: str, owner: Owner
@@ -187,6 +190,7 @@ class CatalogServices:
         want = endpoints.desired(spec, owner, eps or ())
         before = self.index.wanted(res.ref)
         plan = endpoints.CatalogPlan()
+        decisions: Decisions | None = None
         try:
             for attempt in range(_ATTEMPTS):
                 async with self.gate.shared():
@@ -206,6 +210,10 @@ class CatalogServices:
                     # not flag our own write as drift. A failed write shows as a
                     # difference, which is true, and is retried either way.
                     self.index.track(res.ref, _without(want, plan.conflicts))
+                    # The gate reads the catalog as observed, before this write.
+                    decisions = await self._decide_gates(
+                        res, spec, eps or [], _without(want, plan.conflicts), checks
+                    )
                     try:
                         for ops in plan.batches:
                             await self.commits.submit(ops)
@@ -219,6 +227,7 @@ class CatalogServices:
                 exc, doing=f"register the instances of {spec.name!r}", fields=unknown,
                 conditions=_UNKNOWN_HEALTH,
             )
+        gate_failures = await self.gating.apply(decisions) if self.gating and decisions else []
         written = _without(want, plan.conflicts)
         tally = endpoints.counts(inst.status for inst in written.values())
         fields.update({"health": tally.health, "instances": tally.as_status()})
@@ -241,19 +250,19 @@ class CatalogServices:
             failed = Outcome.failed(conditions.INVALID_SPEC, missing, fields=fields, conditions=(healthy,))
             return dataclasses.replace(failed, notes=tuple(notes))
         if plan.conflicts:
-            return Outcome.failed(
+            return _with_gate_failures(gate_failures, Outcome.failed(
                 conditions.CONFLICT,
                 f"Consul instance IDs {list(plan.conflicts)[:5]} on node {self.node!r} are held by "
                 "another owner; Tether will not change or remove them. The other instances are "
                 "registered",
                 fields=fields, conditions=(healthy,),
-            )
-        return Outcome(
+            ))
+        return _with_gate_failures(gate_failures, Outcome(
             "True", conditions.RECONCILED,
             f"{tally.total} endpoints of Service {spec.endpoints.service!r} registered as "
             f"{spec.name!r} on Consul node {self.node!r}",
             fields=fields, conditions=(healthy,), notes=tuple(notes),
-        )
+        ))
 
     async def release(self, res: Resource, spec: api.ConsulServiceSpec | None, *, orphan: bool) -> Outcome:
         """Remove the resource's instances (or drop their ownership), then an empty node.
@@ -262,6 +271,7 @@ class CatalogServices:
         """
         removed = await self._remove(self.owner(res.ref), orphan=orphan, node_too=True)
         self.index.untrack(res.ref)
+        self._forget_gates(res.ref)
         if orphan:
             return Outcome.release_done(
                 "deletionPolicy Orphan: instances left in Consul", backend="Consul's catalog",
@@ -342,6 +352,7 @@ class CatalogServices:
 
     def forget(self, ref: ObjectRef) -> None:
         self.index.untrack(ref)
+        self._forget_gates(ref)
 
     async def withdraw(self, res: Resource) -> None:
         """Remove every catalog instance the resource owns (TetherPolicy refused it).
@@ -351,6 +362,7 @@ class CatalogServices:
         """
         owner = self.owner(res.ref)
         self.index.untrack(res.ref)
+        self._forget_gates(res.ref)
         async with self.gate.shared():
             for attempt in range(_ATTEMPTS):
                 _, _, services = await self.catalog.node_services(
@@ -366,6 +378,36 @@ class CatalogServices:
                 except ConsulContended:
                     if attempt == _ATTEMPTS - 1:
                         raise
+
+
+    # -- the readiness gate tether.dev/consul-passing (decisions: gates.py; Pod I/O: gating.py)
+
+    async def _gated(self, namespace: str) -> dict[str, gates.Pod]:
+        """The namespace's Pods that list the readiness gate (none when the gate is off)."""
+        return await self.gating.gated(namespace) if self.gating else {}
+
+    async def _decide_gates(
+        self, res: Resource, spec: api.ConsulServiceSpec, eps: list[endpoints.Endpoint],
+        want: dict[str, endpoints.Instance], checks: list[dict[str, Any]],
+    ) -> Decisions | None:
+        if self.gating is None:
+            return None
+        return await self.gating.decide(res.ref, spec.id, eps, want, checks)
+
+    def _forget_gates(self, ref: ObjectRef) -> None:
+        if self.gating is not None:
+            self.gating.forget(ref)
+
+
+def _with_gate_failures(failures: list[str], outcome: Outcome) -> Outcome:
+    """The outcome, retried with a Warning when a gated Pod's condition could not be set."""
+    if not failures:
+        return outcome
+    note = Note(
+        "Warning", "ReadinessGateNotSet",
+        f"could not set the readiness gate {gates.GATE} of {len(failures)} Pods: {'; '.join(failures[:3])}",
+    )
+    return dataclasses.replace(outcome, notes=(*outcome.notes, note), retry=True)
 
 
 def _without(want: dict[str, endpoints.Instance], ids: tuple[str, ...]) -> dict[str, endpoints.Instance]:

@@ -10,8 +10,10 @@ resource wants (the shared :class:`~tether.consulservice.index.CatalogIndex`), a
 only the resources that differ are enqueued. The owners of instances of
 this cluster that no tracked resource accounts for are enqueued as orphans
 (``enqueue_orphan``, at most once per owner per ``sweep_interval``): the
-reconciler asks Kubernetes before removing anything. The watcher itself
-never writes.
+reconciler asks Kubernetes before removing anything. Resources with Pods
+behind the readiness gate are enqueued when one of their gated instances'
+status moved (:class:`~tether.consulservice.index.GateIndex`). The watcher
+itself never writes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 from tether.api import ObjectRef
 from tether.clients.consul import blocking
 from tether.clients.consul.client import Catalog
-from tether.consulservice.index import CatalogIndex
+from tether.consulservice import gates as gate_rules
+from tether.consulservice.index import CatalogIndex, GateIndex
 from tether.consulservice.planner import Owner
 from tether.retrying import Retry
 
@@ -42,7 +45,7 @@ class CatalogWatcher:
         self, catalog: Catalog, index: CatalogIndex, node: str, enqueue: Callable[[ObjectRef], None],
         enqueue_orphan: Callable[[ObjectRef], None], *, wait: str = "60s", min_scan_interval: float = 0.1,
         settle: float = 0.05,
-        sweep_interval: float = 10.0,
+        sweep_interval: float = 10.0, gates: GateIndex | None = None,
     ) -> None:
         self.catalog = catalog
         self.index = index
@@ -53,6 +56,7 @@ class CatalogWatcher:
         self.min_scan_interval = min_scan_interval
         self.settle = settle
         self.sweep_interval = sweep_interval
+        self.gates = gates
         self._services: list[dict[str, Any]] = []
         self._checks: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
@@ -114,6 +118,11 @@ class CatalogWatcher:
             drifted, untracked = self.index.drifted(self._services, self._checks)
             for ref in drifted:
                 self.enqueue(ref)
+            if self.gates is not None:
+                # The readiness gate follows Consul's view: a gated instance whose
+                # status moved (just registered, now passing) wakes its resource.
+                for ref in self.gates.moved(gate_rules.instance_statuses(self._checks)):
+                    self.enqueue(ref)
             now = loop.time()
             self._swept = {o: t for o, t in self._swept.items() if o in set(untracked)}
             for owner in untracked:

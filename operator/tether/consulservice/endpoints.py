@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from tether.api import InvalidSpec
 from tether.api import consulservices as api
+from tether.consulservice import gates
 from tether.consulservice.planner import Owner, owner_of
 
 #: Consul's limit of operations in one ``/v1/txn``: ``maxTxnOps = 128`` in
@@ -52,6 +53,8 @@ class Endpoint:
     port: int
     status: Status
     output: str
+    #: The gated Pod behind it (readiness gate ``tether.dev/consul-passing``), else "".
+    pod: str = field(default="", compare=False)
 
 
 def health_of(conditions: Mapping[str, Any] | None) -> tuple[Status, str]:
@@ -123,28 +126,50 @@ def _port_text(port: Mapping[str, Any]) -> str:
     return f"{name} ({port.get('port')})" if name else str(port.get("port"))
 
 
-def endpoints(slices: Iterable[Mapping[str, Any]], port_name: str) -> list[Endpoint]:
+def endpoints(
+    slices: Iterable[Mapping[str, Any]], port_name: str, gated: Mapping[str, gates.Pod] | None = None,
+) -> list[Endpoint]:
     """Every endpoint address with the selected port across ``slices``, de-duplicated.
 
     The same endpoint may sit in two slices while the EndpointSlice controller
     moves it; the healthiest view wins (it is the newer one in a move).
+
+    ``gated``: the namespace's Pods that list the readiness gate, by name. An
+    endpoint whose ``targetRef`` is one of them (same UID) takes its status
+    from the Pod's ``ContainersReady``, since the gate holds ``ready`` false
+    until Consul passes it: ``ready`` would never let the instance pass.
     """
+    gated = gated or {}
     best: dict[tuple[str, int], Endpoint] = {}
     for item in slices:
         number = _slice_port(item, port_name)
         if number is None:
             continue
         for ep in item.get("endpoints") or []:
-            status, output = health_of(ep.get("conditions"))
+            pod = _gated_pod(ep.get("targetRef"), gated)
+            if pod is not None:
+                status, output = gates.endpoint_health(pod, ep.get("conditions"))
+            else:
+                status, output = health_of(ep.get("conditions"))
             for address in ep.get("addresses") or []:
                 if not isinstance(address, str) or not address:
                     continue
-                candidate = Endpoint(address, number, status, output)
+                candidate = Endpoint(address, number, status, output, pod.name if pod else "")
                 key = (address, number)
                 old = best.get(key)
                 if old is None or (_RANK[status], output) < (_RANK[old.status], old.output):
                     best[key] = candidate
     return sorted(best.values())
+
+
+def _gated_pod(ref: Any, gated: Mapping[str, gates.Pod]) -> gates.Pod | None:
+    if not gated or not isinstance(ref, Mapping) or ref.get("kind") != "Pod":
+        return None
+    pod = gated.get(str(ref.get("name") or ""))
+    # A namesake (a StatefulSet's Pod recreated) is another Pod: the UID must match when given.
+    if pod is None or (ref.get("uid") and pod.uid and ref.get("uid") != pod.uid):
+        return None
+    return pod
 
 
 def _slice_port(item: Mapping[str, Any], port_name: str) -> int | None:

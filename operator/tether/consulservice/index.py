@@ -202,3 +202,58 @@ class CatalogIndex:
             if ObjectRef(self.plural, owner.namespace, owner.name) not in self._wanted
         ]
         return out, untracked
+
+
+class GateIndex:
+    """What the readiness gate shares between endpoints mode's reconciler and its watchers.
+
+    * gated Pod → the resources whose instances it backs: the Pod cache
+      enqueues only those when the Pod's ``ContainersReady`` or gate changes
+      (its EndpointSlice does not change: the gate holds ``ready`` false);
+    * resource → the Consul status its last gate decisions were based on, per
+      instance: the catalog watcher enqueues the resource as soon as the node's
+      checks say otherwise (an instance Tether just wrote now passing), so the
+      gate follows Consul's view, never Tether's own write.
+
+    Written by the reconciler (before its write, so that no move of the node
+    after it can be missed), read by the watchers.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[ObjectRef, dict[str, str | None]] = {}
+        self._pods: dict[ObjectRef, frozenset[tuple[str, str]]] = {}
+        self._refs: dict[tuple[str, str], set[ObjectRef]] = {}
+
+    def record(self, ref: ObjectRef, pods: set[str], seen: Mapping[str, str | None]) -> None:
+        """``ref``'s gated Pods now, and the Consul status of each of their instances it read."""
+        keys = frozenset((ref.namespace, pod) for pod in pods)
+        old = self._pods.get(ref, frozenset())
+        for key in old - keys:
+            refs = self._refs.get(key, set())
+            refs.discard(ref)
+            if not refs:
+                self._refs.pop(key, None)
+        for key in keys - old:
+            self._refs.setdefault(key, set()).add(ref)
+        if keys:
+            self._pods[ref] = keys
+            self._seen[ref] = dict(seen)
+        else:
+            self._pods.pop(ref, None)
+            self._seen.pop(ref, None)
+
+    def forget(self, ref: ObjectRef) -> None:
+        self.record(ref, set(), {})
+
+    # -- read by the Pod cache ---------------------------------------------------
+    def backed_by(self, namespace: str, pod: str) -> list[ObjectRef]:
+        return sorted(self._refs.get((namespace, pod), ()))
+
+    # -- read by the catalog watcher ---------------------------------------------
+    def moved(self, statuses: Mapping[str, str]) -> list[ObjectRef]:
+        """Resources with a gated instance whose status on the node (Service ID → aggregate)
+        differs from the one their last gate decision read."""
+        return sorted(
+            ref for ref, seen in self._seen.items()
+            if any(statuses.get(iid) != status for iid, status in seen.items())
+        )

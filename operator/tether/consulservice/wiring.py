@@ -4,8 +4,9 @@ One kind with two modes, dispatched by
 :class:`~tether.consulservice.reconciling.ConsulServices`: fixed instances on the
 Consul agent (:class:`~tether.consulservice.agent.AgentServices`) and endpoints
 mode in Consul's catalog (:class:`~tether.consulservice.catalog.CatalogServices`). Two backend watchers
-(the agent's services, the synthetic node's catalog) and two per-namespace watches
-(the followed Services, and their EndpointSlices) wake its resources.
+(the agent's services, the synthetic node's catalog) and per-namespace watches
+(the followed Services, their EndpointSlices, and their namespaces' Pods for the
+readiness gate) wake its resources.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tether.consulservice.agent import AgentServices
 from tether.consulservice.agentwatching import ConsulWatcher
 from tether.consulservice.catalog import CatalogServices
 from tether.consulservice.catalogwatching import CatalogWatcher
-from tether.consulservice.index import AgentIndex, CatalogIndex
+from tether.consulservice.gating import ClusterPods, Gating, pod_cache
+from tether.consulservice.index import AgentIndex, CatalogIndex, GateIndex
 from tether.consulservice.reconciling import ConsulServices
 from tether.families import Enqueue, Family, Provided, Router
 
@@ -45,9 +47,12 @@ def setup(provided: Provided) -> Family:
     slices = slice_watches(provided.kube.http, catalog_index, route.enqueue)
     services_watched = service_watches(provided.kube.http, catalog_index, route.enqueue)
     reads = ClusterReads(provided.kube, slices, services_watched)
+    # The readiness gate tether.dev/consul-passing: Pods of namespaces with followed Services.
+    gate_index = GateIndex()
+    pods = pod_cache(provided.kube.http, catalog_index, gate_index, route.enqueue)
     catalog_services = CatalogServices(
         consul_client, reads, catalog_index, cluster=cluster, node=settings.consul_node,
-        max_txn_ops=settings.consul_max_txn_ops,
+        max_txn_ops=settings.consul_max_txn_ops, gating=Gating(ClusterPods(provided.kube, pods), gate_index),
     )
     services = ConsulServices(
         AgentServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url),
@@ -57,10 +62,11 @@ def setup(provided: Provided) -> Family:
     watchers = {
         "consul-watch": ConsulWatcher(consul_client, agent_index, controller.enqueue).run,
         "consul-catalog-watch": CatalogWatcher(
-            consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan
+            consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan,
+            gates=gate_index,
         ).run,
     }
-    return Family(controllers=(controller,), watchers=watchers, watches=(slices, services_watched))
+    return Family(controllers=(controller,), watchers=watchers, watches=(slices, services_watched, pods))
 
 
 def slice_watches(http: KubeHttp, followers: Followers, enqueue: Enqueue) -> NamespaceWatches:

@@ -1,4 +1,5 @@
-"""Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret/Service/EndpointSlice reads.
+"""Kubernetes I/O: status and finalizer patches, events, ConfigMap/Secret/Service/EndpointSlice reads,
+the readiness gate's Pod status patches.
 
 Every call goes through :class:`tether.clients.kube.http.KubeHttp` (asyncio, a deadline
 per request), so every failure is one of its :class:`KubeError` subclasses, which
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 _EVENT_DEDUP_SECONDS = 600.0
 _EVENT_DEDUP_SIZE = 10_000
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,14 @@ class KubeClient:
             what=f"list EndpointSlices of Service {namespace}/{service}",
         )
         return [dict(item) for item in (listing or {}).get("items") or []]
+
+    async def patch_pod_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """A strategic-merge patch of a Pod's ``status`` subresource (its conditions merge by type)."""
+        metrics.WRITES.labels(system="kubernetes").inc()
+        await self.http.request(
+            "PATCH", _core_path(namespace, "pods", name) + "/status", body=patch,
+            content_type=STRATEGIC_MERGE_PATCH, what=f"patch status of Pod {namespace}/{name}",
+        )
 
     async def close(self) -> None:
         await self.http.close()
