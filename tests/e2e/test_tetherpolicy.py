@@ -402,7 +402,8 @@ def test_edit_users_cannot_write_policies_and_view_users_can_read_them(
         _binding("ClusterRoleBinding", cluster_editor, edit, cluster_editor),
         _binding("ClusterRoleBinding", viewer, view, viewer),
     ]
-    kubectl(dev_env, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": bindings}))
+    listed_bindings = {"apiVersion": "v1", "kind": "List", "items": bindings}
+    kubectl(dev_env, "apply", "-f", "-", input=json.dumps(listed_bindings))
     existing = policies("existing", {"namespaceSelector": {"matchLabels": {LABEL: f"nobody-{tag}"}}})
     mine = resource("TetherPolicy", f"mine-{tag}", {"namespaceSelector": {}, "consulServiceNames": ["*"]})
     mine_yaml = yaml.safe_dump(mine)
@@ -442,10 +443,11 @@ def test_edit_users_cannot_write_policies_and_view_users_can_read_them(
         forbidden(as_user(viewer, "delete", "tetherpolicy", existing), "delete")
         assert _policy(dev_env, existing)["spec"].get("consulServiceNames") is None, "the policy unchanged"
     finally:
-        kubectl(dev_env, "delete", "tetherpolicy", f"mine-{tag}", "--ignore-not-found", check=False)
-        kubectl(dev_env, "delete", "rolebinding", ns_editor, "-n", namespace, "--ignore-not-found", check=False)
-        kubectl(dev_env, "delete", "clusterrolebinding", cluster_editor, viewer, "--ignore-not-found", check=False)
-        kubectl(dev_env, "delete", "clusterrole", edit, view, "--ignore-not-found", check=False)
+        gone = "--ignore-not-found"
+        kubectl(dev_env, "delete", "tetherpolicy", f"mine-{tag}", gone, check=False)
+        kubectl(dev_env, "delete", "rolebinding", ns_editor, "-n", namespace, gone, check=False)
+        kubectl(dev_env, "delete", "clusterrolebinding", cluster_editor, viewer, gone, check=False)
+        kubectl(dev_env, "delete", "clusterrole", edit, view, gone, check=False)
 
 
 ADMISSION = Path(__file__).resolve().parents[2] / "manifests" / "components" / "policy-admission"
