@@ -56,6 +56,7 @@ from benchmarks.processes import (
 )
 from tether.clients.etcd.client import EtcdClient
 from tether.clients.etcd.connection import EtcdConnection
+from tether_dev.harness import kube as kube_harness
 from tether_dev.harness.operator import OperatorProcess, writes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="every stack is `tether dev up --ha` (3 etcd members, 3 Consul servers)")
     parser.add_argument("--endpoints-only", action="store_true",
                         help="only the endpoints section (no floor, convergence or steady state)")
+    parser.add_argument("--policies", type=int, default=0,
+                        help="TetherPolicies present before the operator starts, none of them about "
+                             "the bench namespace or its names (the cost of checking them; 0)")
     return parser
 
 
@@ -202,12 +206,35 @@ def _cpu_delta(after: dict[str, float], before: dict[str, float], harness: float
     return out
 
 
+def policy_objects(count: int) -> list[dict[str, Any]]:
+    """``count`` TetherPolicies of other teams: each selects a label the bench namespace lacks
+    and allows names and prefixes the workload never uses, so every resource is still allowed
+    (rule 3) but only after every policy was consulted for a reservation."""
+    return [
+        {
+            "apiVersion": "tether.dev/v1alpha1",
+            "kind": "TetherPolicy",
+            "metadata": {"name": f"bench-team-{i:03d}", "labels": {"tether.dev/bench": "1"}},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"bench.tether.dev/team": f"team-{i:03d}"}},
+                "consulServiceNames": [f"team-{i:03d}-*", f"shared-{i:03d}"],
+                "etcdPrefixes": [f"/teams/team-{i:03d}"],
+                "consulKVPrefixes": [f"teams/team-{i:03d}"],
+            },
+        }
+        for i in range(count)
+    ]
+
+
 async def _operator_phase(
     stack: Stack, n: int, args: argparse.Namespace, *, steady: bool, report: dict[str, Any],
     extra_env: dict[str, str],
 ) -> dict[str, Any]:
     stack.fresh()
     args.artifacts.mkdir(parents=True, exist_ok=True)
+    if args.policies:
+        items = {"apiVersion": "v1", "kind": "List", "items": policy_objects(args.policies)}
+        kube_harness.kubectl(stack.env, "apply", "-f", "-", input=json.dumps(items))
     # JSON logs, as the Deployment runs it: the figures include what production logging costs.
     operator = OperatorProcess(
         stack.env,
@@ -375,6 +402,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "repeat": args.repeat,
             "profiled": args.profile,
             "keys_per_etcdconfig": workload.KEYS_PER_CONFIG,
+            "policies": args.policies,
         },
         "sizes": {},
     }

@@ -189,6 +189,117 @@ def test_a_policy_edit_withdraws_and_restores(
     assert etcd.get(f"{prefix}/k") == "v"
 
 
+# -- endpoints mode: the Services and EndpointSlices are written here, as the
+# EndpointSlice controller would (the dev stack runs no kube-controller-manager).
+
+NODE = "tether-kubernetes"  # the synthetic catalog node of the shared operator (cluster "kubernetes")
+
+
+def _service_with_slice(env: Env, namespace: str, name: str, addresses: list[str]) -> None:
+    """A Service ``name`` with port ``http`` (80 → 8080) and one slice of ready endpoints."""
+    apply(env, namespace, {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    })
+    apply(env, namespace, {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{name}-a", "labels": {
+            "kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "e2e.tether.dev",
+        }},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": True, "serving": True, "terminating": False}}
+            for a in addresses
+        ],
+    })
+
+
+def _catalog_instances(env: Env, namespace: str, name: str) -> set[str]:
+    """Addresses of the synthetic node's catalog instances owned by ``namespace/name``."""
+    got = Consul.from_env(env).call("GET", f"/v1/catalog/node-services/{NODE}") or {}
+    return {
+        str(s["Address"]) for s in got.get("Services") or []
+        if ((s.get("Meta") or {}).get("tether-namespace"), (s.get("Meta") or {}).get("tether-name"))
+        == (namespace, name)
+    }
+
+
+def test_endpoints_mode_cannot_register_another_teams_service_name(
+    dev_env: Env, operator: OperatorProcess, namespace: str, team_b: str,
+    policies: Callable[[str, dict[str, Any]], str],
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    service = f"payments-{tag}"
+    _label(dev_env, namespace, f"a-{tag}")
+    _label(dev_env, team_b, f"b-{tag}")
+    pol_a = policies("team-a", {
+        "namespaceSelector": {"matchLabels": {LABEL: f"a-{tag}"}}, "consulServiceNames": [service],
+    })
+    # team-a's own instances, in endpoints mode on the shared synthetic node.
+    _service_with_slice(dev_env, namespace, "payments", ["10.2.0.1", "10.2.0.2"])
+    apply(dev_env, namespace, resource("ConsulService", "payments", {
+        "name": service, "endpoints": {"service": "payments", "port": "http"},
+    }))
+    wait_condition(dev_env, namespace, "consulservice", "payments", op=operator)
+    wait_for(lambda: _addresses(dev_env, service) == {"10.2.0.1", "10.2.0.2"}, timeout=10,
+             message="team-a's instances in the catalog")
+    victim = Consul.from_env(dev_env).call("GET", f"/v1/catalog/service/{service}")
+    # team-b (selected by no policy, default allow) points the same name at its own endpoints.
+    _service_with_slice(dev_env, team_b, "payments", ["6.6.6.6"])
+    apply(dev_env, team_b, resource("ConsulService", "payments", {
+        "name": service, "endpoints": {"service": "payments", "port": "http"},
+    }))
+    obj = wait_condition(
+        dev_env, team_b, "consulservice", "payments", status="False", reason="Forbidden", op=operator
+    )
+    message = condition(obj)["message"]
+    assert service in message and pol_a in message, message
+    # A change of the slice would reach Consul within 1 s if it were allowed: give it 3.
+    _service_with_slice(dev_env, team_b, "payments", ["6.6.6.6", "6.6.6.7"])
+    time.sleep(3)
+    assert _catalog_instances(dev_env, team_b, "payments") == set(), "nothing of team-b's in the catalog"
+    assert _addresses(dev_env, service) == {"10.2.0.1", "10.2.0.2"}
+    after = Consul.from_env(dev_env).call("GET", f"/v1/catalog/service/{service}")
+    untouched = ("ID", "ServiceID", "ServiceAddress", "ServicePort", "ServiceMeta", "ModifyIndex")
+    assert [{k: e[k] for k in untouched} for e in after] == [{k: e[k] for k in untouched} for e in victim], (
+        "the victim's catalog entries not rewritten"
+    )
+
+
+def test_a_policy_edit_withdraws_and_restores_endpoints_mode(
+    dev_env: Env, operator: OperatorProcess, namespace: str, policies: Callable[[str, dict[str, Any]], str],
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    service = f"catalog-{tag}"
+    _label(dev_env, namespace, f"a-{tag}")
+    allowing = {"namespaceSelector": {"matchLabels": {LABEL: f"a-{tag}"}}, "consulServiceNames": [service]}
+    pol = policies("team-a", allowing)
+    _service_with_slice(dev_env, namespace, "web", ["10.3.0.1", "10.3.0.2"])
+    apply(dev_env, namespace, resource("ConsulService", "web", {
+        "name": service, "endpoints": {"service": "web", "port": 80},
+    }))
+    wait_condition(dev_env, namespace, "consulservice", "web", op=operator)
+    wait_for(lambda: _catalog_instances(dev_env, namespace, "web") == {"10.3.0.1", "10.3.0.2"},
+             timeout=10, message="the catalog instances")
+
+    started = time.monotonic()
+    _apply_policy(dev_env, pol, {**allowing, "consulServiceNames": [f"other-{tag}"]})
+    wait_condition(dev_env, namespace, "consulservice", "web", status="False", reason="Forbidden",
+                   timeout=10, op=operator)
+    wait_for(lambda: not _catalog_instances(dev_env, namespace, "web"), timeout=10,
+             message="the catalog instances withdrawn")
+    took = time.monotonic() - started
+    print(f"endpoints-mode instances withdrawn {took:.2f}s after the policy edit")
+    assert took < 15, "withdrawn within 10 s (plus kubectl's own time)"
+    assert not _instances(dev_env, service), "Consul hands out nothing for the service"
+
+    _apply_policy(dev_env, pol, allowing)
+    wait_condition(dev_env, namespace, "consulservice", "web", timeout=15, op=operator)
+    wait_for(lambda: _catalog_instances(dev_env, namespace, "web") == {"10.3.0.1", "10.3.0.2"},
+             timeout=10, message="the catalog instances back")
+
+
 def test_an_invalid_policy_says_so_and_affects_nothing_else(
     dev_env: Env, operator: OperatorProcess, policies: Callable[[str, dict[str, Any]], str],
 ) -> None:
@@ -233,6 +344,110 @@ def test_default_deny(dev_env: Env, tmp_path: Path, policies: Callable[[str, dic
         op.stop(grace=20)
         delete_namespace(dev_env, ns)
         assert get(dev_env, ns, "etcdconfig", "cfg") is None
+
+
+# -- RBAC: who may write a policy ---------------------------------------------------------------
+
+AGGREGATED_ROLES = Path(__file__).resolve().parents[2] / "manifests" / "aggregated_roles.yaml"
+
+
+def _aggregate(env: Env, role: str, copy: str) -> None:
+    """ClusterRole ``copy``: what the aggregation controller makes of built-in ``role``.
+
+    The dev stack runs no kube-controller-manager, so the built-in ``edit`` and
+    ``view`` keep their aggregation rule but never receive the rules of the roles
+    their selectors pick. This does the controller's work into a copy: the union
+    of the rules of every ClusterRole the ``aggregationRule`` selects (Tether's
+    ``tether-edit``/``tether-view`` among them, by their labels).
+    """
+    built_in = json.loads(kubectl(env, "get", "clusterrole", role, "-o", "json").stdout)
+    rules: list[dict[str, Any]] = []
+    for selector in built_in["aggregationRule"]["clusterRoleSelectors"]:
+        labels = ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items())
+        picked = json.loads(kubectl(env, "get", "clusterroles", "-l", labels, "-o", "json").stdout)
+        rules += [r for item in picked["items"] for r in item.get("rules") or [] if r not in rules]
+    obj = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+           "metadata": {"name": copy}, "rules": rules}
+    kubectl(env, "apply", "-f", "-", input=json.dumps(obj))
+
+
+def _binding(kind: str, name: str, role: str, user: str, namespace: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name} | ({"namespace": namespace} if namespace else {})
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+
+
+def test_edit_users_cannot_write_policies_and_view_users_can_read_them(
+    dev_env: Env, operator: OperatorProcess, namespace: str, policies: Callable[[str, dict[str, Any]], str],
+) -> None:
+    """Users made by impersonation (``kubectl --as``): the admin kubeconfig may impersonate.
+
+    Three users: one bound to ``edit`` in ``namespace`` (the usual team member),
+    one bound to ``edit`` cluster-wide (so a 403 on the cluster-scoped kind comes
+    from the role's rules, not merely from the binding's scope), one bound to
+    ``view`` cluster-wide (a policy is cluster-scoped: only a ClusterRoleBinding
+    can let anyone read it).
+    """
+    tag = uuid.uuid4().hex[:6]
+    kubectl(dev_env, "apply", "-f", str(AGGREGATED_ROLES))
+    edit, view = f"e2e-edit-{tag}", f"e2e-view-{tag}"
+    ns_editor, cluster_editor, viewer = f"ns-editor-{tag}", f"cluster-editor-{tag}", f"viewer-{tag}"
+    _aggregate(dev_env, "edit", edit)
+    _aggregate(dev_env, "view", view)
+    bindings = [
+        _binding("RoleBinding", ns_editor, edit, ns_editor, namespace),
+        _binding("ClusterRoleBinding", cluster_editor, edit, cluster_editor),
+        _binding("ClusterRoleBinding", viewer, view, viewer),
+    ]
+    listed_bindings = {"apiVersion": "v1", "kind": "List", "items": bindings}
+    kubectl(dev_env, "apply", "-f", "-", input=json.dumps(listed_bindings))
+    existing = policies("existing", {"namespaceSelector": {"matchLabels": {LABEL: f"nobody-{tag}"}}})
+    mine = resource("TetherPolicy", f"mine-{tag}", {"namespaceSelector": {}, "consulServiceNames": ["*"]})
+    mine_yaml = yaml.safe_dump(mine)
+
+    def as_user(user: str, *args: str, **kw: Any) -> Any:
+        return kubectl(dev_env, "--as", user, *args, check=False, **kw)
+
+    def forbidden(done: Any, verb: str) -> None:
+        assert done.returncode != 0, done.stdout
+        assert "(Forbidden)" in done.stderr and f'cannot {verb} resource "tetherpolicies"' in done.stderr, (
+            done.stderr
+        )
+
+    try:
+        # The aggregated roles really carry Tether's rules: without them nothing below could pass.
+        created = as_user(ns_editor, "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
+            resource("ConsulService", "web", {"address": "10.0.0.9", "port": 80})))
+        assert created.returncode == 0, created.stderr
+        wait_condition(dev_env, namespace, "consulservice", "web", op=operator)
+        assert as_user(viewer, "get", "consulservice", "web", "-n", namespace).returncode == 0
+
+        for editor in (ns_editor, cluster_editor):
+            forbidden(as_user(editor, "create", "-f", "-", input=mine_yaml), "create")
+            # kubectl's patch and label read the object first (and fail on get): ask the authorizer.
+            can_patch = as_user(editor, "auth", "can-i", "patch", "tetherpolicies.tether.dev")
+            assert can_patch.stdout.strip() == "no", can_patch
+            current = _policy(dev_env, existing)
+            current["spec"]["consulServiceNames"] = ["*"]
+            forbidden(as_user(editor, "replace", "-f", "-", input=json.dumps(current)), "update")
+            forbidden(as_user(editor, "delete", "tetherpolicy", existing), "delete")
+
+        listed = as_user(viewer, "get", "tetherpolicies", "-o", "name")
+        assert listed.returncode == 0 and f"tetherpolicy.tether.dev/{existing}" in listed.stdout, listed
+        got = as_user(viewer, "get", "tetherpolicy", existing, "-o", "json")
+        assert got.returncode == 0 and json.loads(got.stdout)["metadata"]["name"] == existing
+        forbidden(as_user(viewer, "create", "-f", "-", input=mine_yaml), "create")
+        forbidden(as_user(viewer, "delete", "tetherpolicy", existing), "delete")
+        assert _policy(dev_env, existing)["spec"].get("consulServiceNames") is None, "the policy unchanged"
+    finally:
+        gone = "--ignore-not-found"
+        kubectl(dev_env, "delete", "tetherpolicy", f"mine-{tag}", gone, check=False)
+        kubectl(dev_env, "delete", "rolebinding", ns_editor, "-n", namespace, gone, check=False)
+        kubectl(dev_env, "delete", "clusterrolebinding", cluster_editor, viewer, gone, check=False)
+        kubectl(dev_env, "delete", "clusterrole", edit, view, gone, check=False)
 
 
 ADMISSION = Path(__file__).resolve().parents[2] / "manifests" / "components" / "policy-admission"

@@ -39,6 +39,7 @@ T = TypeVar("T")
 GROUP = "tether.dev"
 VERSION = "v1alpha1"
 FINALIZER = "tether.dev/cleanup"
+POLICIES = "tetherpolicies"
 #: The cluster name the operator writes into ownership markers (its default).
 CLUSTER = "kubernetes"
 #: Where the operator records etcd ownership (its default).
@@ -251,6 +252,34 @@ class Kube:
         if namespaces is None:
             return items
         return [i for i in items if i["metadata"]["namespace"] in namespaces]
+
+    # --- TetherPolicy (cluster-scoped) ---------------------------------------
+    def put_policy(self, name: str, spec: Mapping[str, Any]) -> None:
+        """Create TetherPolicy ``name`` or replace its spec."""
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TetherPolicy",
+                "metadata": {"name": name}, "spec": dict(spec)}
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, POLICIES, body, _request_timeout=15)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            patch = [{"op": "replace", "path": "/spec", "value": dict(spec)}]
+            self.custom.patch_cluster_custom_object(
+                GROUP, VERSION, POLICIES, name, patch,
+                _content_type="application/json-patch+json", _request_timeout=15,
+            )
+
+    def delete_policy(self, name: str) -> None:
+        try:
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, POLICIES, name, _request_timeout=15)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def label_namespace(self, name: str, key: str, value: str | None) -> None:
+        """Set (or with None remove) one label of namespace ``name``."""
+        patch = {"metadata": {"labels": {key: value}}}
+        self.core.patch_namespace(name, patch, _request_timeout=15)
 
     # --- core ----------------------------------------------------------------
     def ensure_namespace(self, name: str) -> None:

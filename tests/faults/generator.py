@@ -85,6 +85,33 @@ class Limits:
     big_keys: int = 0  # occasionally an EtcdConfig this large (0: never)
     orphan_share: float = 0.05
     invalid_share: float = 0.05
+    #: Share of operations that edit a TetherPolicy or relabel a namespace (0: never,
+    #: and then no random number is drawn for it: older seeds replay unchanged).
+    policy_share: float = 0.0
+
+
+#: The namespace label the run's TetherPolicies select on.
+TEAM_LABEL = "faults.tether.dev/team"
+TEAMS = ("a", "b")
+#: Service-name patterns a policy may allow (the names ``cs_spec`` uses, and the
+#: default name, ``metadata.name``, of every ConsulService the generator makes).
+NAME_PATTERNS = (*SERVICE_NAMES, "cs-*")
+
+
+@dataclass
+class PolicyState:
+    """The run's TetherPolicies and team labels after one edit, and when it was made.
+
+    ``started``/``finished`` (``time.monotonic()``) bracket the API call that
+    made it: the state may have been in force from ``started`` on, and the
+    previous one may have been until ``finished``.
+    """
+
+    started: float
+    finished: float
+    policies: dict[str, dict[str, Any]]  # name -> spec
+    teams: dict[str, str]  # namespace -> team ("a"/"b"); absent: no label
+    what: str
 
 
 class Model:
@@ -98,7 +125,15 @@ class Model:
         self.decls: dict[tuple[str, str, str], Decl] = {}
         self.foreign: dict[str, str] = {}
         self.config_maps: dict[tuple[str, str], dict[str, str]] = {}
+        #: Every policy/label state of the run, oldest first; the first is "none".
+        self.policy_history: list[PolicyState] = [PolicyState(0.0, 0.0, {}, {}, "no policies")]
         self.lock = threading.Lock()
+
+    def policy_name(self, team: str) -> str:
+        return f"f{self.run_id}-team-{team}"
+
+    def team_value(self, team: str) -> str:
+        return f"{self.run_id}-{team}"
 
     def live(self, kind: str | None = None) -> list[Decl]:
         with self.lock:
@@ -441,6 +476,81 @@ class Workload:
             rec, lambda: self.kube.put_config_map(namespace, name, data), done_on=lambda exc, failures: False
         )
 
+    # ---------------------------------------------------------- policies
+    def _policy_spec(self, team: str) -> dict[str, Any]:
+        r = self.rng
+        ns_prefixes = [f"{self.model.root}/{ns}" for ns in self.model.namespaces]
+        # Mostly a namespace's own prefix; sometimes the run's root, which then
+        # reserves every namespace's prefix (above) against the others.
+        pool = ns_prefixes + ([self.model.root] if r.random() < 0.15 else [])
+        spec: dict[str, Any] = {
+            "namespaceSelector": {"matchLabels": {TEAM_LABEL: self.model.team_value(team)}},
+            "consulServiceNames": r.sample(NAME_PATTERNS, r.randint(0, 4)),
+            "etcdPrefixes": r.sample(pool, r.randint(0, len(pool))),
+        }
+        return spec
+
+    def policy_op(self) -> None:
+        """One random edit: a TetherPolicy created, changed or deleted, or a namespace relabelled."""
+        r = self.rng
+        last = self.model.policy_history[-1]
+        policies, teams = dict(last.policies), dict(last.teams)
+        if r.random() < 0.5:
+            team = r.choice(TEAMS)
+            name = self.model.policy_name(team)
+            if name in policies and r.random() < 0.25:
+                del policies[name]
+                what = f"delete policy {name}"
+                call: Callable[[], Any] = lambda: self.kube.delete_policy(name)  # noqa: E731
+            else:
+                spec = self._policy_spec(team)
+                policies[name] = spec
+                names, prefixes = spec["consulServiceNames"], spec["etcdPrefixes"]
+                what = f"edit policy {name}: names {names}, prefixes {prefixes}"
+                call = lambda: self.kube.put_policy(name, spec)  # noqa: E731
+        else:
+            ns = r.choice(self.model.namespaces)
+            team_or_none = r.choice((*TEAMS, None))
+            if team_or_none is None:
+                teams.pop(ns, None)
+            else:
+                teams[ns] = team_or_none
+            what = f"label namespace {ns} team={team_or_none}"
+            value = self.model.team_value(team_or_none) if team_or_none else None
+            call = lambda: self.kube.label_namespace(ns, TEAM_LABEL, value)  # noqa: E731
+        self._apply_policy_state(what, call, policies, teams)
+
+    def allow_all(self) -> None:
+        """Delete the run's policies and team labels: with the default ``allow``, all is allowed again."""
+        last = self.model.policy_history[-1]
+        for name in sorted(last.policies):
+            self._apply_policy_state(
+                f"delete policy {name}", lambda name=name: self.kube.delete_policy(name),
+                {k: v for k, v in self.model.policy_history[-1].policies.items() if k != name},
+                dict(self.model.policy_history[-1].teams),
+            )
+        for ns in sorted(last.teams):
+            self._apply_policy_state(
+                f"label namespace {ns} team=None",
+                lambda ns=ns: self.kube.label_namespace(ns, TEAM_LABEL, None),
+                dict(self.model.policy_history[-1].policies),
+                {k: v for k, v in self.model.policy_history[-1].teams.items() if k != ns},
+            )
+
+    def _apply_policy_state(
+        self, what: str, call: Callable[[], Any], policies: dict[str, dict[str, Any]], teams: dict[str, str]
+    ) -> None:
+        rec = self._begin(what)
+        ok = self._attempt(rec, call, done_on=lambda exc, failures: False)
+        state = PolicyState(rec.started, rec.finished or time.monotonic(), policies, teams, what)
+        if not ok:
+            # Outcome unknown: the audit cannot say which state held, so it
+            # keeps the edit as possibly in force and the previous one too
+            # (the next edit, or the end, closes both).
+            state.what += " (outcome unknown)"
+        with self.model.lock:
+            self.model.policy_history.append(state)
+
     def _plant_foreign(self, prefix: str) -> None:
         """A key under the resource's prefix that Tether does not own and must never touch."""
         key = f"{prefix.rstrip('/')}/{FOREIGN_MARK}{self._next()}"
@@ -458,6 +568,9 @@ class Workload:
     # ----------------------------------------------------------- stream
     def random_op(self) -> None:
         r = self.rng
+        if self.limits.policy_share and r.random() < self.limits.policy_share:
+            self.policy_op()
+            return
         kind = r.choice(("cs", "ec"))
         live = [d for d in self.model.live(kind)]
         ns = r.choice(self.model.namespaces)

@@ -9,9 +9,16 @@ One run is:
    way): Consul, config etcd and kube-apiserver SIGKILLed then restarted with
    ``tether dev up``; the operator SIGKILLed then restarted; Consul paused with
    SIGSTOP then continued; etcd compacted to its current revision right after a
-   managed key was changed behind the operator's back;
-3. once both are done, a bounded convergence window, then the audit
-   (:mod:`audit`): exact comparison of Consul and etcd with the resources;
+   managed key was changed behind the operator's back; and in the same stream,
+   TetherPolicies created, edited and deleted and the namespaces relabelled at
+   random, while a recorder notes every write that reaches Consul or etcd
+   (:mod:`allowlist`);
+3. once both are done, the run's policies and labels are removed (everything
+   is allowed again, so the exact audit applies as it is), a bounded
+   convergence window, then the audit (:mod:`audit`): exact comparison of
+   Consul and etcd with the resources; and :mod:`allowlist`'s: no write seen
+   outside what the policies allowed at that moment (its docstring defines the
+   moment and the grace precisely);
 4. then every resource is deleted and the audit repeated: nothing may be left.
 
 The report (seed, faults with times, operations and what was in flight at each
@@ -26,11 +33,13 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from allowlist import WriteRecorder, outside_allow_list, summarise
 from audit import Anomaly, split
 from faultkit import CONSUL, ETCD, KUBE_APISERVER, REDUCED, FaultStack, Kube, log
 from generator import Limits, Workload
@@ -55,6 +64,8 @@ FAULT_KINDS = (
 )
 #: Seeds per session: TETHER_FAULTS_RUNS, else one in reduced mode and two in full.
 RUNS = int(os.environ.get("TETHER_FAULTS_RUNS") or (1 if REDUCED else 2))
+#: Share of the stream's operations that edit a TetherPolicy or relabel a namespace.
+POLICY_SHARE = 0.08
 
 
 @dataclass
@@ -79,10 +90,10 @@ def make_plan(seed: int, *, reduced: bool) -> Plan:
     # finish before the next is due, with operations landing all the while.
     if reduced:
         operations, rounds, pause, ns = 320, 2, 10.0, 2
-        limits = Limits(max_live=25, min_live=5, max_keys=8, big_keys=0)
+        limits = Limits(max_live=25, min_live=5, max_keys=8, big_keys=0, policy_share=POLICY_SHARE)
     else:
         operations, rounds, pause, ns = 1000, 3, 30.0, 3
-        limits = Limits(max_live=60, min_live=8, max_keys=10, big_keys=150)
+        limits = Limits(max_live=60, min_live=8, max_keys=10, big_keys=150, policy_share=POLICY_SHARE)
     kinds = [kind for _ in range(rounds) for kind in FAULT_KINDS]
     rng.shuffle(kinds)
     # Faults spread over the middle of the stream, one per slot, jittered inside it;
@@ -266,6 +277,7 @@ def report(
     anomalies: list[Anomaly],
     cleanup: list[Anomaly],
     timings: dict[str, float],
+    policy: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "seed": plan.seed,
@@ -277,6 +289,7 @@ def report(
         "cleanup_operations": len(sc.workload.ops) - operations["total"],
         "operator_starts": sc.operator.starts,
         "faults": [asdict(r) for r in records],
+        "policy": policy,
         "anomalies": [str(a) for a in split(anomalies)[0]],
         "cleanup_anomalies": [str(a) for a in split(cleanup)[0]],
         "known_bugs": sorted({str(a) for a in split(anomalies)[1] + split(cleanup)[1]}),
@@ -302,6 +315,13 @@ def render(rep: dict[str, Any]) -> str:
         )
         lines.append(f"  {'':>8}in flight: {f['in_flight']}")
     lines += [f"  failed op: {x}" for x in ops["failed"]]
+    pol = rep["policy"]
+    lines.append(
+        f"TetherPolicy: {pol['edits']} policy edits and relabels; backend writes seen: {pol['writes']} "
+        f"({pol['by_backend']}; recorder reads failed: {pol['read_errors']}); "
+        f"writes outside the allow-list: {len(pol['outside'])}"
+    )
+    lines += [f"  - {w}" for w in pol["outside"][:30]]
     lines.append(f"anomalies after convergence: {len(rep['anomalies'])}")
     lines += [f"  - {a}" for a in rep["anomalies"][:60]]
     lines.append(
@@ -346,56 +366,77 @@ def test_random_faults(
         namespaces=plan.namespaces,
         limits=plan.limits,
     )
-    t0 = time.monotonic()
-    injector = Injector(plan, sc, t0, random.Random(f"{seed}/drift"))
-    thread = threading.Thread(target=injector.run, name="fault-injector", daemon=True)
-    thread.start()
-    timings: dict[str, float] = {}
+    recorder = WriteRecorder(consul, etcd, sc.model).start()
     try:
-        hot = {i for f in plan.faults for i in range(f["after_op"] - 3, f["after_op"] + 8)}
-        sc.workload.stream(
-            plan.operations,
-            pace=plan.pace,
-            deadline=t0 + plan.stream_timeout,
-            hot=hot,
-            gate=injector.gate,
-        )
-        timings["stream"] = time.monotonic() - t0
-        # Bounded: every fault is itself bounded (kills, `up`, the pause).
-        thread.join(timeout=plan.stream_timeout)
-        timings["faults_done"] = time.monotonic() - t0
-    finally:
-        stack.resume_all()
-    operator_died = not operator.alive()
-    stack.ensure_up()
-    if operator_died:
-        operator.start()
-    anomalies, timings["converge"] = sc.converge(plan.converge_timeout)
-    if operator_died:
-        anomalies.append(Anomaly("operator-crash", "operator", "exited on its own during the run"))
-    anomalies += [Anomaly("fault-error", r.kind, r.error) for r in injector.records if r.error]
-    if len(injector.records) < len(plan.faults):
-        anomalies.append(
-            Anomaly(
-                "fault-error",
-                "injector",
-                f"only {len(injector.records)} of {len(plan.faults)} faults injected",
+        t0 = time.monotonic()
+        injector = Injector(plan, sc, t0, random.Random(f"{seed}/drift"))
+        thread = threading.Thread(target=injector.run, name="fault-injector", daemon=True)
+        thread.start()
+        timings: dict[str, float] = {}
+        try:
+            hot = {i for f in plan.faults for i in range(f["after_op"] - 3, f["after_op"] + 8)}
+            sc.workload.stream(
+                plan.operations,
+                pace=plan.pace,
+                deadline=t0 + plan.stream_timeout,
+                hot=hot,
+                gate=injector.gate,
             )
-        )
+            timings["stream"] = time.monotonic() - t0
+            # Bounded: every fault is itself bounded (kills, `up`, the pause).
+            thread.join(timeout=plan.stream_timeout)
+            timings["faults_done"] = time.monotonic() - t0
+        finally:
+            stack.resume_all()
+        operator_died = not operator.alive()
+        stack.ensure_up()
+        if operator_died:
+            operator.start()
+        # Everything allowed again: the exact audit then expects every resource as declared.
+        sc.workload.allow_all()
+        anomalies, timings["converge"] = sc.converge(plan.converge_timeout)
+        if operator_died:
+            anomalies.append(Anomaly("operator-crash", "operator", "exited on its own during the run"))
+        anomalies += [Anomaly("fault-error", r.kind, r.error) for r in injector.records if r.error]
+        if len(injector.records) < len(plan.faults):
+            anomalies.append(
+                Anomaly(
+                    "fault-error",
+                    "injector",
+                    f"only {len(injector.records)} of {len(plan.faults)} faults injected",
+                )
+            )
 
-    # Then everything goes: deletion after all those faults must leave nothing behind.
-    started = time.monotonic()
-    operations = sc.workload.summary()
-    sc.delete_all()
-    cleanup, _ = sc.converge(plan.converge_timeout)
-    timings["cleanup"] = time.monotonic() - started
-    timings["total"] = time.monotonic() - t0
+        # Then everything goes: deletion after all those faults must leave nothing behind.
+        started = time.monotonic()
+        operations = sc.workload.summary()
+        sc.delete_all()
+        cleanup, _ = sc.converge(plan.converge_timeout)
+        timings["cleanup"] = time.monotonic() - started
+        timings["total"] = time.monotonic() - t0
+        recorder.stop()
 
-    rep = report(plan, sc, operations, injector.records, anomalies, cleanup, timings)
-    text = render(rep)
-    print("\n" + text)
-    (tmp_path / "report.json").write_text(json.dumps(rep, indent=2))
-    (tmp_path / "report.txt").write_text(text + "\n")
-    log(f"report written to {tmp_path / 'report.txt'}")
-    counted = split(anomalies)[0] + split(cleanup)[0]
-    assert not counted, sc.explain(counted, f"in the run with seed {seed}")
+        # Each fault's window, from injection to the stack (or operator) back; a
+        # tenth of a second wider each side, as the records are rounded.
+        blind = [(t0 + r.at - 0.1, t0 + r.at + r.took + 0.1) for r in injector.records]
+        outside = summarise(outside_allow_list(recorder.writes, sc.model, blind), t0)
+        anomalies += [Anomaly("outside-allow-list", "TetherPolicy", line) for line in outside]
+        policy = {
+            "edits": len(sc.model.policy_history) - 1,
+            "writes": len(recorder.writes),
+            "by_backend": dict(Counter(w.backend for w in recorder.writes)),
+            "read_errors": recorder.errors,
+            "outside": outside,
+        }
+        rep = report(plan, sc, operations, injector.records, anomalies, cleanup, timings, policy)
+        text = render(rep)
+        print("\n" + text)
+        (tmp_path / "report.json").write_text(json.dumps(rep, indent=2))
+        (tmp_path / "report.txt").write_text(text + "\n")
+        log(f"report written to {tmp_path / 'report.txt'}")
+        counted = split(anomalies)[0] + split(cleanup)[0]
+        assert not counted, sc.explain(counted, f"in the run with seed {seed}")
+    finally:
+        # Never leave this run's policies to the next: they reserve service names cluster-wide.
+        recorder.stop()
+        sc.workload.allow_all()
