@@ -435,6 +435,10 @@ def test_edit_users_cannot_write_policies_and_view_users_can_read_them(
             forbidden(as_user(editor, "replace", "-f", "-", input=json.dumps(current)), "update")
             forbidden(as_user(editor, "delete", "tetherpolicy", existing), "delete")
 
+        # An editor may read them (cluster-scoped: through a ClusterRoleBinding only),
+        # to see why a resource of theirs is Forbidden.
+        read = as_user(cluster_editor, "get", "tetherpolicy", existing, "-o", "name")
+        assert read.returncode == 0 and existing in read.stdout, read
         listed = as_user(viewer, "get", "tetherpolicies", "-o", "name")
         assert listed.returncode == 0 and f"tetherpolicy.tether.dev/{existing}" in listed.stdout, listed
         got = as_user(viewer, "get", "tetherpolicy", existing, "-o", "json")

@@ -109,8 +109,9 @@ def test_aggregated_roles_never_grant_writing_a_policy() -> None:
         for rule in obj["rules"]:
             touches = {r for r in rule["resources"] if r.startswith("tetherpolicies") or r == "*"}
             assert not (touches and _WRITES & set(rule["verbs"])), (obj["metadata"]["name"], rule)
-    view = next(o for o in _installed() if o["metadata"]["name"] == "tether-view")
-    assert any("tetherpolicies" in r["resources"] for r in view["rules"]), "view may read policies"
+    for name in ("tether-view", "tether-edit"):
+        role = next(o for o in _installed() if o["metadata"]["name"] == name)
+        assert any("tetherpolicies" in r["resources"] for r in role["rules"]), f"{name} may read policies"
 
 
 def test_every_installed_object_carries_the_recommended_labels() -> None:
