@@ -133,12 +133,16 @@ def make_ca(directory: Path, *, name: str = "tether-test-ca") -> None:
     (directory / "ca.key").chmod(0o600)
 
 
-def issue(directory: Path, stem: str, *, common_name: str, server: bool = False) -> tuple[Path, Path]:
+def issue(
+    directory: Path, stem: str, *, common_name: str | None, server: bool = False
+) -> tuple[Path, Path]:
     """A certificate and key signed by the CA in ``directory``, with a new random serial.
 
     ``server``: for a server on the loopback address (and a client too, as
     etcd's peers are); otherwise a client certificate. Issuing the same
     ``stem`` again re-issues it (new key, new serial): a rotation.
+    ``common_name`` None: a subject without CN, which etcd's JSON gateway
+    requires of a client certificate (it refuses one whose CN it would ignore).
     Returns the paths of ``<stem>.crt`` and ``<stem>.key``.
     """
     usage = "serverAuth,clientAuth" if server else "clientAuth"
@@ -149,7 +153,8 @@ def issue(directory: Path, stem: str, *, common_name: str, server: bool = False)
     ]
     if server:
         extensions.append("subjectAltName=IP:127.0.0.1,DNS:localhost")
-    _leaf(directory, stem=stem, subject=f"/CN={common_name}", extensions=extensions)
+    subject = f"/CN={common_name}" if common_name is not None else "/O=tether-dev"
+    _leaf(directory, stem=stem, subject=subject, extensions=extensions)
     (directory / f"{stem}.key").chmod(0o600)
     return directory / f"{stem}.crt", directory / f"{stem}.key"
 

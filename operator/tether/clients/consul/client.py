@@ -136,7 +136,9 @@ class ConsulClient:
             fresh = self._tls.reload(self._open)
             if fresh is not None:
                 old, self._session = self._session, fresh
-                log.info(
+                # A Secret's update rewrites every file: the certificate may be the same.
+                log.log(
+                    logging.INFO if fresh.fingerprint != old.fingerprint else logging.DEBUG,
                     "Consul TLS files changed: new connections to %s use client certificate %s "
                     "(was %s)", self.conn.url, fresh.fingerprint, old.fingerprint,
                 )

@@ -424,7 +424,9 @@ class EtcdClient:
             if credentials is None or self._closed or not self._endpoints:
                 return
             old, self._endpoints = self._endpoints, self._channels(credentials)
-        logger.info(
+        # A Secret's update rewrites every file: the certificate may be the same.
+        logger.log(
+            logging.INFO if self._fingerprint != old_fingerprint else logging.DEBUG,
             "etcd TLS files changed: new connections use client certificate %s (was %s)",
             self._fingerprint, old_fingerprint,
         )
