@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from tether.clients import reloading
@@ -280,3 +285,46 @@ def test_settings_take_the_file_variables_and_refuse_both_forms(tmp_path: Path) 
     assert consul.token_file == "/var/run/token" and consul.token is None
     with pytest.raises(ValueError, match="both set"):
         ConsulConnection.from_env({"CONSUL_HTTP_TOKEN": "t", "CONSUL_HTTP_TOKEN_FILE": "/f"})
+
+
+class _Auth:
+    """etcd's Authenticate: a token for the right password, etcd's refusal for any other.
+
+    ``on_refusal`` runs just before a refusal: the file changing while it is on its way.
+    """
+
+    def __init__(self, right: str, on_refusal: Callable[[], None] = lambda: None) -> None:
+        self.right = right
+        self.on_refusal = on_refusal
+        self.tried: list[str] = []
+
+    async def Authenticate(self, request: Any, **_: Any) -> Any:  # gRPC stub method name
+        self.tried.append(request.password)
+        if request.password != self.right:
+            self.on_refusal()
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                details="etcdserver: authentication failed, invalid user ID or password",
+            )
+        return SimpleNamespace(token=f"token-for-{request.password}")
+
+
+async def test_etcd_authenticates_again_once_with_a_password_that_changed_meanwhile(
+    tmp_path: Path,
+) -> None:
+    password = tmp_path / "password"
+    password.write_text("old")
+    client = EtcdClient(
+        EtcdConnection(endpoints=("http://127.0.0.1:1",), username="tether", password_file=str(password))
+    )
+    auth = _Auth("new", on_refusal=lambda: password.write_text("new"))
+    endpoint = SimpleNamespace(url="http://127.0.0.1:1", auth=auth)
+    deadline = asyncio.get_running_loop().time() + 5
+    assert await client._authenticate(endpoint, deadline) == "token-for-new"  # type: ignore[arg-type]
+    assert auth.tried == ["old", "new"]
+    # A wrong password that stays wrong: refused once, naming the file's variable.
+    stuck = _Auth("other")
+    endpoint = SimpleNamespace(url="http://127.0.0.1:1", auth=stuck)
+    with pytest.raises(EtcdRejected, match="ETCD_PASSWORD_FILE"):
+        await client._authenticate(endpoint, deadline)  # type: ignore[arg-type]
+    assert stuck.tried == ["new"]
