@@ -253,8 +253,13 @@ async def test_etcd_channels_are_rebuilt_when_the_files_change_and_kept_on_a_bad
         await client._ensure_open()
         assert client._endpoints is not first
         assert client._fingerprint == reloading.fingerprint((pki / "two.crt").read_bytes())
+        assert [channel for channel in client._closing.values()] == [e.channel for e in first]
     finally:
+        # A stop does not wait out the old channels' grace period.
+        started = asyncio.get_running_loop().time()
         await client.close()
+        assert asyncio.get_running_loop().time() - started < 2.0
+        assert not client._closing
 
 
 async def test_etcd_password_file_is_read_when_authenticating(tmp_path: Path) -> None:

@@ -135,7 +135,7 @@ class EtcdClient:
         )
         self._fingerprint = "none"
         # Channels replaced by a rotation, closing once their calls end.
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: dict[asyncio.Task[None], Any] = {}
 
     @property
     def connection(self) -> EtcdConnection:
@@ -330,9 +330,13 @@ class EtcdClient:
         endpoints, self._endpoints = self._endpoints, []
         for endpoint in endpoints:
             await endpoint.channel.close()
-        for task in list(self._closing):
+        # A stop must not wait out the grace of rotated channels: close them now.
+        closing, self._closing = dict(self._closing), {}
+        for task in closing:
             task.cancel()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*closing, return_exceptions=True)
+        for channel in closing.values():
+            await channel.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -432,8 +436,8 @@ class EtcdClient:
         )
         for endpoint in old:
             task = asyncio.get_running_loop().create_task(endpoint.channel.close(grace=_ROTATION_GRACE))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._closing[task] = endpoint.channel
+            task.add_done_callback(lambda done: self._closing.pop(done, None))
 
     def _read_credentials(self) -> Any:
         """TLS channel credentials from the files as they are now, or ``None`` without https.
