@@ -120,6 +120,45 @@ def generate(work: Path) -> None:
         key.chmod(0o600)
 
 
+def make_ca(directory: Path, *, name: str = "tether-test-ca") -> None:
+    """A new CA (``ca.crt``, ``ca.key``) in ``directory``: for backends run with TLS in tests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        ["req", "-x509", "-new", "-nodes", *_EC, "-keyout", "ca.key", "-out", "ca.crt",
+         "-days", _CA_DAYS, "-subj", f"/CN={name}",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"],
+        cwd=directory,
+    )
+    (directory / "ca.key").chmod(0o600)
+
+
+def issue(
+    directory: Path, stem: str, *, common_name: str | None, server: bool = False
+) -> tuple[Path, Path]:
+    """A certificate and key signed by the CA in ``directory``, with a new random serial.
+
+    ``server``: for a server on the loopback address (and a client too, as
+    etcd's peers are); otherwise a client certificate. Issuing the same
+    ``stem`` again re-issues it (new key, new serial): a rotation.
+    ``common_name`` None: a subject without CN, which etcd's JSON gateway
+    requires of a client certificate (it refuses one whose CN it would ignore).
+    Returns the paths of ``<stem>.crt`` and ``<stem>.key``.
+    """
+    usage = "serverAuth,clientAuth" if server else "clientAuth"
+    extensions = [
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature,keyEncipherment",
+        f"extendedKeyUsage={usage}",
+    ]
+    if server:
+        extensions.append("subjectAltName=IP:127.0.0.1,DNS:localhost")
+    subject = f"/CN={common_name}" if common_name is not None else "/O=tether-dev"
+    _leaf(directory, stem=stem, subject=subject, extensions=extensions)
+    (directory / f"{stem}.key").chmod(0o600)
+    return directory / f"{stem}.crt", directory / f"{stem}.key"
+
+
 def ensure(directory: Path) -> commands.Pki:
     """The PKI in ``directory``, generated on first use."""
     pki = commands.Pki(directory)

@@ -61,6 +61,27 @@ def etcd(binary: Path, *, name: str, data_dir: Path, client_port: int, peer_port
     ]
 
 
+def etcd_tls(binary: Path, *, name: str, data_dir: Path, client_port: int, peer_port: int,
+             tls_dir: Path) -> list[str]:
+    """A single-member etcd whose clients must use TLS with a certificate of ``tls_dir``'s CA.
+
+    ``tls_dir`` holds ``ca.crt`` and the serving pair ``server.crt``/``server.key``
+    (see :func:`tether_dev.certificates.issue`); peers stay on plain HTTP (one member).
+    """
+    argv = etcd(binary, name=name, data_dir=data_dir, client_port=client_port, peer_port=peer_port)
+    client = f"https://{HOST}:{client_port}"
+    argv = [a for a in argv if not a.startswith(("--listen-client-urls=", "--advertise-client-urls="))]
+    return [
+        *argv,
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--trusted-ca-file={tls_dir / 'ca.crt'}",
+        f"--cert-file={tls_dir / 'server.crt'}",
+        f"--key-file={tls_dir / 'server.key'}",
+        "--client-cert-auth",
+    ]
+
+
 def etcd_member(
     binary: Path,
     *,
@@ -228,6 +249,24 @@ class ConsulPorts:
     serf_lan: int
     serf_wan: int
     server: int
+
+
+def consul_tls(config: dict[str, Any], *, https: int, tls_dir: Path) -> dict[str, Any]:
+    """``config`` with an HTTPS API on port ``https`` that verifies client certificates.
+
+    ``tls_dir`` holds ``ca.crt`` and ``server.crt``/``server.key``; the plain
+    HTTP port stays open (the dev probes use it).
+    """
+    config = {**config, "ports": {**config["ports"], "https": https}}
+    config["tls"] = {
+        "defaults": {
+            "ca_file": str(tls_dir / "ca.crt"),
+            "cert_file": str(tls_dir / "server.crt"),
+            "key_file": str(tls_dir / "server.key"),
+            "verify_incoming": True,
+        }
+    }
+    return config
 
 
 def consul(binary: Path, *, config_file: Path) -> list[str]:

@@ -26,7 +26,10 @@ waits until every component answers, installs the CRDs and writes ``env``. The
 Kubernetes etcd comes before the API server; the rest start in parallel.
 
 :func:`start_consul` / :func:`stop` start and stop one extra, separate Consul
-agent (for example an ACL-enabled one for a test), with the same machinery.
+agent (for example an ACL-enabled one for a test), with the same machinery;
+with ``tls_dir`` it serves HTTPS and verifies client certificates.
+:func:`start_etcd_tls` starts a separate etcd that requires client
+certificates (the rotation tests add authentication).
 
 (Over 500 lines on purpose: the single and the HA stack share one state file,
 one lock and one start/probe/stop sequence; split, each would repeat them.)
@@ -224,6 +227,7 @@ def start_consul(
     directory: Path,
     *,
     acl_initial_token: str | None = None,
+    tls_dir: Path | None = None,
     name: str = CONSUL,
     binary: Path | None = None,
     timeout: float = READY_TIMEOUT,
@@ -232,18 +236,22 @@ def start_consul(
 
     With ``acl_initial_token`` ACLs are enabled, deny by default, and the token is
     the initial management token; the call returns only once that token works.
-    Stop it with :func:`stop`.
+    With ``tls_dir`` (``ca.crt``, ``server.crt``, ``server.key``) it also serves
+    an HTTPS API that requires a client certificate of that CA: its URL is
+    ``https://127.0.0.1:<ports["https"]>``. Stop it with :func:`stop`.
     """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     if binary is None:
         binary = binaries.ensure([CONSUL])[CONSUL]
-    http, serf_lan, serf_wan, server = ports.allocate(4)
+    http, serf_lan, serf_wan, server, https = ports.allocate(5)
     consul_ports = commands.ConsulPorts(http=http, serf_lan=serf_lan, serf_wan=serf_wan, server=server)
     config_file = directory / f"{name}.json"
     config = commands.consul_config(
         consul_ports, node_name=f"tether-{name}", acl_initial_token=acl_initial_token
     )
+    if tls_dir is not None:
+        config = commands.consul_tls(config, https=https, tls_dir=Path(tls_dir).resolve())
     _write_atomic(config_file, commands.consul_config_text(config), mode=0o600)
     argv = tuple(commands.consul(binary, config_file=config_file))
     log = directory / f"{name}.log"
@@ -254,7 +262,7 @@ def start_consul(
         url=commands.http_url(http),
         argv=argv,
         log=log,
-        ports=dataclasses.asdict(consul_ports),
+        ports={**dataclasses.asdict(consul_ports), **({"https": https} if tls_dir is not None else {})},
     )
     try:
         checks = [probes.check_http(f"{component.url}/v1/status/leader", _consul_has_leader)]
@@ -277,6 +285,53 @@ def start_consul(
                 log=log,
                 timeout=max(1.0, deadline - time.monotonic()),
             )
+    except BaseException:
+        stop(component)
+        raise
+    return component
+
+
+def start_etcd_tls(
+    directory: Path,
+    *,
+    tls_dir: Path,
+    name: str = "etcd-tls",
+    binary: Path | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> Component:
+    """Start an etcd of its own whose clients need a certificate of ``tls_dir``'s CA.
+
+    ``tls_dir`` holds ``ca.crt`` and the serving pair ``server.crt``/``server.key``
+    (:func:`tether_dev.certificates.make_ca` and ``issue(..., server=True)``);
+    ``admin.crt``/``admin.key`` there, a client certificate, is what the
+    readiness probe presents. Authentication (users, ``auth enable``) is the
+    caller's to set up. Stop it with :func:`stop`.
+    """
+    directory = Path(directory).resolve()
+    tls_dir = Path(tls_dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    if binary is None:
+        binary = binaries.ensure([ETCD])[ETCD]
+    client, peer = ports.allocate(2)
+    argv = tuple(commands.etcd_tls(
+        binary, name=name, data_dir=directory / f"{name}-data", client_port=client, peer_port=peer,
+        tls_dir=tls_dir,
+    ))
+    log = directory / f"{name}.log"
+    pid = processes.spawn(argv, log=log, cwd=directory, env=_child_env())
+    component = Component(
+        name=name, pid=pid, url=f"https://{commands.HOST}:{client}", argv=argv, log=log,
+        ports={"client": client, "peer": peer},
+    )
+    context = probes.client_tls(tls_dir / "ca.crt", tls_dir / "admin.crt", tls_dir / "admin.key")
+    try:
+        probes.wait_ready(
+            name,
+            probes.check_http(f"{component.url}/health", _etcd_healthy, context=context),
+            alive=lambda: component.running,
+            log=log,
+            timeout=timeout,
+        )
     except BaseException:
         stop(component)
         raise

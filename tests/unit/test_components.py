@@ -98,7 +98,7 @@ def test_components_leave_the_base_objects_alone(rendered: list[Manifest]) -> No
     for key, obj in base.items():
         if key == ("Deployment", "tether"):
             # The one base object a component patches: exactly these additions.
-            obj = _with_metrics_auth(obj)
+            obj = _with_backend_credentials(_with_metrics_auth(obj))
         assert with_components.get(key) == obj, f"{key} changed by a component"
     assert ("NetworkPolicy", "tether") not in base, "the NetworkPolicy is opt-in"
     assert ("ClusterRole", "tether-metrics-reader") not in base, "metrics-auth is opt-in"
@@ -121,6 +121,43 @@ def _with_metrics_auth(deployment: Manifest) -> Manifest:
     pod["volumes"].append(
         {"name": "metrics-cert", "secret": {"secretName": "tether-metrics-cert", "defaultMode": 0o440}})
     return patched
+
+
+CREDENTIALS_ENV = {
+    "CONSUL_HTTP_TOKEN_FILE": "/etc/tether/credentials/consul-token",
+    "ETCD_PASSWORD_FILE": "/etc/tether/credentials/etcd-password",
+    "ETCD_CACERT": "/etc/tether/client-cert/ca.crt",
+    "ETCD_CERT": "/etc/tether/client-cert/tls.crt",
+    "ETCD_KEY": "/etc/tether/client-cert/tls.key",
+}
+
+
+def _with_backend_credentials(deployment: Manifest) -> Manifest:
+    """The base Deployment as backend-credentials must leave it: variables, two mounts, two volumes."""
+    patched: Manifest = copy.deepcopy(deployment)
+    pod = patched["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["env"] += [{"name": k, "value": v} for k, v in CREDENTIALS_ENV.items()]
+    for name, path, secret in (
+        ("backend-credentials", "/etc/tether/credentials", "tether-backend-credentials"),
+        ("client-cert", "/etc/tether/client-cert", "tether-client-cert"),
+    ):
+        container["volumeMounts"].append({"name": name, "mountPath": path, "readOnly": True})
+        pod["volumes"].append({"name": name, "secret": {"secretName": secret, "defaultMode": 0o440}})
+    return patched
+
+
+def test_backend_credentials_files_lie_in_whole_secret_mounts(rendered: list[Manifest]) -> None:
+    """Each *_FILE and certificate variable points into a Secret mounted as a directory:
+    a subPath mount would never see the kubelet's updates, and rotation would need a restart."""
+    (container,) = _pod(rendered)["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    for name, path in CREDENTIALS_ENV.items():
+        assert env[name] == path
+        mount = mounts[path.rsplit("/", 1)[0]]
+        assert "subPath" not in mount and mount["readOnly"] is True
+    assert "CONSUL_HTTP_TOKEN" not in env and "ETCD_PASSWORD" not in env
 
 
 def test_metrics_auth_flags_are_the_operators(rendered: list[Manifest]) -> None:

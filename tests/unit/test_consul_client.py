@@ -80,11 +80,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:ssl_context is deprecated:Deprec
 @pytest.fixture
 async def stubbed() -> AsyncIterator[Stubbed]:
     client = ConsulClient(ConsulConnection(token="t0ken", timeout=0.2))
-    real = client._http
+    # The raw HTTP client of the session in use (a rotation would replace the session).
+    session = client._session.client
+    real = session.http
     stub = StubHTTP()
-    client._http = stub
+    session.http = stub
     yield client, stub
-    client._http = real
+    session.http = real
     await client.close()
 
 

@@ -22,6 +22,7 @@ from consul import exceptions as consul_errors
 from consul.callback import CB
 
 from tether import errors, metrics
+from tether.clients import reloading
 from tether.clients.consul.connection import ConsulConnection
 from tether.errors import BackendError, BackendRejected, BackendUnavailable
 
@@ -96,19 +97,70 @@ class ConsulClient:
 
     def __init__(self, conn: ConsulConnection) -> None:
         self.conn = conn
+        self._token_file = (
+            reloading.SecretFile(conn.token_file, "CONSUL_HTTP_TOKEN_FILE") if conn.token_file else None
+        )
+        # The TLS files are watched only where they are used: an https address.
+        self._tls = reloading.WatchedFiles(
+            (conn.ca_cert, conn.client_cert, conn.client_key) if conn.scheme == "https" else (),
+            what=f"Consul client for {conn.url}",
+        )
+        self._session = self._tls.load(self._open)
+        # Sessions replaced by a rotation, open until their calls in flight end.
+        self._retired: set[_Session] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._self_denied = False  # the token may not read /v1/agent/self
+
+    def _open(self) -> _Session:
+        """A py-consul client (an aiohttp session) with the TLS files as they are now."""
+        conn = self.conn
         verify: bool | str = conn.ca_cert or True
         cert = (conn.client_cert, conn.client_key) if conn.client_cert else None
-        self._client = consul.aio.Consul(
-            host=conn.host, port=conn.port, token=conn.token, scheme=conn.scheme,
+        client = consul.aio.Consul(
+            host=conn.host, port=conn.port, token=None, scheme=conn.scheme,
             verify=verify, cert=cert,
         )
         # py-consul reads CONSUL_HTTP_TOKEN itself and lets it win over the
-        # argument; pin the token we were given so settings stay explicit.
-        self._client.token = conn.token
-        self._http = self._client.http
-        self._self_denied = False  # the token may not read /v1/agent/self
+        # argument; the token goes in each request's header instead (_headers).
+        client.token = None
+        return _Session(client, fingerprint=_cert_fingerprint(conn.client_cert))
+
+    @property
+    def _http(self) -> _Session:
+        """The session for the next call: a new one once the TLS files changed on disk.
+
+        Calls already running keep the session they started on; it is closed
+        when the last of them ends, so a rotation loses no request.
+        """
+        if self._tls.due():
+            fresh = self._tls.reload(self._open)
+            if fresh is not None:
+                old, self._session = self._session, fresh
+                # A Secret's update rewrites every file: the certificate may be the same.
+                log.log(
+                    logging.INFO if fresh.fingerprint != old.fingerprint else logging.DEBUG,
+                    "Consul TLS files changed: new connections to %s use client certificate %s "
+                    "(was %s)", self.conn.url, fresh.fingerprint, old.fingerprint,
+                )
+                self._retire(old)
+        return self._session
+
+    def _retire(self, session: _Session) -> None:
+        self._retired.add(session)
+        session.on_idle(lambda: self._close_later(session))
+
+    def _close_later(self, session: _Session) -> None:
+        self._retired.discard(session)
+        task = asyncio.get_running_loop().create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _headers(self) -> dict[str, str]:
+        if self._token_file is not None:
+            try:
+                return {"X-Consul-Token": self._token_file.read()}
+            except reloading.SecretFileError as exc:
+                raise ConsulRejected(str(exc)) from None
         return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
 
     async def _call(
@@ -367,7 +419,61 @@ class ConsulClient:
         )
 
     async def close(self) -> None:
-        await self._client.close()
+        sessions = [self._session, *self._retired]
+        self._retired.clear()
+        for session in sessions:
+            await session.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _Session:
+    """One py-consul client and its aiohttp session, counting the calls running on it.
+
+    Exposes the two raw calls the client makes (``get``, ``put``); a session
+    retired by a rotation runs ``on_idle``'s callback once its last call ends.
+    """
+
+    def __init__(self, client: consul.aio.Consul, *, fingerprint: str) -> None:
+        self.client = client
+        self.fingerprint = fingerprint
+        self.running = 0
+        self._idle: Callable[[], None] | None = None
+
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self._run(lambda: self.client.http.get(*args, **kwargs))
+
+    def put(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self._run(lambda: self.client.http.put(*args, **kwargs))
+
+    async def _run(self, call: Callable[[], Awaitable[T]]) -> T:
+        self.running += 1
+        try:
+            return await call()
+        finally:
+            self.running -= 1
+            if self.running == 0 and self._idle is not None:
+                idle, self._idle = self._idle, None
+                idle()
+
+    def on_idle(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` as soon as no call runs on this session (now, if none does)."""
+        if self.running == 0:
+            callback()
+        else:
+            self._idle = callback
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _cert_fingerprint(path: str | None) -> str:
+    if path is None:
+        return "none"
+    try:
+        return reloading.fingerprint(reloading.read_bytes(path, "CONSUL_CLIENT_CERT"))
+    except (reloading.SecretFileError, ValueError):
+        return "unreadable"
 
 
 def consul_error(

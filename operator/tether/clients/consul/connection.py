@@ -21,6 +21,8 @@ class ConsulConnection:
     host: str = "127.0.0.1"
     port: int = 8500
     token: str | None = field(default=None, repr=False)
+    #: ``CONSUL_HTTP_TOKEN_FILE``: the token is read from this file at each use.
+    token_file: str | None = None
     ca_cert: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
@@ -32,13 +34,12 @@ class ConsulConnection:
 
     def warnings(self) -> list[str]:
         """What is allowed but unsafe, to be logged loudly at start-up."""
-        if self.scheme == "http" and self.token and not _loopback(self.host):
+        if self.scheme == "http" and (self.token or self.token_file) and not _loopback(self.host):
             return [
-                f"CONSUL_HTTP_TOKEN is sent in cleartext to {self.url}: anyone on the network "
-                "path can read the ACL token; use an https:// CONSUL_HTTP_ADDR"
+                f"the ACL token (CONSUL_HTTP_TOKEN or its file) is sent in cleartext to {self.url}: "
+                "anyone on the network path can read it; use an https:// CONSUL_HTTP_ADDR"
             ]
         return []
-
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulConnection:
@@ -69,11 +70,15 @@ class ConsulConnection:
                 f"{given} set but CONSUL_HTTP_ADDR={addr!r} is plain HTTP: use an https:// address "
                 "(or CONSUL_HTTP_SSL=true with host:port), or unset the TLS variables"
             )
+        token, token_file = env.get("CONSUL_HTTP_TOKEN") or None, env.get("CONSUL_HTTP_TOKEN_FILE") or None
+        if token and token_file:
+            raise ValueError("CONSUL_HTTP_TOKEN and CONSUL_HTTP_TOKEN_FILE are both set: use one of them")
         return cls(
             scheme=parts.scheme,
             host=parts.hostname,
             port=port,
-            token=env.get("CONSUL_HTTP_TOKEN") or None,
+            token=token,
+            token_file=token_file,
             ca_cert=ca,
             client_cert=cert,
             client_key=key,

@@ -35,6 +35,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from tether.clients import reloading
 from tether.clients.etcd.connection import EtcdConnection, split_endpoint
 from tether.clients.etcd.errors import Compacted, EtcdError, EtcdRejected, EtcdUnavailable
 from tether.clients.etcd.values import Compare, Delete, KeyValue, Put, TxnResult, WatchEvent, prefix_range_end
@@ -81,6 +82,12 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.max_send_message_length", -1),
 )
 
+# After a rotation of the TLS files, how long the replaced channels may finish
+# what runs on them: unary calls end within their deadline; a watch stream
+# still open then is cut, and its watcher re-lists and watches on the new
+# channel (well within the 60 s in which a rotated certificate must be in use).
+_ROTATION_GRACE: Final = 30.0
+
 _Metadata = tuple[tuple[str, str], ...]
 
 
@@ -118,6 +125,17 @@ class EtcdClient:
         # None: not authenticated yet; "": the server has auth disabled.
         self._token: str | None = None
         self._closed = False
+        self._password_file = (
+            reloading.SecretFile(conn.password_file, "ETCD_PASSWORD_FILE") if conn.password_file else None
+        )
+        # The TLS files are watched only where they are used: https endpoints.
+        https = any(url.startswith("https://") for url in conn.endpoints)
+        self._tls = reloading.WatchedFiles(
+            (conn.ca_cert, conn.cert, conn.key) if https else (), what="etcd client"
+        )
+        self._fingerprint = "none"
+        # Channels replaced by a rotation, closing once their calls end.
+        self._closing: dict[asyncio.Task[None], Any] = {}
 
     @property
     def connection(self) -> EtcdConnection:
@@ -312,6 +330,13 @@ class EtcdClient:
         endpoints, self._endpoints = self._endpoints, []
         for endpoint in endpoints:
             await endpoint.channel.close()
+        # A stop must not wait out the grace of rotated channels: close them now.
+        closing, self._closing = dict(self._closing), {}
+        for task in closing:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
+        for channel in closing.values():
+            await channel.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -324,6 +349,16 @@ class EtcdClient:
     @property
     def _has_credentials(self) -> bool:
         return self._conn.username is not None
+
+    def _password(self) -> str:
+        """The password as configured now: ``ETCD_PASSWORD_FILE`` is read at each use."""
+        if self._password_file is None:
+            assert self._conn.password is not None
+            return self._conn.password
+        try:
+            return self._password_file.read()
+        except reloading.SecretFileError as exc:
+            raise EtcdRejected(f"etcd: {exc}") from None
 
     async def _list(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
         range_end = prefix_range_end(prefix)
@@ -355,42 +390,70 @@ class EtcdClient:
         if self._closed:
             raise RuntimeError("EtcdClient is closed")
         if self._endpoints:
+            if self._tls.due():
+                await self._rotate()
             return
         async with self._open_lock:
             if self._endpoints:
                 return
-            credentials = await self._credentials()
-            endpoints = []
-            for index, url in enumerate(self._conn.endpoints):
-                scheme, host, port = split_endpoint(url)
-                target = f"{host}:{port}"
-                if scheme == "https":
-                    channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
-                else:
-                    channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-                endpoints.append(_Endpoint(index, f"{scheme}://{target}", channel))
-            self._endpoints = endpoints
+            try:
+                credentials = await asyncio.to_thread(self._tls.load, self._read_credentials)
+            except (OSError, ValueError, reloading.SecretFileError) as exc:
+                raise EtcdRejected(f"etcd: the TLS files do not load: {exc}") from None
+            self._endpoints = self._channels(credentials)
 
-    async def _credentials(self) -> Any:
-        """TLS channel credentials, or ``None`` when no endpoint uses https."""
+    def _channels(self, credentials: Any) -> list[_Endpoint]:
+        endpoints = []
+        for index, url in enumerate(self._conn.endpoints):
+            scheme, host, port = split_endpoint(url)
+            target = f"{host}:{port}"
+            if scheme == "https":
+                channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            endpoints.append(_Endpoint(index, f"{scheme}://{target}", channel))
+        return endpoints
+
+    async def _rotate(self) -> None:
+        """New channels with the TLS files as they are now; the old ones close when idle.
+
+        Calls that already hold an endpoint finish on its old channel, which
+        gRPC closes once they end (or after :data:`_ROTATION_GRACE`); new
+        calls pick from the new channels. Files that do not load keep the old
+        channels in use, and are tried again at the next check.
+        """
+        async with self._open_lock:
+            old_fingerprint = self._fingerprint
+            credentials = await asyncio.to_thread(self._tls.reload, self._read_credentials)
+            if credentials is None or self._closed or not self._endpoints:
+                return
+            old, self._endpoints = self._endpoints, self._channels(credentials)
+        # A Secret's update rewrites every file: the certificate may be the same.
+        logger.log(
+            logging.INFO if self._fingerprint != old_fingerprint else logging.DEBUG,
+            "etcd TLS files changed: new connections use client certificate %s (was %s)",
+            self._fingerprint, old_fingerprint,
+        )
+        for endpoint in old:
+            task = asyncio.get_running_loop().create_task(endpoint.channel.close(grace=_ROTATION_GRACE))
+            self._closing[task] = endpoint.channel
+            task.add_done_callback(lambda done: self._closing.pop(done, None))
+
+    def _read_credentials(self) -> Any:
+        """TLS channel credentials from the files as they are now, or ``None`` without https.
+
+        Runs in a thread: the event loop must never wait on a disk. The pair is
+        loaded by :mod:`ssl` first, because gRPC accepts a certificate next to
+        the wrong key and fails only at the handshake.
+        """
         if not any(url.startswith("https://") for url in self._conn.endpoints):
             return None
-
-        def read(path: str | None, variable: str) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                with open(path, "rb") as handle:
-                    return handle.read()
-            except OSError as exc:
-                raise EtcdRejected(f"etcd: cannot read {variable} file {path}: {exc.strerror}") from None
-
-        # File reads go to a thread: the event loop must never wait on a disk.
-        root, cert, key = await asyncio.gather(
-            asyncio.to_thread(read, self._conn.ca_cert, "ETCD_CACERT"),
-            asyncio.to_thread(read, self._conn.cert, "ETCD_CERT"),
-            asyncio.to_thread(read, self._conn.key, "ETCD_KEY"),
-        )
+        conn = self._conn
+        reloading.check_pair(conn.cert, conn.key, conn.ca_cert)
+        root = reloading.read_bytes(conn.ca_cert, "ETCD_CACERT")
+        cert = reloading.read_bytes(conn.cert, "ETCD_CERT")
+        key = reloading.read_bytes(conn.key, "ETCD_KEY")
+        self._fingerprint = reloading.fingerprint(cert)
         # root None: gRPC verifies against its default (system) roots.
         return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
 
@@ -456,27 +519,42 @@ class EtcdClient:
         return (("token", token),) if token else ()
 
     async def _authenticate(self, endpoint: _Endpoint, deadline: float) -> str:
-        assert self._conn.username is not None and self._conn.password is not None
-        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
-        request = rpc.AuthenticateRequest(name=self._conn.username, password=self._conn.password)
-        try:
-            response = await endpoint.auth.Authenticate(request, timeout=remaining)
-        except grpc.aio.AioRpcError as exc:
-            details = exc.details() or ""
-            if "authentication is not enabled" in details:
-                # Credentials are configured but the server does not use them;
-                # go on without a token, as etcd's own client does. If auth is
-                # enabled later, "user name is empty" triggers a new attempt.
-                return ""
-            error = error_from_status(exc.code(), details, endpoint=endpoint.url)
-            if isinstance(error, EtcdRejected):
-                raise EtcdRejected(
-                    f"etcd {endpoint.url} refused to authenticate user "
-                    f"{self._conn.username!r}: {details or exc.code().name}"
-                ) from exc
-            raise error from exc
-        logger.debug("authenticated to etcd %s as %r", endpoint.url, self._conn.username)
-        return str(response.token)
+        """A token for the configured user, with the password as it is now.
+
+        A changed ``ETCD_PASSWORD_FILE`` needs no step of its own: etcd drops
+        the user's tokens when the password changes, the next call is refused
+        with "invalid auth token", and the client authenticates again here
+        with the file's new content. If the file changed while the refusal
+        was on its way, the new password is tried once before failing.
+        """
+        assert self._conn.username is not None
+        password = self._password()
+        for attempt in range(2):
+            remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+            request = rpc.AuthenticateRequest(name=self._conn.username, password=password)
+            try:
+                response = await endpoint.auth.Authenticate(request, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if "authentication is not enabled" in details:
+                    # Credentials are configured but the server does not use them;
+                    # go on without a token, as etcd's own client does. If auth is
+                    # enabled later, "user name is empty" triggers a new attempt.
+                    return ""
+                error = error_from_status(exc.code(), details, endpoint=endpoint.url)
+                if isinstance(error, EtcdRejected):
+                    if attempt == 0 and self._password_file is not None and self._password() != password:
+                        password = self._password()
+                        continue
+                    source = "ETCD_PASSWORD_FILE" if self._password_file is not None else "ETCD_PASSWORD"
+                    raise EtcdRejected(
+                        f"etcd {endpoint.url} refused to authenticate user "
+                        f"{self._conn.username!r}: {details or exc.code().name} (check {source})"
+                    ) from exc
+                raise error from exc
+            logger.debug("authenticated to etcd %s as %r", endpoint.url, self._conn.username)
+            return str(response.token)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _forget_token(self, metadata_or_token: _Metadata | str) -> None:
         """Drop the cached token, unless another caller already replaced it."""

@@ -30,6 +30,8 @@ class EtcdConnection:
     key: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: ``ETCD_PASSWORD_FILE``: the password is read from this file when authenticating.
+    password_file: str | None = None
     timeout: float = 5.0
 
     def __post_init__(self) -> None:
@@ -42,10 +44,12 @@ class EtcdConnection:
                 "etcd: a client certificate needs its key and a key needs its certificate "
                 "(set both ETCD_CERT and ETCD_KEY, or neither)"
             )
-        if (self.username is None) != (self.password is None):
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("etcd: ETCD_PASSWORD and ETCD_PASSWORD_FILE are both set: use one of them")
+        if (self.username is None) != (self.password is None and self.password_file is None):
             raise ValueError(
                 "etcd: username and password go together "
-                "(set both ETCD_USERNAME and ETCD_PASSWORD, or neither)"
+                "(set both ETCD_USERNAME and ETCD_PASSWORD or ETCD_PASSWORD_FILE, or neither)"
             )
         if not self.timeout > 0:
             raise ValueError(f"etcd: timeout must be a positive number of seconds, not {self.timeout}")
@@ -112,6 +116,7 @@ class EtcdConnection:
                 key=key,
                 username=text("ETCD_USERNAME"),
                 password=password,
+                password_file=text("ETCD_PASSWORD_FILE"),
             )
         except ValueError as exc:
             raise ValueError(str(exc).removeprefix("etcd: ")) from None
