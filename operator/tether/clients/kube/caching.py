@@ -116,7 +116,7 @@ class NamespaceCaches(Generic[T]):
             if not meta.get("continue"):
                 break
             params = {"limit": str(_PAGE), "continue": str(meta["continue"])}
-        for name in set(cache.items) | set(fresh):
+        for name in sorted(set(cache.items) | set(fresh)):  # a stable order for listeners and tests
             self._put(namespace, cache, name, fresh.get(name))
         return version
 
