@@ -7,7 +7,9 @@ the first, a check's status the second, and neither moves for anything
 elsewhere in the datacenter. Each answer carries the node's entries, so
 there is no separate scan: the newest pair is compared with what every
 resource wants (the shared :class:`~tether.consulservice.index.CatalogIndex`), and
-only the resources that differ are enqueued. The owners of instances of
+only the resources that differ are enqueued; the node-level check
+``tether:alive`` (the dead-man switch) found absent or not passing nudges
+its keeper (``alive_drift``). The owners of instances of
 this cluster that no tracked resource accounts for are enqueued as orphans
 (``enqueue_orphan``, at most once per owner per ``sweep_interval``): the
 reconciler asks Kubernetes before removing anything. The watcher itself
@@ -24,6 +26,7 @@ from typing import Any
 from tether.api import ObjectRef
 from tether.clients.consul import blocking
 from tether.clients.consul.client import Catalog
+from tether.consulservice import nodecheck
 from tether.consulservice.index import CatalogIndex
 from tether.consulservice.planner import Owner
 from tether.retrying import Retry
@@ -42,7 +45,7 @@ class CatalogWatcher:
         self, catalog: Catalog, index: CatalogIndex, node: str, enqueue: Callable[[ObjectRef], None],
         enqueue_orphan: Callable[[ObjectRef], None], *, wait: str = "60s", min_scan_interval: float = 0.1,
         settle: float = 0.05,
-        sweep_interval: float = 10.0,
+        sweep_interval: float = 10.0, alive_drift: Callable[[], None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.index = index
@@ -53,6 +56,7 @@ class CatalogWatcher:
         self.min_scan_interval = min_scan_interval
         self.settle = settle
         self.sweep_interval = sweep_interval
+        self.alive_drift = alive_drift
         self._services: list[dict[str, Any]] = []
         self._checks: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
@@ -112,6 +116,7 @@ class CatalogWatcher:
             last = loop.time()
             self._changed.clear()
             drifted, untracked = self.index.drifted(self._services, self._checks)
+            self._check_alive()
             for ref in drifted:
                 self.enqueue(ref)
             now = loop.time()
@@ -132,3 +137,8 @@ class CatalogWatcher:
                     self._changed.set()
 
                 self._revisit = loop.call_later(self.sweep_interval, revisit)
+
+    def _check_alive(self) -> None:
+        """The dead-man check: nudge its keeper (the writer) when it is absent or not passing."""
+        if self.alive_drift is not None and nodecheck.drifted(self._checks, self.index.cluster):
+            self.alive_drift()

@@ -5,7 +5,8 @@ One kind with two modes, dispatched by
 Consul agent (:class:`~tether.consulservice.agent.AgentServices`) and endpoints
 mode in Consul's catalog (:class:`~tether.consulservice.catalog.CatalogServices`). Two backend watchers
 (the agent's services, the synthetic node's catalog) and one per-namespace watch
-(EndpointSlices of the followed Services) wake its resources.
+(EndpointSlices of the followed Services) wake its resources; the keeper of
+the synthetic node's dead-man check (``tether:alive``) runs with the watchers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tether.clients.kube.http import KubeHttp
 from tether.clients.kube.watching import NamespaceWatches
 from tether.consulservice.agent import AgentServices
 from tether.consulservice.agentwatching import ConsulWatcher
+from tether.consulservice.alivekeeping import AliveKeeper
 from tether.consulservice.catalog import CatalogServices
 from tether.consulservice.catalogwatching import CatalogWatcher
 from tether.consulservice.index import AgentIndex, CatalogIndex
@@ -53,11 +55,15 @@ def setup(provided: Provided) -> Family:
         catalog_services,
     )
     controller = route.add(provided.controller(services))
+    # The dead-man switch's leader side: tether:alive passing while this replica leads.
+    alive = AliveKeeper(consul_client, node=settings.consul_node, cluster=cluster)
     watchers = {
         "consul-watch": ConsulWatcher(consul_client, agent_index, controller.enqueue).run,
         "consul-catalog-watch": CatalogWatcher(
-            consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan
+            consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan,
+            alive_drift=alive.nudge,
         ).run,
+        "consul-alive-check": alive.run,
     }
     return Family(controllers=(controller,), watchers=watchers, watches=(slices,))
 
