@@ -220,7 +220,8 @@ def node_with_instances(count: int = 3) -> CatalogModel:
         inst = endpoints.Instance(f"web-{i}", "web", f"10.0.0.{i}", 80, (), (), "passing", "ready")
         ops.append({"Service": {"Verb": "cas", "Node": NODE,
                                 "Service": {**endpoints.service_body(inst), "ModifyIndex": 0}}})
-        ops.append({"Check": {"Verb": "cas", "Check": {**endpoints.check_body(NODE, inst), "ModifyIndex": 0}}})
+        check = {**endpoints.check_body(NODE, inst), "ModifyIndex": 0}
+        ops.append({"Check": {"Verb": "cas", "Check": check}})
     ops += nodecheck.restore({"Node": NODE, "Meta": endpoints.node_meta(CLUSTER)}, [], node=NODE,
                              cluster=CLUSTER).ops
     assert model.txn(ops)
