@@ -71,7 +71,8 @@ def test_instances_stop_passing_without_a_leader_and_come_back_with_one(
             apply(dev_env, ns, csvc("web", name=name, endpoints={"service": "web"}))
             wait_condition(dev_env, ns, "consulservice", "web", op=op)
             wait_for(lambda: passing(consul, name) == 3
-                     and alive_check(consul, node).get("Status") == "passing", timeout=20, interval=0.1, message="3 instances passing and tether:alive passing")
+                     and alive_check(consul, node).get("Status") == "passing", timeout=20, interval=0.1,
+                     message="3 instances passing and tether:alive passing")
             for attempt in range(TRIES):
                 # -- every replica gone ----------------------------------------------------
                 writes_before = deadman.writes()
