@@ -8,7 +8,8 @@ the deadman's catalog writes (exactly 1: its log, and the distinct ModifyIndex v
 the check seen by polling Consul), then starts an operator as a new Pod would (another
 identity, so it waits out the Lease) and times how long after it leads until the 3 are
 passing again (goal ≤ 10 s). On the dev stack "scaled to 0" is the same as killed: no
-Pod, no process, nobody renews the Lease.
+Pod, no process, nobody renews the Lease. A graceful stop (SIGTERM, what scaling a
+Deployment to 0 sends) releases the Lease instead: timed once at the end.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from test_consulservice_endpoints import csvc, endpoint_slice, own_namespace, ready, service
+from test_consulservice_endpoints import endpoint_slice, own_namespace, ready, service
 
 from tether_dev.harness.consul import Consul
 from tether_dev.harness.deadman import DeadmanProcess
-from tether_dev.harness.kube import apply, kubectl, wait_condition
+from tether_dev.harness.kube import apply, kubectl, resource, wait_condition
 from tether_dev.harness.operator import OperatorProcess
 from tether_dev.harness.waiting import wait_for
 
@@ -68,7 +69,8 @@ def test_instances_stop_passing_without_a_leader_and_come_back_with_one(
             apply(dev_env, ns, service("web", [("http", 80, 8080)]))
             apply(dev_env, ns, endpoint_slice(
                 "web-1", "web", [("http", 8080)], [ready(f"10.9.0.{i}") for i in (1, 2, 3)]))
-            apply(dev_env, ns, csvc("web", name=name, endpoints={"service": "web"}))
+            spec = {"name": name, "endpoints": {"service": "web"}}
+            apply(dev_env, ns, resource("ConsulService", "web", spec))
             wait_condition(dev_env, ns, "consulservice", "web", op=op)
             wait_for(lambda: passing(consul, name) == 3
                      and alive_check(consul, node).get("Status") == "passing", timeout=20, interval=0.1,
@@ -113,6 +115,18 @@ def test_instances_stop_passing_without_a_leader_and_come_back_with_one(
                 back.append(time.monotonic() - led)
                 print(f"try {attempt + 1}: none passing {down[-1]:.1f} s after the SIGKILL "
                       f"(deadman writes: {made}); all passing {back[-1]:.2f} s after the new leader led")
+            # -- scaled to 0 on a cluster: SIGTERM, and the leader releases the Lease ----
+            # (a released Lease carries a 1 s duration: the deadman waits 1 s + its margin).
+            stopped = time.monotonic()
+            op.stop(grace=20)
+            wait_for(lambda: passing(consul, name) == 0, timeout=30, interval=0.1,
+                     message=f"no instance passing after a graceful stop\n{deadman.log_tail()}")
+            released = time.monotonic() - stopped
+            print(f"graceful stop (Lease released): none passing {released:.1f} s after SIGTERM")
+            assert released <= 30.0
+            op = operator(f"tether-{TRIES + 1}")
+            wait_for(lambda: passing(consul, name) == 3, timeout=45, interval=0.1,
+                     message=f"3 instances passing after the restart\n{op.log_tail()}")
         finally:
             # The deadman first (the operator's stop must not be judged), then the
             # resource while an operator still releases it, then the operator.
