@@ -282,5 +282,6 @@ def test_deadman_may_only_get_the_one_lease(rendered: list[Manifest]) -> None:
         {"kind": "ServiceAccount", "name": "tether-deadman", "namespace": "tether-system"}]
     # Nothing else names its ServiceAccount.
     for obj in rendered:
-        if obj["kind"] in ("RoleBinding", "ClusterRoleBinding") and obj["metadata"]["name"] != "tether-deadman":
+        binding_kinds = ("RoleBinding", "ClusterRoleBinding")
+        if obj["kind"] in binding_kinds and obj["metadata"]["name"] != "tether-deadman":
             assert all(s.get("name") != "tether-deadman" for s in obj.get("subjects") or [])
