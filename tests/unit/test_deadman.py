@@ -173,6 +173,10 @@ def test_the_watcher_nudges_the_keeper_on_drift_only() -> None:
         FakeCatalog(CatalogModel()), CatalogIndex(cluster=CLUSTER, plural="consulservices"), NODE,
         lambda ref: None, lambda ref: None, alive_drift=lambda: nudges.append(1),
     )
+    watcher._checks = []
+    watcher._check_alive()
+    assert nudges == []  # no node: nothing to keep
+    watcher._node_present = True
     watcher._checks = [alive("passing")]
     watcher._check_alive()
     assert nudges == []

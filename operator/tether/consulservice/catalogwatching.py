@@ -59,6 +59,7 @@ class CatalogWatcher:
         self.alive_drift = alive_drift
         self._services: list[dict[str, Any]] = []
         self._checks: list[dict[str, Any]] = []
+        self._node_present = False
         self._changed = asyncio.Event()
         self._swept: dict[Owner, float] = {}
         self._revisit: asyncio.TimerHandle | None = None
@@ -91,6 +92,7 @@ class CatalogWatcher:
         async def fetch(index: int, wait: str) -> tuple[int, None]:
             new, node, services = await self.catalog.node_services(self.node, index=index, wait=wait)
             self._services = services if node is not None else []
+            self._node_present = node is not None
             return new, None
 
         await self._poll(fetch, "services")
@@ -140,5 +142,10 @@ class CatalogWatcher:
 
     def _check_alive(self) -> None:
         """The dead-man check: nudge its keeper (the writer) when it is absent or not passing."""
-        if self.alive_drift is not None and nodecheck.drifted(self._checks, self.index.cluster):
+        # Only while the node exists: without it nothing can pass, and the
+        # index of an absent node's query moves with every catalog change elsewhere.
+        if (
+            self.alive_drift is not None and self._node_present
+            and nodecheck.drifted(self._checks, self.index.cluster)
+        ):
             self.alive_drift()
