@@ -113,6 +113,11 @@ def test_instances_stop_passing_without_a_leader_and_come_back_with_one(
                 wait_for(lambda: passing(consul, name) == 3, timeout=20, interval=0.05,
                          message=f"3 instances passing again\n--- operator log:\n{op.log_tail()}")
                 back.append(time.monotonic() - led)
+                # One write restores them all: the new leader's one line for the check.
+                this_start = op.log_text().split("starting the operator again")[-1]
+                mark = f"set check '{CHECK_ID}' on node '{node}' passing"
+                restores = [line for line in this_start.splitlines() if mark in line]
+                assert len(restores) == 1, restores
                 print(f"try {attempt + 1}: none passing {down[-1]:.1f} s after the SIGKILL "
                       f"(deadman writes: {made}); all passing {back[-1]:.2f} s after the new leader led")
             # -- scaled to 0 on a cluster: SIGTERM, and the leader releases the Lease ----
