@@ -200,6 +200,7 @@ class DeadMan:
         except ConsulError as exc:
             self._consul_retry.failed(exc)
             return
+        self._consul_retry.succeeded()
         # The order matters: the check was read before this second look at the Lease.
         verdict = await self._verdict()
         if verdict is None or not verdict.dead:

@@ -117,6 +117,10 @@ def test_instances_stop_passing_without_a_leader_and_come_back_with_one(
                          message=f"3 instances passing again\n--- operator log:\n{op.log_tail()}")
                 back.append(time.monotonic() - led)
                 # One write restores them all: the new leader's one line for the check.
+                # Its log line follows the write by a moment; then no second write.
+                wait_for(lambda: op.log_text().count(mark) > restored_before, timeout=5, interval=0.1,
+                         message=f"the new leader's log of its write\n{op.log_tail()}")
+                time.sleep(1)
                 restores = op.log_text().count(mark) - restored_before
                 assert restores == 1, f"{restores} writes of the check by the new leader\n{op.log_tail()}"
                 print(f"try {attempt + 1}: none passing {down[-1]:.1f} s after the SIGKILL "
