@@ -118,7 +118,8 @@ def test_instances_stop_passing_without_a_leader_and_come_back_with_one(
                 back.append(time.monotonic() - led)
                 # One write restores them all: the new leader's one line for the check.
                 # Its log line follows the write by a moment; then no second write.
-                wait_for(lambda: op.log_text().count(mark) > restored_before, timeout=5, interval=0.1,
+                wait_for(lambda new=new, m=mark, before=restored_before: new.log_text().count(m) > before,
+                         timeout=5, interval=0.1,
                          message=f"the new leader's log of its write\n{op.log_tail()}")
                 time.sleep(1)
                 restores = op.log_text().count(mark) - restored_before
