@@ -1,4 +1,4 @@
-"""Command line: ``tether run`` (the operator) and the commands other distributions add.
+"""Command line: ``tether run`` (the operator), ``tether deadman`` and the commands other distributions add.
 
 The CLI only parses arguments and hands over: the operator lives in
 :mod:`tether.running`. Further commands come from the entry-point group
@@ -38,7 +38,7 @@ def version() -> str:
 def _commands() -> dict[str, Command]:
     found: dict[str, Command] = {}
     for entry in metadata.entry_points(group="tether.commands"):
-        if entry.name != "run":
+        if entry.name not in ("run", "deadman"):
             found[entry.name] = entry.load()
     return found
 
@@ -76,6 +76,24 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
         help="least severe level logged (default: info)",
     )
     run.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
+
+    deadman = sub.add_parser(
+        "deadman", help="the dead-man switch: set the synthetic node's check critical while no "
+        "replica holds the leader Lease",
+    )
+    deadman.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between Lease reads (default 2)"
+    )
+    deadman.add_argument(
+        "--margin", type=float, default=5.0,
+        help="seconds of silence allowed beyond the Lease's duration (default 5)",
+    )
+    deadman.add_argument("--health-port", type=int, default=0, help="serve /healthz on this port")
+    deadman.add_argument("--log-format", choices=["text", "json"], default="text")
+    deadman.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info",
+        help="least severe level logged (default: info)",
+    )
     for name, command in sorted(commands.items()):
         command.configure(sub.add_parser(name, help=command.help))
     return parser
@@ -103,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             log_format=args.log_format,
             log_level="debug" if args.verbose else args.log_level,
             leader_elect=args.leader_elect,
+        )
+    if args.command == "deadman":
+        from tether import deadman as dead_man
+
+        if not 0.1 <= args.interval <= 10 or not 0 <= args.margin <= 60:
+            parser.error("--interval must be within 0.1-10 s and --margin within 0-60 s")
+        return dead_man.run(
+            interval=args.interval, margin=args.margin, health_port=args.health_port,
+            log_format=args.log_format, log_level=args.log_level,
         )
     handler: Callable[[argparse.Namespace], int] = commands[args.command].run
     return handler(args)

@@ -270,3 +270,55 @@ def test_alerts_use_exported_metrics(rendered: list[Manifest]) -> None:
         for alert in group["rules"]:
             names = set(re.findall(r"\btether_[a-z0-9_]+\b", alert["expr"]))
             assert names and names <= exported, (alert["alert"], names - exported)
+
+
+# ------------------------------------------------------------------ deadman
+
+
+def test_deadman_runs_the_operators_image_with_least_privilege(rendered: list[Manifest]) -> None:
+    from tether import cli
+
+    deployment = _one(rendered, "Deployment", "tether-deadman")
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    operator_pod = _pod(rendered)["spec"]
+    assert pod["serviceAccountName"] == "tether-deadman" != operator_pod["serviceAccountName"]
+    assert pod["securityContext"] == operator_pod["securityContext"]
+    (container,) = pod["containers"]
+    (operator_container,) = operator_pod["containers"]
+    assert container["image"] == operator_container["image"]
+    assert container["securityContext"] == operator_container["securityContext"]
+    assert container["command"] == ["tether", "deadman"]
+    args = cli._parser({}).parse_args(["deadman", *container["args"]])
+    # Worst case from the last renewal to "not passing": Lease 15 s + margin + one interval.
+    assert 15 + args.margin + args.interval <= 30
+    assert container["livenessProbe"]["httpGet"]["port"] == "health"
+    assert container["resources"]["limits"] and container["resources"]["requests"]
+    # Not the operator's Consul token, nor the etcd client key.
+    assert [e.get("secretRef", {}).get("name") for e in container["envFrom"] if "secretRef" in e] == [
+        "tether-deadman-credentials"]
+    tls = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert all(i["key"].startswith("consul-") for i in tls["secret"]["items"])
+    # Its Pods are not the operator's: neither its PDB nor its NetworkPolicy selects them.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        selector = _one(rendered, kind, "tether")["spec"].get("selector") or _one(
+            rendered, kind, "tether")["spec"]["podSelector"]
+        assert not all(labels.get(k) == v for k, v in selector["matchLabels"].items()), kind
+
+
+def test_deadman_may_only_get_the_one_lease(rendered: list[Manifest]) -> None:
+    role = _one(rendered, "Role", "tether-deadman")
+    assert role["rules"] == [{
+        "apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+        "resourceNames": ["tether-leader"], "verbs": ["get"],
+    }]
+    binding = _one(rendered, "RoleBinding", "tether-deadman")
+    assert binding["roleRef"]["name"] == "tether-deadman"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tether-deadman", "namespace": "tether-system"}]
+    # Nothing else names its ServiceAccount.
+    for obj in rendered:
+        binding_kinds = ("RoleBinding", "ClusterRoleBinding")
+        if obj["kind"] in binding_kinds and obj["metadata"]["name"] != "tether-deadman":
+            assert all(s.get("name") != "tether-deadman" for s in obj.get("subjects") or [])

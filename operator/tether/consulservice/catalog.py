@@ -28,7 +28,7 @@ from tether.api import consulservices as api
 from tether.clients.consul.client import Catalog, ConsulContended, ConsulError
 from tether.clients.kube.client import KubeError
 from tether.conditions import Condition
-from tether.consulservice import endpoints, gates
+from tether.consulservice import endpoints, gates, nodecheck
 from tether.consulservice.committing import GroupCommit
 from tether.consulservice.gating import Decisions, Gating
 from tether.consulservice.index import CatalogIndex
@@ -323,8 +323,10 @@ class CatalogServices:
         if endpoints.node_conflict(node, name=self.node, cluster=self.cluster):
             return
         _, checks = await self.catalog.node_checks(self.node)
-        if checks:
-            return  # a node-level check someone added: not ours to remove
+        if nodecheck.others(checks, self.cluster):
+            # A node-level check someone added: not ours to remove. Our own
+            # dead-man check (tether:alive) goes with the node.
+            return
         op = endpoints.node_op("delete-cas", self.node, self.cluster, index=int(node.get("ModifyIndex") or 0))
         with contextlib.suppress(ConsulContended):
             await self.catalog.catalog_txn([op])

@@ -7,7 +7,9 @@ the first, a check's status the second, and neither moves for anything
 elsewhere in the datacenter. Each answer carries the node's entries, so
 there is no separate scan: the newest pair is compared with what every
 resource wants (the shared :class:`~tether.consulservice.index.CatalogIndex`), and
-only the resources that differ are enqueued. The owners of instances of
+only the resources that differ are enqueued; the node-level check
+``tether:alive`` (the dead-man switch) found absent or not passing nudges
+its keeper (``alive_drift``). The owners of instances of
 this cluster that no tracked resource accounts for are enqueued as orphans
 (``enqueue_orphan``, at most once per owner per ``sweep_interval``): the
 reconciler asks Kubernetes before removing anything. Resources with Pods
@@ -27,6 +29,7 @@ from tether.api import ObjectRef
 from tether.clients.consul import blocking
 from tether.clients.consul.client import Catalog
 from tether.consulservice import gates as gate_rules
+from tether.consulservice import nodecheck
 from tether.consulservice.index import CatalogIndex, GateIndex
 from tether.consulservice.planner import Owner
 from tether.retrying import Retry
@@ -46,6 +49,7 @@ class CatalogWatcher:
         enqueue_orphan: Callable[[ObjectRef], None], *, wait: str = "60s", min_scan_interval: float = 0.1,
         settle: float = 0.05,
         sweep_interval: float = 10.0, gates: GateIndex | None = None,
+        alive_drift: Callable[[], None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.index = index
@@ -57,8 +61,10 @@ class CatalogWatcher:
         self.settle = settle
         self.sweep_interval = sweep_interval
         self.gates = gates
+        self.alive_drift = alive_drift
         self._services: list[dict[str, Any]] = []
         self._checks: list[dict[str, Any]] = []
+        self._node_present = False
         self._changed = asyncio.Event()
         self._swept: dict[Owner, float] = {}
         self._revisit: asyncio.TimerHandle | None = None
@@ -91,6 +97,7 @@ class CatalogWatcher:
         async def fetch(index: int, wait: str) -> tuple[int, None]:
             new, node, services = await self.catalog.node_services(self.node, index=index, wait=wait)
             self._services = services if node is not None else []
+            self._node_present = node is not None
             return new, None
 
         await self._poll(fetch, "services")
@@ -116,6 +123,7 @@ class CatalogWatcher:
             last = loop.time()
             self._changed.clear()
             drifted, untracked = self.index.drifted(self._services, self._checks)
+            self._check_alive()
             for ref in drifted:
                 self.enqueue(ref)
             if self.gates is not None:
@@ -141,3 +149,13 @@ class CatalogWatcher:
                     self._changed.set()
 
                 self._revisit = loop.call_later(self.sweep_interval, revisit)
+
+    def _check_alive(self) -> None:
+        """The dead-man check: nudge its keeper (the writer) when it is absent or not passing."""
+        # Only while the node exists: without it nothing can pass, and the
+        # index of an absent node's query moves with every catalog change elsewhere.
+        if (
+            self.alive_drift is not None and self._node_present
+            and nodecheck.drifted(self._checks, self.index.cluster)
+        ):
+            self.alive_drift()

@@ -6,7 +6,8 @@ Consul agent (:class:`~tether.consulservice.agent.AgentServices`) and endpoints
 mode in Consul's catalog (:class:`~tether.consulservice.catalog.CatalogServices`). Two backend watchers
 (the agent's services, the synthetic node's catalog) and per-namespace watches
 (the followed Services, their EndpointSlices, and their namespaces' Pods for the
-readiness gate) wake its resources.
+readiness gate) wake its resources; the keeper of the synthetic node's dead-man
+check (``tether:alive``) runs with the watchers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tether.clients.kube.http import KubeHttp
 from tether.clients.kube.watching import NamespaceWatches
 from tether.consulservice.agent import AgentServices
 from tether.consulservice.agentwatching import ConsulWatcher
+from tether.consulservice.alivekeeping import AliveKeeper
 from tether.consulservice.catalog import CatalogServices
 from tether.consulservice.catalogwatching import CatalogWatcher
 from tether.consulservice.gating import ClusterPods, Gating, pod_cache
@@ -59,12 +61,16 @@ def setup(provided: Provided) -> Family:
         catalog_services,
     )
     controller = route.add(provided.controller(services))
+    # The dead-man switch's leader side: tether:alive passing while this replica leads.
+    alive = AliveKeeper(consul_client, node=settings.consul_node, cluster=cluster)
     watchers = {
         "consul-watch": ConsulWatcher(consul_client, agent_index, controller.enqueue).run,
         "consul-catalog-watch": CatalogWatcher(
             consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan,
             gates=gate_index,
+            alive_drift=alive.nudge,
         ).run,
+        "consul-alive-check": alive.run,
     }
     return Family(controllers=(controller,), watchers=watchers, watches=(slices, services_watched, pods))
 
