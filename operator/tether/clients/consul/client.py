@@ -21,7 +21,7 @@ import consul.aio
 from consul import exceptions as consul_errors
 from consul.callback import CB
 
-from tether import errors, metrics
+from tether import errors, metrics, tracing
 from tether.clients.consul.connection import ConsulConnection
 from tether.errors import BackendError, BackendRejected, BackendUnavailable
 
@@ -111,6 +111,7 @@ class ConsulClient:
     def _headers(self) -> dict[str, str]:
         return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
 
+    @tracing.traced(lambda self, fn, *, what, **_: _span_of(what, self.conn.url))
     async def _call(
         self, fn: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None
     ) -> T:
@@ -368,6 +369,17 @@ class ConsulClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _span_of(what: str, agent: str) -> tuple[str, dict[str, str]]:
+    """A call's span, named by what it does without the names it does it to.
+
+    ``what`` ("read of service 'web'") goes whole into an attribute; the span's
+    name ("consul read of service") stays one per kind of call, as tracing
+    back ends expect.
+    """
+    generic = " ".join(w for w in what.split() if not (w[:1] in "'\"" or w.isdigit()))
+    return f"consul {generic}", {"tether.call": what, "server.address": agent}
 
 
 def consul_error(
