@@ -202,9 +202,8 @@ async def test_a_consul_call_is_a_child_span_named_without_its_arguments(
 ) -> None:
     client = ConsulClient(ConsulConnection(port=9, timeout=0.5))
     try:
-        with tracing.span("reconcile consulservices"):
-            with pytest.raises(ConsulUnavailable):
-                await client.service("web-1")
+        with tracing.span("reconcile consulservices"), pytest.raises(ConsulUnavailable):
+            await client.service("web-1")
     finally:
         await client.close()
     found = _by_name(spans)
@@ -217,9 +216,8 @@ async def test_a_consul_call_is_a_child_span_named_without_its_arguments(
 async def test_an_etcd_call_is_a_child_span_per_rpc(spans: InMemorySpanExporter) -> None:
     client = EtcdClient(EtcdConnection(endpoints=("http://127.0.0.1:9",), timeout=0.5))
     try:
-        with tracing.span("reconcile etcdconfigs"):
-            with pytest.raises(EtcdUnavailable):
-                await client.get(b"/k")
+        with tracing.span("reconcile etcdconfigs"), pytest.raises(EtcdUnavailable):
+            await client.get(b"/k")
     finally:
         await client.close()
     call = _by_name(spans)["etcd kv.Range"]
