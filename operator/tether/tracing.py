@@ -35,8 +35,8 @@ T = TypeVar("T")
 Attr = str | bool | int | float
 
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-#: Bound on flushing the last spans at a stop: the stop deadline is short.
-SHUTDOWN_SECONDS = 1.0
+#: Bound on flushing the last spans at a stop: the whole stop has 1.8 s (running.STOP_GRACE_SECONDS).
+SHUTDOWN_SECONDS = 0.5
 
 # The SDK's tracer and provider while tracing is on; None means off (the only
 # state the hot paths look at).
