@@ -107,13 +107,18 @@ def test_each_reconcile_is_one_trace_with_its_backend_calls(
             assert [s for s in spans.values() if s["parent"] is None] == [root]
 
         # One trace per reconcile, and nothing but reconciles: the watchers'
-        # blocking queries and watches make no traces of their own.
-        traces = jaeger.traces(SERVICE)
-        assert traces
-        for trace in traces:
-            roots = _roots(trace)
-            assert len(roots) == 1, [r["operationName"] for r in roots]
-            assert roots[0]["operationName"].startswith("reconcile "), roots[0]["operationName"]
+        # blocking queries and watches make no traces of their own. (Waited for:
+        # a root ends after its children and may come in the next batch.)
+        def one_root_each() -> int:
+            traces = jaeger.traces(SERVICE)
+            for trace in traces:
+                roots = [r["operationName"] for r in _roots(trace)]
+                if len(roots) != 1 or not roots[0].startswith("reconcile "):
+                    names = sorted(s["operationName"] for s in spans_by_id(trace).values())
+                    raise AssertionError(f"trace {trace['traceID']}: roots {roots}, spans {names}")
+            return len(traces)
+
+        assert wait_for(one_root_each, timeout=20, interval=1.0, message="one reconcile root per trace") >= 2
 
         # A trace ID from a JSON log line leads to its trace in Jaeger.
         records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
