@@ -280,3 +280,24 @@ async def test_a_controller_worker_makes_one_trace_per_reconcile(spans: InMemory
     }
     patch = found["kubernetes PATCH consulservices/status"]
     assert patch.parent is not None and patch.parent.span_id == root.context.span_id
+
+
+@pytest.mark.parametrize(
+    ("what", "name"),
+    [
+        ("registration of 'web-1'", "consul registration"),
+        ("read of checks of 'a b'", "consul read of checks"),
+        ("deregistration of ['a', 'b']", "consul deregistration"),
+        ("KV transaction of 12 operations", "consul KV transaction of operations"),
+        ("list of KV keys under '/app/'", "consul list of KV keys"),
+        ("read of the agent's own configuration", "consul read of the agent's own configuration"),
+    ],
+)
+def test_consul_span_names_leave_out_names_and_counts(what: str, name: str) -> None:
+    # One span name per kind of call, as tracing back ends group by it; the
+    # call with its names stays in an attribute.
+    from tether.clients.consul.client import _span_of
+
+    assert _span_of(what, "http://127.0.0.1:8500") == (
+        name, {"tether.call": what, "server.address": "http://127.0.0.1:8500"},
+    )

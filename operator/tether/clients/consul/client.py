@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -371,6 +372,10 @@ class ConsulClient:
         await self._client.close()
 
 
+# Quoted names, lists of them and counts in a call's description.
+_NAMES_IN_WHAT = re.compile(r"(?<!\w)'[^']*'(?!\w)|\[[^\]]*\]|\b\d+\b")
+
+
 def _span_of(what: str, agent: str) -> tuple[str, dict[str, str]]:
     """A call's span, named by what it does without the names it does it to.
 
@@ -378,8 +383,11 @@ def _span_of(what: str, agent: str) -> tuple[str, dict[str, str]]:
     name ("consul read of service") stays one per kind of call, as tracing
     back ends expect.
     """
-    generic = " ".join(w for w in what.split() if not (w[:1] in "'\"" or w.isdigit()))
-    return f"consul {generic}", {"tether.call": what, "server.address": agent}
+    words = _NAMES_IN_WHAT.sub(" ", what).split()
+    # "registration of 'web'" -> "registration", not "registration of".
+    while len(words) > 1 and words[-1] in ("of", "on", "under"):
+        words.pop()
+    return f"consul {' '.join(words)}", {"tether.call": what, "server.address": agent}
 
 
 def consul_error(
