@@ -22,6 +22,11 @@ the result is recorded in ``LICENSES.txt`` in the cache directory.
 
 ``python -m tether_dev.binaries`` pre-builds everything (for CI images).
 
+Optional programs (:data:`OPTIONAL_RECIPES`: Jaeger's all-in-one, the OTLP receiver
+of the tracing test) are not part of the stack: ``tether dev up`` neither builds nor
+starts them. :func:`ensure_optional` finds or builds one on demand, in a cache
+directory of its own (``jaeger-<v>/``), so pinning one never renames the stack's.
+
 (Over 500 lines on purpose: locating, building and licence-checking the four
 programs is one pinned procedure that reads best end to end.)
 """
@@ -105,6 +110,18 @@ RECIPES: tuple[Recipe, ...] = (
         ldflags=("-checklinkname=0",),
         duration_hint="~6 min on 2 cores the first time",
         check_licenses=True,
+    ),
+)
+
+
+#: Programs some tests start themselves; never part of ``tether dev up``.
+OPTIONAL_RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        module="jaeger",
+        label="jaeger",
+        pinned_module="github.com/jaegertracing/jaeger",
+        packages={"jaeger-all-in-one": "github.com/jaegertracing/jaeger/cmd/all-in-one"},
+        duration_hint="~15 min on 2 cores the first time",
     ),
 )
 
@@ -525,6 +542,48 @@ def check_licenses(
         )
     progress(f"licenses OK: {len(checks)} Consul modules are MPL-2.0 (recorded in {record})")
     return checks
+
+
+def optional_recipe(name: str) -> Recipe:
+    for recipe in OPTIONAL_RECIPES:
+        if name in recipe.packages:
+            return recipe
+    raise KeyError(name)
+
+
+def optional_path(name: str, devbin: Path = DEVBIN) -> Path:
+    """Where the optional program ``name`` of the pinned version is (or would be) cached."""
+    recipe = optional_recipe(name)
+    gomod = devbin / recipe.module / "go.mod"
+    version = required_versions(gomod.read_text()).get(recipe.pinned_module)
+    if version is None:
+        raise reporting.DevStackError(f"{gomod} does not require {recipe.pinned_module}")
+    return cache_root() / "bin" / f"{recipe.label}-{version}" / name
+
+
+def find_optional(name: str) -> Path | None:
+    """The optional program from ``$TETHER_BIN_DIR`` or the cache; None if not built yet."""
+    bin_dir = os.environ.get("TETHER_BIN_DIR")
+    if bin_dir and _executable(Path(bin_dir).expanduser() / name):
+        return (Path(bin_dir).expanduser() / name).resolve()
+    cached = optional_path(name)
+    return cached if _executable(cached) else None
+
+
+def ensure_optional(name: str, *, progress: reporting.Progress = reporting.to_stderr) -> Path:
+    """The optional program ``name``, built into its cache directory if missing."""
+    found = find_optional(name)
+    if found is not None:
+        return found
+    recipe = optional_recipe(name)
+    path = optional_path(name)
+    dest = path.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    with locks.exclusive(dest.parent / f"{dest.name}.lock", timeout=BUILD_TIMEOUT, what="build cache"):
+        if not _executable(path):
+            version = dest.name.removeprefix(f"{recipe.label}-")
+            _build_recipe(recipe, [name], dest, version=version, progress=progress)
+    return path
 
 
 def main() -> int:

@@ -5,7 +5,9 @@ uses): ``time`` is ISO 8601 with milliseconds and the zone (``+00:00``),
 ``level`` and ``logger`` name the source, and every structured field a
 caller passes through ``extra`` is kept as a key. Lines about a resource carry
 its ``namespace``, ``name`` and ``kind`` (Tether's loggers pass
-``tether_ref``, Kopf's per-object loggers ``k8s_ref``).
+``tether_ref``, Kopf's per-object loggers ``k8s_ref``). With tracing on, a line
+logged inside a trace (a reconcile) carries its ``trace_id`` and ``span_id``,
+to look the trace up in the tracing back end.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import kopf
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
+
+from tether import tracing
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -47,6 +51,11 @@ class JsonFormatter(_BaseJsonFormatter):
                 for key in ("namespace", "name", "kind"):
                     if ref.get(key):
                         log_data.setdefault(key, ref[key])
+        # The handler formats in the logging call itself (no queue, no thread
+        # hand-off), so the current span is the one the record was made in.
+        ids = tracing.current_ids()
+        if ids is not None:
+            log_data["trace_id"], log_data["span_id"] = ids
 
 
 def configure(*, fmt: str, level: str = "info", verbose: bool = False) -> None:

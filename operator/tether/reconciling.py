@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from tether import conditions, errors, metrics
+from tether import conditions, errors, metrics, tracing
 from tether.api import FINALIZER, InvalidSpec, ObjectRef
 from tether.api.policies import Claims, Decision
 from tether.clients.kube.client import Involved, KubeClient, KubeConflict, KubeError, KubeNotFound
@@ -422,13 +422,23 @@ class Controller:
     async def _worker(self) -> None:
         while True:
             ref = await self.queue.get()
+            # One trace per reconcile (when tracing is on): the backend calls
+            # below are its child spans; process() adds generation and result.
             try:
-                await self.process(ref)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reconcile of %s failed unexpectedly; will retry", ref, extra=_fields(ref))
-                self.queue.add_after(ref, self.backoff.next_delay(ref))
+                with tracing.span(
+                    f"reconcile {ref.plural}", kind=self.reconciler.kind, namespace=ref.namespace,
+                    name=ref.name,
+                ):
+                    try:
+                        await self.process(ref)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception(
+                            "reconcile of %s failed unexpectedly; will retry", ref, extra=_fields(ref)
+                        )
+                        tracing.annotate(result="error")
+                        self.queue.add_after(ref, self.backoff.next_delay(ref))
             finally:
                 self.processed += 1
                 self.queue.done(ref)
@@ -440,6 +450,7 @@ class Controller:
         orphan = ref in self._orphans
         self._orphans.discard(ref)
         if body is None:
+            tracing.annotate(result="gone")
             if self.policies is not None:
                 self.policies.forget(ref)
             self.reconciler.forget(ref)
@@ -450,11 +461,13 @@ class Controller:
                 await self._collect(ref)
             return
         res = Resource.from_body(self.reconciler.plural, body)
+        tracing.annotate(generation=res.generation)
         started = time.monotonic()
         kind = self.reconciler.kind
         try:
             if res.deleting:
                 if FINALIZER not in res.finalizers:
+                    tracing.annotate(result="gone")
                     return
                 outcome = await self._guarded(self.reconciler.release, res)
                 if outcome.released:
@@ -470,6 +483,7 @@ class Controller:
                     self.reconciler.forget(ref)
                     self.backoff.reset(ref)
                     metrics.RECONCILES.labels(kind=kind, result="released").inc()
+                    tracing.annotate(result="released")
                     return
             else:
                 if FINALIZER not in res.finalizers:
@@ -481,8 +495,10 @@ class Controller:
                 outcome = await self._policed(res) or await self._guarded(self.reconciler.apply, res)
             await self._finish(res, outcome)
         except KubeNotFound:
+            tracing.annotate(result="gone")
             return  # gone; its DELETED event cleans up
         except KubeConflict:
+            tracing.annotate(result="KubernetesConflict")
             # Stale cache: the newer object is usually on its way through the
             # watch, but not always (an API server restored from backup): read
             # it afresh, and retry with backoff, never at a fixed rate.
@@ -490,6 +506,7 @@ class Controller:
             await self._refresh(ref)
             self.queue.add_after(ref, self.backoff.next_delay(ref))
         except KubeError as exc:
+            tracing.annotate(result="KubernetesError")
             metrics.BACKEND_ERRORS.labels(backend="kubernetes").inc()
             log.warning("Kubernetes call failed for %s: %s", ref, exc, extra=_fields(ref))
             self.queue.add_after(ref, self.backoff.next_delay(ref))
@@ -557,6 +574,7 @@ class Controller:
         notes = (*_announcement(res.status, outcome), *outcome.notes)
         await self._record(res, notes, routine=_first_success(res.status, outcome))
         result = outcome.reason if outcome.ready != "True" else "ready"
+        tracing.annotate(result=result)
         metrics.RECONCILES.labels(kind=self.reconciler.kind, result=result).inc()
         self._count_not_ready(ref, None if outcome.ready == "True" else outcome.reason)
         if outcome.retry:

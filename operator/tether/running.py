@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from tether import handlers, kopfing, logs, metrics, metricsserving
+from tether import handlers, kopfing, logs, metrics, metricsserving, tracing
 from tether.api import GROUP, VERSION
 from tether.clients.consul.client import ConsulClient
 from tether.clients.etcd.client import EtcdClient
@@ -68,6 +68,8 @@ def run(
     leader_elect: bool, log_level: str = "info",
 ) -> int:
     logs.configure(fmt=log_format, level=log_level)
+    if tracing.configure():
+        log.info("tracing on: spans go to the OTLP endpoint the OTEL_* variables name")
     try:
         settings = Settings.from_env()
     except ValueError as exc:
@@ -88,6 +90,8 @@ def run(
                 leader_elect=leader_elect,
             )
         )
+    # The last spans (the stop's own reconciles), within a bound of their own.
+    tracing.shutdown()
     _exit_if_threads_linger(code)
     return code
 

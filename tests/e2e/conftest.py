@@ -12,6 +12,10 @@
   timeout; so before the first test runs, if any e2e test was selected, the
   binaries are found or built outside any test's time budget (the fixture's own
   ``up`` is then bounded by ``devstack.UP_TIMEOUT``).
+- Tests marked ``jaeger`` need Jaeger's all-in-one (an optional program of the dev
+  harness, never started by ``tether dev up``): it is found or built the same way,
+  before the first test; ``jaeger_binary`` skips those tests, saying why, only if
+  that build failed.
 - ``operator`` is one ``tether run`` for the whole session, serving the per-test
   namespaces that ``namespace`` creates (``t-…``); tests that need an operator of
   their own (ACL, RBAC, leader election) start a :class:`OperatorProcess` themselves.
@@ -28,8 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from tether_dev import binaries
+from tether_dev import binaries, reporting
 from tether_dev.harness import devstack, suites
+from tether_dev.harness.jaeger import PROGRAM as PROGRAM_JAEGER
 from tether_dev.harness.kube import kubectl
 from tether_dev.harness.operator import OperatorProcess
 
@@ -48,6 +53,24 @@ def pytest_runtestloop(session: pytest.Session) -> None:
         return
     if any(item.get_closest_marker("e2e") for item in session.items):
         binaries.ensure()
+    if any(item.get_closest_marker("jaeger") for item in session.items):
+        try:
+            _OPTIONAL[PROGRAM_JAEGER] = binaries.ensure_optional(PROGRAM_JAEGER)
+        except reporting.DevStackError as exc:
+            _OPTIONAL[PROGRAM_JAEGER] = str(exc)
+
+
+# Optional programs built before the tests: a path, or why the build failed.
+_OPTIONAL: dict[str, Path | str] = {}
+
+
+@pytest.fixture(scope="session")
+def jaeger_binary() -> Path:
+    """Jaeger's all-in-one, built before the first test (see the module's docstring)."""
+    found = _OPTIONAL.get(PROGRAM_JAEGER) or binaries.find_optional(PROGRAM_JAEGER)
+    if isinstance(found, Path):
+        return found
+    pytest.skip(f"{PROGRAM_JAEGER} could not be built from devbin/jaeger: {found or 'not built'}")
 
 
 @pytest.fixture(scope="session")

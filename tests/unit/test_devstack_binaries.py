@@ -218,3 +218,24 @@ def test_no_go_toolchain_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("TETHER_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(DevStackError, match="TETHER_BIN_DIR"):
         binaries.build(["etcd"], pinned=PINS, progress=lambda _: None)
+
+
+def test_jaeger_is_optional_and_cached_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Not a program of the stack: pinning it must not rename (and so rebuild) the
+    # stack's cache directory, and `tether dev up` never builds it.
+    monkeypatch.setenv("TETHER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TETHER_BIN_DIR", raising=False)
+    assert "jaeger-all-in-one" not in binaries.NAMES
+    assert "jaeger" not in binaries.cache_dir().name
+    path = binaries.optional_path("jaeger-all-in-one")
+    assert path == tmp_path / "bin" / "jaeger-v1.75.0" / "jaeger-all-in-one"
+    assert binaries.find_optional("jaeger-all-in-one") is None
+    path.parent.mkdir(parents=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    assert binaries.find_optional("jaeger-all-in-one") == path
+    command = binaries.build_command(
+        binaries.optional_recipe("jaeger-all-in-one"), ["jaeger-all-in-one"], tmp_path, "v1.75.0"
+    )
+    assert command[-3:] == ["-o", str(tmp_path / "jaeger-all-in-one"),
+                            "github.com/jaegertracing/jaeger/cmd/all-in-one"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -21,7 +22,7 @@ import consul.aio
 from consul import exceptions as consul_errors
 from consul.callback import CB
 
-from tether import errors, metrics
+from tether import errors, metrics, tracing
 from tether.clients import reloading
 from tether.clients.consul.connection import ConsulConnection
 from tether.errors import BackendError, BackendRejected, BackendUnavailable
@@ -163,6 +164,7 @@ class ConsulClient:
                 raise ConsulRejected(str(exc)) from None
         return {"X-Consul-Token": self.conn.token} if self.conn.token else {}
 
+    @tracing.traced(lambda self, fn, *, what, **_: _span_of(what, self.conn.url))
     async def _call(
         self, fn: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None
     ) -> T:
@@ -474,6 +476,24 @@ def _cert_fingerprint(path: str | None) -> str:
         return reloading.fingerprint(reloading.read_bytes(path, "CONSUL_CLIENT_CERT"))
     except (reloading.SecretFileError, ValueError):
         return "unreadable"
+
+
+# Quoted names, lists of them and counts in a call's description.
+_NAMES_IN_WHAT = re.compile(r"(?<!\w)'[^']*'(?!\w)|\[[^\]]*\]|\b\d+\b")
+
+
+def _span_of(what: str, agent: str) -> tuple[str, dict[str, str]]:
+    """A call's span, named by what it does without the names it does it to.
+
+    ``what`` ("read of service 'web'") goes whole into an attribute; the span's
+    name ("consul read of service") stays one per kind of call, as tracing
+    back ends expect.
+    """
+    words = _NAMES_IN_WHAT.sub(" ", what).split()
+    # "registration of 'web'" -> "registration", not "registration of".
+    while len(words) > 1 and words[-1] in ("of", "on", "under"):
+        words.pop()
+    return f"consul {' '.join(words)}", {"tether.call": what, "server.address": agent}
 
 
 def consul_error(

@@ -35,6 +35,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from tether import tracing
 from tether.clients import reloading
 from tether.clients.etcd.connection import EtcdConnection, split_endpoint
 from tether.clients.etcd.errors import Compacted, EtcdError, EtcdRejected, EtcdUnavailable
@@ -566,6 +567,8 @@ class EtcdClient:
         if self._token == used:
             self._token = None
 
+    @tracing.traced(lambda _self, service, method, *_, **__: (
+        f"etcd {service}.{method}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}))
     async def _unary(self, service: str, method: str, request: Any, *, idempotent: bool) -> Any:
         """Send one unary request with failover, re-authentication and one overall deadline."""
         await self._ensure_open()

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import kubernetes.client as k8s
 
+from tether import tracing
 from tether.errors import BackendError, BackendRejected, BackendUnavailable, Contended
 
 
@@ -136,6 +137,7 @@ class KubeHttp:
             headers["Authorization"] = token
         return headers
 
+    @tracing.traced(lambda _self, method, path, **kwargs: _span_of(method, path, kwargs.get("what", "")))
     async def request(
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: Any = None,
         content_type: str = "application/json", accept: str = "application/json", what: str = "",
@@ -192,6 +194,20 @@ class KubeHttp:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _span_of(method: str, path: str, what: str) -> tuple[str, dict[str, str]]:
+    """A request's span: named by method and resource ("kubernetes PATCH consulservices/status")."""
+    parts = path.strip("/").split("/")
+    # .../namespaces/<namespace>/<plural>[/<name>[/<subresource>]]
+    at = parts.index("namespaces") + 2 if "namespaces" in parts else len(parts) - 1
+    resource = parts[min(at, len(parts) - 1)]
+    if len(parts) > at + 2:
+        resource += "/" + parts[at + 2]
+    attrs = {"http.request.method": method, "url.path": path}
+    if what:
+        attrs["tether.call"] = what
+    return f"kubernetes {method} {resource}", attrs
 
 
 def _message(body: bytes | str | Mapping[str, Any]) -> str:
