@@ -382,6 +382,56 @@ def test_a_rename_updates_the_instances_in_place(
     assert [e["Service"]["Address"] for e in passing if e["Node"]["Node"] == NODE] == ["10.7.0.1"]
 
 
+def test_switching_modes_both_ways_leaves_nothing_behind(
+    dev_env: dict[str, str], operator: OperatorProcess, namespace: str
+) -> None:
+    """Endpoints mode → a fixed instance → endpoints mode, twice: after each switch
+    Consul holds only what the current mode registers (issue 23: the catalog
+    instances used to stay, passing, after a switch back to a fixed instance)."""
+    env = dev_env
+    apply(env, namespace, service("sw", [("http", 80, 8080)]))
+    eps = [ready("10.8.0.1"), ready("10.8.0.2")]
+    apply(env, namespace, endpoint_slice("sw-a", "sw", [("http", 8080)], eps))
+    follow = {"name": "sw", "endpoints": {"service": "sw"}}
+    fixed = {"name": "sw", "address": "10.8.0.9", "port": 80}
+
+    def on_agent() -> set[str]:
+        services = consul(env, "GET", "/v1/agent/services") or {}
+        return {
+            sid for sid, svc in services.items()
+            if (svc.get("Meta") or {}).get("tether-namespace") == namespace
+            and (svc.get("Meta") or {}).get("tether-name") == "sw"
+        }
+
+    def passing() -> list[str]:
+        entries = consul(env, "GET", "/v1/health/service/sw?passing=true")
+        return sorted(e["Service"]["Address"] for e in entries)
+
+    def ready_at_latest() -> None:
+        wait_for(
+            lambda: (o := get(env, namespace, KIND, "sw")) is not None
+            and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+            and condition(o)["status"] == "True",
+            timeout=20, message=f"sw Ready at its latest generation ({operator.log_tail()})",
+        )
+
+    for _ in range(2):
+        apply(env, namespace, resource(KIND_NAME, "sw", follow))
+        ready_at_latest()
+        both = {"10.8.0.1": (8080, "passing"), "10.8.0.2": (8080, "passing")}
+        until(env, namespace, "sw", both, op=operator)
+        wait_for(lambda: on_agent() == set(), timeout=10, message="the fixed instance deregistered")
+        assert passing() == ["10.8.0.1", "10.8.0.2"]
+
+        apply(env, namespace, resource(KIND_NAME, "sw", fixed))
+        ready_at_latest()
+        until(env, namespace, "sw", {}, op=operator, timeout=10)
+        wait_for(
+            lambda: on_agent() == {f"{namespace}-sw"}, timeout=10, message="the fixed instance registered"
+        )
+        assert passing() == ["10.8.0.9"]
+
+
 def test_drift_is_repaired(dev_env: dict[str, str], operator: OperatorProcess, namespace: str) -> None:
     env = dev_env
     apply(env, namespace, service("db", [("pg", 5432, 5432)]))
