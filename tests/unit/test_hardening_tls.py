@@ -11,6 +11,7 @@ from catalogmodels import consul_services
 
 from tether import conditions
 from tether.api import FINALIZER, ObjectRef
+from tether.clients import cleartext
 from tether.clients.consul.connection import ConsulConnection
 from tether.clients.etcd.connection import EtcdConnection
 from tether.consulservice import agent as consul_reconciling
@@ -59,6 +60,22 @@ def test_etcd_password_in_cleartext_is_warned_about() -> None:
          "CONSUL_HTTP_ADDR": "http://10.1.1.1:8500", "CONSUL_HTTP_TOKEN": "t"}
     )
     assert len(settings.warnings()) == 2
+
+
+def test_etcd_password_to_loopback_endpoints_is_not_warned_about() -> None:
+    conn = EtcdConnection.from_env(
+        {"ETCD_ENDPOINTS": "http://localhost:2379,http://[::1]:2379,http://127.0.0.2:2379",
+         "ETCD_USERNAME": "u", "ETCD_PASSWORD": "secret"}
+    )
+    assert conn.warnings() == []
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("localhost", True), ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True),
+    ("10.0.0.1", False), ("consul.example", False), ("localhost.example", False), ("", False),
+])
+def test_only_loopback_hosts_keep_cleartext_on_the_machine(host: str, loopback: bool) -> None:
+    assert cleartext.loopback(host) is loopback
 
 
 def test_node_tracker_allows_one_replacement_but_not_a_flip_flop() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tether.clients.kube.http import KubeRejected, kube_error
-from tether.clients.kube.watching import ENSURE_SECONDS, NamespaceWatches
+from tether.clients.kube.watching import ENSURE_SECONDS, NamespaceWatches, _Watch
 from tether.retrying import Retry
 
 
@@ -74,13 +74,13 @@ def _watches(http: Any) -> NamespaceWatches:
 
 async def test_an_expired_watch_asks_for_a_relist() -> None:
     watches = _watches(_Stream(410, "too old resource version: 5 (90)"))
-    assert await watches._follow("team-a", "api/v1/namespaces/team-a/secrets", "5", _RETRY) is None
+    assert await watches._follow("team-a", _Watch(), "api/v1/namespaces/team-a/secrets", "5", _RETRY) is None
 
 
 async def test_a_watch_error_event_goes_through_the_response_check() -> None:
     watches = _watches(_Stream(403, 'secrets is forbidden: User "tether" cannot watch'))
     with pytest.raises(KubeRejected) as info:
-        await watches._follow("team-a", "api/v1/namespaces/team-a/secrets", "5", _RETRY)
+        await watches._follow("team-a", _Watch(), "api/v1/namespaces/team-a/secrets", "5", _RETRY)
     assert info.value.status == 403
     assert str(info.value).startswith("watch of secrets in team-a: 403 secrets is forbidden")
 async def test_a_failing_watch_warns_once_however_often_it_retries(caplog: pytest.LogCaptureFixture) -> None:

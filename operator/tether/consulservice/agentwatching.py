@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from tether import supervising
 from tether.api import ObjectRef
 from tether.clients.consul import blocking
 from tether.clients.consul.client import Agent, ConsulRejected, ConsulUnavailable
@@ -41,17 +42,11 @@ class ConsulWatcher:
         self._changed = asyncio.Event()
 
     async def run(self) -> None:
-        tasks = [
-            asyncio.create_task(self._poll(self.agent.wait_services, "services")),
-            asyncio.create_task(self._poll(self.agent.wait_health, "health")),
-            asyncio.create_task(self._scanner()),
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await supervising.together(
+            self._poll(self.agent.wait_services, "services"),
+            self._poll(self.agent.wait_health, "health"),
+            self._scanner(),
+        )
 
     async def _poll(self, wait: Callable[[int, str], Awaitable[int]], what: str) -> None:
         async def fetch(index: int, wait_for: str) -> tuple[int, None]:

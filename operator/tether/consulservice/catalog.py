@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
 from tether import conditions, reconciling
@@ -29,7 +29,7 @@ from tether.clients.consul.client import Catalog, ConsulContended, ConsulError
 from tether.clients.kube.client import KubeError
 from tether.conditions import Condition
 from tether.consulservice import endpoints, gates, nodecheck
-from tether.consulservice.committing import GroupCommit
+from tether.consulservice.committing import Batch, GroupCommit
 from tether.consulservice.gating import Decisions, Gating
 from tether.consulservice.index import CatalogIndex
 from tether.consulservice.planner import Owner
@@ -214,14 +214,9 @@ class CatalogServices:
                     decisions = await self._decide_gates(
                         res, spec, eps or [], _without(want, plan.conflicts), checks
                     )
-                    try:
-                        for ops in plan.batches:
-                            await self.commits.submit(ops)
+                    if await self._committed(plan.batches, attempt):
                         break
-                    except ConsulContended:
-                        if attempt == _ATTEMPTS - 1:
-                            raise
-                        log.debug("%s: catalog changed under a guarded write; re-planning", res.ref)
+                    log.debug("%s: catalog changed under a guarded write; re-planning", res.ref)
         except ConsulError as exc:
             return Outcome.from_error(
                 exc, doing=f"register the instances of {spec.name!r}", fields=unknown,
@@ -304,13 +299,8 @@ class CatalogServices:
                 plan = endpoints.release(
                     services, [], owner=owner, node=self.node, orphan=orphan, max_ops=self.max_txn_ops,
                 )
-                try:
-                    for ops in plan.batches:
-                        await self.commits.submit(ops)
+                if await self._committed(plan.batches, attempt):
                     break
-                except ConsulContended:
-                    if attempt == _ATTEMPTS - 1:
-                        raise
             if node_too:
                 await self._remove_empty_node()
         return plan.removed
@@ -373,14 +363,21 @@ class CatalogServices:
                 plan = endpoints.release(
                     services, [], owner=owner, node=self.node, orphan=False, max_ops=self.max_txn_ops
                 )
-                try:
-                    for ops in plan.batches:
-                        await self.commits.submit(ops)
+                if await self._committed(plan.batches, attempt):
                     return
-                except ConsulContended:
-                    if attempt == _ATTEMPTS - 1:
-                        raise
 
+    async def _committed(self, batches: Iterable[Batch], attempt: int) -> bool:
+        """Submit one plan's guarded ``batches``: True once all are committed, False when a
+        guard failed (the catalog changed since it was read: read and plan again). On the
+        last of the ``_ATTEMPTS`` (``attempt`` counts from 0) the ConsulContended is raised."""
+        try:
+            for ops in batches:
+                await self.commits.submit(ops)
+        except ConsulContended:
+            if attempt == _ATTEMPTS - 1:
+                raise
+            return False
+        return True
 
     # -- the readiness gate tether.dev/consul-passing (decisions: gates.py; Pod I/O: gating.py)
 

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tether import supervising
 from tether.api import ObjectRef
 from tether.clients.consul import blocking
 from tether.clients.consul.client import Catalog
@@ -70,17 +71,7 @@ class CatalogWatcher:
         self._revisit: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
-        tasks = [
-            asyncio.create_task(self._poll_services()),
-            asyncio.create_task(self._poll_checks()),
-            asyncio.create_task(self._compare()),
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await supervising.together(self._poll_services(), self._poll_checks(), self._compare())
 
     async def _poll(self, fetch: Callable[[int, str], Awaitable[tuple[int, None]]], what: str) -> None:
         def answered(answer: blocking.Answer[None]) -> None:

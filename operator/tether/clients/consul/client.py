@@ -382,15 +382,10 @@ class ConsulClient:
         With ``index``, a blocking query that returns once the node's services
         change after it (or after ``wait``).
         """
-        params, deadline = self._blocking(index, wait)
-        if where is not None:
-            params.append(("filter", where))
-        code, headers, body = await self._kv_request(
-            "GET", f"/v1/catalog/node-services/{quote(node, safe='')}", params=params,
-            what=f"list of services on node {node!r}", deadline=deadline, allow=(404,),
+        new_index, data = await self._node_read(
+            f"/v1/catalog/node-services/{quote(node, safe='')}", f"list of services on node {node!r}",
+            where=where, index=index, wait=wait,
         )
-        new_index = int(headers.get("X-Consul-Index") or 0)
-        data = json.loads(body) if code == 200 and body.strip() else None
         if not data or not data.get("Node"):
             return new_index, None, []
         return new_index, dict(data["Node"]), [dict(s) for s in data.get("Services") or []]
@@ -399,16 +394,25 @@ class ConsulClient:
         self, node: str, *, where: str | None = None, index: int = 0, wait: str = ""
     ) -> tuple[int, list[dict[str, Any]]]:
         """The checks on the node; ``where``: only those matching that filter expression."""
+        new_index, data = await self._node_read(
+            f"/v1/health/node/{quote(node, safe='')}", f"list of checks on node {node!r}",
+            where=where, index=index, wait=wait,
+        )
+        return new_index, [dict(c) for c in data or []]
+
+    async def _node_read(
+        self, path: str, what: str, *, where: str | None, index: int, wait: str
+    ) -> tuple[int, Any]:
+        """One read of a node's services or checks (blocking with ``index``, filtered with
+        ``where``): the X-Consul-Index and the JSON answer (None for a 404 or an empty body)."""
         params, deadline = self._blocking(index, wait)
         if where is not None:
             params.append(("filter", where))
         code, headers, body = await self._kv_request(
-            "GET", f"/v1/health/node/{quote(node, safe='')}", params=params,
-            what=f"list of checks on node {node!r}", deadline=deadline, allow=(404,),
+            "GET", path, params=params, what=what, deadline=deadline, allow=(404,),
         )
-        new_index = int(headers.get("X-Consul-Index") or 0)
         data = json.loads(body) if code == 200 and body.strip() else None
-        return new_index, [dict(c) for c in data or []]
+        return int(headers.get("X-Consul-Index") or 0), data
 
     async def catalog_txn(self, ops: list[dict[str, Any]]) -> None:
         """Apply one catalog transaction; :class:`ConsulContended` when a guard failed."""

@@ -6,11 +6,12 @@ client exists.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from tether.clients import cleartext
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ConsulConnection:
 
     def warnings(self) -> list[str]:
         """What is allowed but unsafe, to be logged loudly at start-up."""
-        if self.scheme == "http" and (self.token or self.token_file) and not _loopback(self.host):
+        if self.scheme == "http" and (self.token or self.token_file) and not cleartext.loopback(self.host):
             return [
                 f"the ACL token (CONSUL_HTTP_TOKEN or its file) is sent in cleartext to {self.url}: "
                 "anyone on the network path can read it; use an https:// CONSUL_HTTP_ADDR"
@@ -97,13 +98,3 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 < value <= 300:
         raise ValueError(f"{name}={value}: must be more than 0 and at most 300 seconds")
     return value
-
-
-def _loopback(host: str) -> bool:
-    """A loopback address: cleartext never leaves the machine (or the Pod)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

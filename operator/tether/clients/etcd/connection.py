@@ -6,12 +6,13 @@ client or gRPC channel exists.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
+
+from tether.clients import cleartext
 
 DEFAULT_ENDPOINT: Final = "http://127.0.0.1:2379"
 
@@ -66,7 +67,10 @@ class EtcdConnection:
         """What is allowed but unsafe, to be logged loudly at start-up."""
         if self.username is None:
             return []
-        plain = [e for e in self.endpoints if e.startswith("http://") and not _loopback(e)]
+        plain = [
+            e for e in self.endpoints
+            if e.startswith("http://") and not cleartext.loopback(urlsplit(e).hostname or "")
+        ]
         if not plain:
             return []
         return [
@@ -155,14 +159,3 @@ def split_endpoint(endpoint: str) -> tuple[str, str, int]:
     if ":" in host:
         host = f"[{host}]"  # IPv6 literal: keep the brackets gRPC expects
     return parts.scheme, host, port
-
-
-def _loopback(endpoint: str) -> bool:
-    """An endpoint on a loopback address: cleartext never leaves the machine (or the Pod)."""
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -20,37 +20,32 @@ permission is granted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from tether import metrics
-from tether.clients.kube.client import KubeError, KubeGone
-from tether.clients.kube.http import KubeHttp, kube_error
-from tether.clients.kube.watching import ENSURE_SECONDS, WATCH_SECONDS
-from tether.retrying import Retry
+from tether.clients.kube.http import KubeHttp
+from tether.clients.kube.watching import NamespaceStreams, Stream
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_BACKOFF_MAX = 30.0
 _PAGE = 500
 
 
 @dataclass
-class _Cache(Generic[T]):
+class _Cache(Stream, Generic[T]):
     items: dict[str, T] = field(default_factory=dict)
-    task: asyncio.Task[None] | None = None
     listed: asyncio.Event = field(default_factory=asyncio.Event)
-    # The first list's answer, success or failure: readers wait for that, never for the retries.
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class NamespaceCaches(Generic[T]):
+class NamespaceCaches(NamespaceStreams[_Cache[T]]):
     """List-then-watch of one resource type per namespace that matters, keeping slim views by name."""
+
+    role = "cache"
+    accept = "application/json"
+    logger = log
 
     def __init__(
         self, http: KubeHttp, *, what: str, path: str, slim: Callable[[dict[str, Any]], T | None],
@@ -58,38 +53,17 @@ class NamespaceCaches(Generic[T]):
     ) -> None:
         """``path`` has a ``{namespace}`` field; ``changed(namespace, name)`` hears of every kept
         view that changed (not of objects ``slim`` drops, unless a kept one became one)."""
-        self.http = http
-        self.what = what
-        self.path = path
+        super().__init__(http, what=what, path=path, wanted=wanted)
         self.slim = slim
         self.changed = changed
-        self.wanted = wanted
-        self._caches: dict[str, _Cache[T]] = {}
-
-    def namespaces(self) -> list[str]:
-        return sorted(ns for ns, c in self._caches.items() if c.task is not None and not c.task.done())
 
     async def items(self, namespace: str) -> dict[str, T]:
         """The kept views of ``namespace`` by name, listed on first use (waiting at most
         ``ENSURE_SECONDS`` for the first list; empty if it is not there by then)."""
-        cache = self._caches.get(namespace)
-        if cache is None or cache.task is None or cache.task.done():
-            cache = _Cache()
-            self._caches[namespace] = cache
-            name = f"cache-{self.what}-{namespace}"
-            cache.task = asyncio.create_task(self._run(namespace, cache), name=name)
-            metrics.WATCHED_NAMESPACES.labels(resource=self.what).set(len(self._caches))
-        if not cache.answered.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(cache.answered.wait()), ENSURE_SECONDS)
-        return dict(cache.items)
+        return dict((await self._open(namespace)).items)
 
-    async def stop(self) -> None:
-        tasks = [c.task for c in self._caches.values() if c.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._caches.clear()
+    def _new(self) -> _Cache[T]:
+        return _Cache()
 
     def _put(self, namespace: str, cache: _Cache[T], name: str, view: T | None) -> None:
         old = cache.items.get(name)
@@ -100,7 +74,7 @@ class NamespaceCaches(Generic[T]):
         if old != view:
             self.changed(namespace, name)
 
-    async def _list(self, namespace: str, cache: _Cache[T], path: str) -> str:
+    async def _list(self, namespace: str, stream: _Cache[T], path: str) -> str:
         """Every object of the namespace (paged), replacing the cache; the list's version."""
         fresh: dict[str, T] = {}
         params: dict[str, str] = {"limit": str(_PAGE)}
@@ -116,58 +90,13 @@ class NamespaceCaches(Generic[T]):
             if not meta.get("continue"):
                 break
             params = {"limit": str(_PAGE), "continue": str(meta["continue"])}
-        for name in sorted(set(cache.items) | set(fresh)):  # a stable order for listeners and tests
-            self._put(namespace, cache, name, fresh.get(name))
+        for name in sorted(set(stream.items) | set(fresh)):  # a stable order for listeners and tests
+            self._put(namespace, stream, name, fresh.get(name))
+        stream.listed.set()
         return version
 
-    async def _run(self, namespace: str, cache: _Cache[T]) -> None:
-        path = self.path.format(namespace=namespace)
-        version: str | None = None
-        retry = Retry(
-            f"cache of {self.what} in {namespace}", base=1.0, cap=_BACKOFF_MAX, jitter=0.2, logger=log
-        )
-        try:
-            while True:
-                try:
-                    if version is None:
-                        version = await self._list(namespace, cache, path)
-                        cache.listed.set()
-                        cache.answered.set()
-                    version = await self._follow(namespace, cache, path, version, retry)
-                    retry.succeeded()
-                    if version is not None and not self.wanted(namespace):
-                        return
-                except KubeGone:
-                    version = None
-                except KubeError as exc:
-                    cache.answered.set()
-                    await retry.pause(exc)
-        finally:
-            if self._caches.get(namespace) is cache:
-                del self._caches[namespace]
-                metrics.WATCHED_NAMESPACES.labels(resource=self.what).set(len(self._caches))
-
-    async def _follow(
-        self, namespace: str, cache: _Cache[T], path: str, version: str, retry: Retry
-    ) -> str | None:
-        params = {"resourceVersion": version, "allowWatchBookmarks": "true"}
-        seconds = WATCH_SECONDS + random.randint(0, 20)
-        async for event in self.http.watch(path, params=params, accept="application/json",
-                                           timeout_seconds=seconds):
-            kind, obj = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                error = kube_error(f"watch of {self.what} in {namespace}", int(obj.get("code") or 0), obj)
-                if isinstance(error, KubeGone):
-                    return None  # history compacted: list again
-                raise error
-            retry.succeeded()
-            meta = obj.get("metadata") or {}
-            version = str(meta.get("resourceVersion") or version)
-            if kind == "BOOKMARK":
-                if not self.wanted(namespace):
-                    return version
-                continue
-            metrics.WATCH_EVENTS.labels(resource=self.what).inc()
-            name = str(meta.get("name") or "")
-            self._put(namespace, cache, name, None if kind == "DELETED" else self.slim(obj))
-        return version
+    def _event(
+        self, namespace: str, stream: _Cache[T], kind: str, obj: dict[str, Any], meta: dict[str, Any]
+    ) -> None:
+        name = str(meta.get("name") or "")
+        self._put(namespace, stream, name, None if kind == "DELETED" else self.slim(obj))
