@@ -152,6 +152,10 @@ def _roll(kind_cluster: KindCluster, consul: Consul, namespace: str, app: str) -
     return low, below, took
 
 
+def _gate(pod: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in pod["status"].get("conditions", []) if c["type"] == GATE), None)
+
+
 def test_rollouts_with_the_gate_never_drop_below_the_desired_count(
     kind_cluster: KindCluster, consul: Consul, namespace: str
 ) -> None:
@@ -161,10 +165,19 @@ def test_rollouts_with_the_gate_never_drop_below_the_desired_count(
     print(f"\nwith the gate: {ROLLOUTS} rollouts in {took:.0f}s, minimum passing {low} "
           f"(below {REPLICAS} for {below:.1f}s at most)")
     assert low >= REPLICAS, f"passing count fell to {low} (for {below:.1f}s) with the gate"
-    pods = kind_cluster.get_json("pods", "-n", namespace, "-l", "app=gated")["items"]
-    for pod in pods:
-        gate = next((c for c in pod["status"].get("conditions", []) if c["type"] == GATE), None)
-        assert gate is not None and gate["status"] == "True", (pod["metadata"]["name"], gate)
+
+    def closed() -> list[tuple[str, Any]]:
+        """The Pods of the last rollout whose gate is not True (terminating ones are on their way out)."""
+        pods = kind_cluster.get_json("pods", "-n", namespace, "-l", "app=gated")["items"]
+        current = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        gates = [
+            (p["metadata"]["name"], _gate(p))
+            for p in current
+        ]
+        return [(name, gate) for name, gate in gates if gate is None or gate["status"] != "True"]
+
+    wait_for(lambda: not closed(), timeout=60, interval=1,
+             message="every current Pod's gate True after the rollouts")
 
 
 def test_rollouts_without_the_gate_for_comparison(
