@@ -277,8 +277,9 @@ def report(
     anomalies: list[Anomaly],
     cleanup: list[Anomaly],
     timings: dict[str, float],
-    policy: dict[str, Any],
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The run's record; ``policy`` is the allow-list audit's summary, for runs with policy edits."""
     return {
         "seed": plan.seed,
         "mode": "reduced" if REDUCED else "full",
@@ -289,7 +290,7 @@ def report(
         "cleanup_operations": len(sc.workload.ops) - operations["total"],
         "operator_starts": sc.operator.starts,
         "faults": [asdict(r) for r in records],
-        "policy": policy,
+        "policy": policy or {},
         "anomalies": [str(a) for a in split(anomalies)[0]],
         "cleanup_anomalies": [str(a) for a in split(cleanup)[0]],
         "known_bugs": sorted({str(a) for a in split(anomalies)[1] + split(cleanup)[1]}),
@@ -316,12 +317,13 @@ def render(rep: dict[str, Any]) -> str:
         lines.append(f"  {'':>8}in flight: {f['in_flight']}")
     lines += [f"  failed op: {x}" for x in ops["failed"]]
     pol = rep["policy"]
-    lines.append(
-        f"TetherPolicy: {pol['edits']} policy edits and relabels; backend writes seen: {pol['writes']} "
-        f"({pol['by_backend']}; recorder reads failed: {pol['read_errors']}); "
-        f"writes outside the allow-list: {len(pol['outside'])}"
-    )
-    lines += [f"  - {w}" for w in pol["outside"][:30]]
+    if pol:  # runs without policy edits (the HA runs) have no allow-list audit
+        lines.append(
+            f"TetherPolicy: {pol['edits']} policy edits and relabels; backend writes seen: {pol['writes']} "
+            f"({pol['by_backend']}; recorder reads failed: {pol['read_errors']}); "
+            f"writes outside the allow-list: {len(pol['outside'])}"
+        )
+        lines += [f"  - {w}" for w in pol["outside"][:30]]
     lines.append(f"anomalies after convergence: {len(rep['anomalies'])}")
     lines += [f"  - {a}" for a in rep["anomalies"][:60]]
     lines.append(
