@@ -43,11 +43,12 @@ def admission(kind_cluster: KindCluster, tmp_path: Path) -> Iterator[Path]:
         kind_cluster.kubectl("delete", "-k", str(overlay), "--ignore-not-found", check=False)
 
 
-def _resource(kind: str, namespace: str, name: str, **spec: object) -> Manifest:
+def _resource(kind: str, namespace: str, object_name: str, **spec: object) -> Manifest:
+    """A Tether resource; ``object_name`` is its metadata name (``spec`` may have a ``name``)."""
     return {
         "apiVersion": "tether.dev/v1alpha1",
         "kind": kind,
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {"name": object_name, "namespace": namespace},
         "spec": spec,
     }
 
