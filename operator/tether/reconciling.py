@@ -327,14 +327,20 @@ def _rv(body: Mapping[str, Any]) -> str:
     return str((body.get("metadata") or {}).get("resourceVersion") or "")
 
 
+# How long one apply or release may take before it is abandoned and retried: far
+# beyond a healthy reconcile (milliseconds) and every client's own request deadline.
+RECONCILE_DEADLINE_SECONDS = 30.0
+
+
 class Controller:
     """Runs one kind's reconciles: a cache, a work queue and a pool of workers."""
 
     def __init__(
         self, reconciler: Reconciler, kube: KubeClient, *, workers: int = 8,
-        backoff: Backoff[ObjectRef] | None = None,
+        backoff: Backoff[ObjectRef] | None = None, deadline: float = RECONCILE_DEADLINE_SECONDS,
     ) -> None:
         self.reconciler = reconciler
+        self.deadline = deadline
         self.kube = kube
         self.workers = workers
         self.queue: WorkQueue[ObjectRef] = WorkQueue()
@@ -551,12 +557,30 @@ class Controller:
             log.warning("could not collect what %s left behind: %s", ref, exc, extra=_fields(ref))
 
     async def _guarded(self, step: Callable[[Resource], Awaitable[Outcome]], res: Resource) -> Outcome:
-        """Run ``apply``/``release``; a bug there becomes an honest status, not silence."""
+        """Run ``apply``/``release``; a bug or a hang there becomes an honest status, not silence.
+
+        A step that has not finished after ``deadline`` seconds is abandoned and
+        retried with backoff: a call that never answers must not hold a worker,
+        and the resource, for ever without a status (the log shows where it hung).
+        Abandoning a step is a crash in mid-reconcile, which every step tolerates.
+        """
+        limit = asyncio.timeout(self.deadline)
         try:
-            return await step(res)
+            async with limit:
+                return await step(res)
         except (asyncio.CancelledError, KubeError):
             raise
         except Exception as exc:
+            if isinstance(exc, TimeoutError) and limit.expired():
+                log.warning(
+                    "reconcile of %s did not finish in %.0fs; abandoned, retrying (where it waited below)",
+                    res.ref, self.deadline, exc_info=True, extra=_fields(res.ref),
+                )
+                return Outcome(
+                    "Unknown", conditions.RECONCILING,
+                    f"reconcile did not finish in {self.deadline:.0f}s; retrying — see the operator log",
+                    retry=True,
+                )
             log.exception("reconcile of %s failed unexpectedly; will retry", res.ref, extra=_fields(res.ref))
             return Outcome(
                 "Unknown", conditions.RECONCILING,

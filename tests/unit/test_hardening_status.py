@@ -4,10 +4,12 @@ Warning event."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from catalogmodels import consul_services
 
 from tether import conditions
@@ -208,3 +210,29 @@ async def test_a_reused_version_after_a_restore_is_not_taken_for_our_echo() -> N
         ctl.queue.done(await ctl.queue.get())
     ctl.observe("MODIFIED", _body("901", status={"someone": "else"}))  # later, a real change
     assert len(ctl.queue) == 1 and ctl.cache[REF]["status"] == {"someone": "else"}
+
+
+class Hanging(Stuck):
+    """A kind whose apply waits for an answer that never comes (a call without a deadline)."""
+
+    async def apply(self, res: Resource) -> Outcome:
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_reconcile_that_hangs_is_abandoned_with_a_status_and_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kube = FakeKube()
+    hanging = Hanging()
+    ctl = Controller(hanging, kube, workers=1, deadline=0.05)  # type: ignore[arg-type]
+    kube.server = _body("7")
+    ctl.observe("ADDED", kube.server)
+    await asyncio.wait_for(ctl.process(REF), 5)
+    ready = conditions.find(ctl.cache[REF].get("status", {}).get("conditions"), conditions.READY)
+    assert ready is not None and (ready["status"], ready["reason"]) == ("Unknown", conditions.RECONCILING)
+    assert "did not finish in 0s" in ready["message"]
+    assert hanging.calls == 1
+    stuck = [r for r in caplog.records if "did not finish" in r.getMessage()]
+    assert stuck and stuck[0].exc_info is not None  # the log shows where it waited

@@ -105,7 +105,10 @@ class OperatorProcess:
         # so the child runs this checkout's code whichever venv runs the tests.
         argv = [sys.executable, "-m", "tether.cli", "run", *self.args]
         argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
-        return [*argv, "--verbose"] if self.verbose else argv
+        # TETHER_HARNESS_VERBOSE=1: every operator a suite starts logs at debug level
+        # (Kopf's watch streams included), for a run that must be explained afterwards.
+        verbose = self.verbose or os.environ.get("TETHER_HARNESS_VERBOSE") == "1"
+        return [*argv, "--verbose"] if verbose else argv
 
     def start(self, *, wait: bool = True, timeout: float = 90.0) -> OperatorProcess:
         """Start a process; with ``wait``, return once ``/metrics`` answers.
