@@ -9,10 +9,20 @@ few private names used are kept here, against the pinned Kopf version
 
 - :func:`insights` — the ``Insights`` object passed to ``kopf.operator``, which
   Kopf fills with the resources it watches;
-- :func:`watched` — the plurals of Tether's group among them;
+- :func:`watched` — the plurals of Tether's group among them, none while Kopf's
+  namespace observer has not listed the namespaces yet: until then Kopf starts no
+  watch at all, whatever kinds it knows;
 - :func:`rescan` — re-reads Tether's group from discovery into the insights,
-  exactly what Kopf's own resource observer does on a CRD event; Kopf's
-  orchestrator then starts the missing watches.
+  exactly what Kopf's own resource observer does on a CRD event, and the core
+  resources Kopf's observers wait for (namespaces, CRDs) when its first scan
+  missed them; Kopf's orchestrator then starts the missing watches.
+
+Seen in a fault run: an operator started seconds after the API server restarted
+watched nothing, silently, although its insights listed every Tether kind. Kopf's
+namespace observer waits for ``namespaces`` to be in the backbone before it lists
+namespaces, and the backbone is filled once, from the first discovery scan; a scan
+that lacked the core group left the observer waiting for ever, the set of
+namespaces empty, and so no (kind, namespace) watch was ever started.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from kopf._cogs.structs.references import Insights, Resource
+from kopf._cogs.structs.references import CRDS, NAMESPACES, Insights, Resource
 from kopf._core.reactor.observation import revise_resources
 
 from tether.api import GROUP, VERSION
@@ -34,16 +44,18 @@ def insights() -> Insights:
 
 
 def watched(record: Insights) -> set[str]:
-    """The plurals of Tether's group that Kopf watches now."""
+    """The plurals of Tether's group that Kopf watches now (none before its namespaces are known)."""
+    if not record.ready_namespaces.is_set():
+        return set()
     return {r.plural for r in record.watched_resources if r.group == GROUP}
 
 
-def resources(listing: Mapping[str, Any]) -> set[Resource]:
-    """Kopf's resources from one discovery answer for Tether's group, as Kopf's scanner builds them."""
+def resources(listing: Mapping[str, Any], *, group: str = GROUP, version: str = VERSION) -> set[Resource]:
+    """Kopf's resources from one discovery answer for ``group``, as Kopf's scanner builds them."""
     items = listing.get("resources") or []
     return {
         Resource(
-            group=GROUP, version=VERSION, kind=item["kind"], plural=item["name"],
+            group=group, version=version, kind=item["kind"], plural=item["name"],
             singular=item.get("singularName") or item["kind"].lower(),
             shortcuts=frozenset(item.get("shortNames") or ()),
             categories=frozenset(item.get("categories") or ()),
@@ -59,8 +71,21 @@ def resources(listing: Mapping[str, Any]) -> set[Resource]:
     }
 
 
+# What Kopf's own observers wait for in the backbone: (selector, discovery path, group, version).
+_CORE = (
+    (NAMESPACES, "api/v1", "", "v1"),
+    (CRDS, "apis/apiextensions.k8s.io/v1", "apiextensions.k8s.io", "v1"),
+)
+
+
 async def rescan(http: KubeHttp, record: Insights, registry: kopf.OperatorRegistry) -> None:
-    """Read Tether's group from discovery into ``record``, as Kopf does when a CRD changes."""
+    """Read Tether's group from discovery into ``record``, as Kopf does when a CRD changes,
+    and the core resources its observers wait for, if its first scan missed them."""
+    for selector, path, group, version in _CORE:
+        if selector not in record.backbone:
+            core = {r for r in resources(await http.get(path, params={}) or {}, group=group, version=version)
+                    if selector.check(r)}
+            await record.backbone.fill(resources=core)
     listing = await http.get(f"apis/{GROUP}/{VERSION}", params={})
     found = resources(listing or {})
     async with record.revised:

@@ -411,7 +411,8 @@ async def watch_served(
         return True
     health.unserved = missing
     log.error("%s not served: Kopf does not watch them %.0fs after its start (the API server's discovery "
-              "did not list them); exiting to be restarted", ", ".join(missing), within)
+              "did not list them, or Kopf never learnt the namespaces); exiting to be restarted",
+              ", ".join(missing), within)
     return False
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import kopf
 import pytest
 from prometheus_client import REGISTRY
 
@@ -120,7 +121,53 @@ def test_kopfs_resources_are_built_from_discovery_as_kopf_builds_them() -> None:
     assert resource.shortcuts == frozenset({"ecfg"}) and "watch" in resource.verbs
     record = kopfing.insights()
     record.watched_resources.add(resource)
+    # Until Kopf's namespace observer has listed the namespaces, Kopf starts no watch at all.
+    assert kopfing.watched(record) == set()
+    record.ready_namespaces.set()
     assert kopfing.watched(record) == {"etcdconfigs"}
+
+
+class _CoreDiscovery:
+    """Discovery of the core group, apiextensions and tether.dev, as the API server answers it."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    async def get(self, path: str, *, params: Mapping[str, str]) -> Any:
+        self.paths.append(path)
+        if path == "api/v1":
+            return {"resources": [
+                {"name": "namespaces", "kind": "Namespace", "singularName": "namespace", "namespaced": False,
+                 "verbs": ["get", "list", "watch"]},
+                {"name": "pods", "kind": "Pod", "singularName": "pod", "namespaced": True, "verbs": ["list"]},
+            ]}
+        if path == "apis/apiextensions.k8s.io/v1":
+            return {"resources": [
+                {"name": "customresourcedefinitions", "kind": "CustomResourceDefinition",
+                 "singularName": "customresourcedefinition", "namespaced": False, "verbs": ["list", "watch"]},
+            ]}
+        return {"resources": [
+            {"name": "etcdconfigs", "kind": "EtcdConfig", "singularName": "etcdconfig", "namespaced": True,
+             "verbs": ["get", "list", "watch"]},
+        ]}
+
+
+async def test_a_rescan_fills_what_kopfs_observers_wait_for_when_its_first_scan_missed_it() -> None:
+    from kopf._cogs.structs.references import CRDS, NAMESPACES
+
+    record = kopfing.insights()
+    http = _CoreDiscovery()
+    waiting = asyncio.create_task(record.backbone.wait_for(NAMESPACES))  # as Kopf's namespace observer
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await kopfing.rescan(http, record, kopf.OperatorRegistry())  # type: ignore[arg-type]
+    namespaces = await asyncio.wait_for(waiting, 1)
+    assert (namespaces.group, namespaces.version, namespaces.plural) == ("", "v1", "namespaces")
+    assert CRDS in record.backbone
+    assert http.paths == ["api/v1", "apis/apiextensions.k8s.io/v1", "apis/tether.dev/v1alpha1"]
+    # Filled once: a later rescan reads Tether's group only.
+    await kopfing.rescan(http, record, kopf.OperatorRegistry())  # type: ignore[arg-type]
+    assert http.paths[3:] == ["apis/tether.dev/v1alpha1"]
 
 
 class _Discovery:
