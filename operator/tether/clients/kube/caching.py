@@ -19,7 +19,6 @@ permission is granted.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ _PAGE = 500
 @dataclass
 class _Cache(Stream, Generic[T]):
     items: dict[str, T] = field(default_factory=dict)
-    listed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class NamespaceCaches(NamespaceStreams[_Cache[T]]):
@@ -92,7 +90,6 @@ class NamespaceCaches(NamespaceStreams[_Cache[T]]):
             params = {"limit": str(_PAGE), "continue": str(meta["continue"])}
         for name in sorted(set(stream.items) | set(fresh)):  # a stable order for listeners and tests
             self._put(namespace, stream, name, fresh.get(name))
-        stream.listed.set()
         return version
 
     def _event(
