@@ -10,6 +10,7 @@ gone, which is right: it no longer serves anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -138,6 +139,23 @@ def terminate(
     if _wait_gone(alive, kill_grace):
         return True
     raise DevStackError(f"process {pid} ({argv[0]}) survived SIGKILL for {kill_grace:.0f} s")
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, *, grace: float = 10.0) -> None:
+    """Stop a child started with ``start_new_session``: SIGTERM to its group, SIGKILL after ``grace`` s.
+
+    For the programs the suites start themselves (``tether deadman``, Jaeger);
+    a child already gone is left alone.
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    _signal(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def find(predicate: Callable[[tuple[str, ...]], bool]) -> list[int]:

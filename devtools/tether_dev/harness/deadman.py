@@ -10,14 +10,13 @@ write``, which :meth:`DeadmanProcess.writes` counts. Every stop is bounded.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from tether_dev import processes
 from tether_dev.harness.operator import REPO
 
 #: The words of the deadman's log line for each catalog write it makes.
@@ -56,17 +55,7 @@ class DeadmanProcess:
 
     def stop(self, *, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
+        processes.stop_child(self.proc, grace=grace)
 
     def log_text(self) -> str:
         try:

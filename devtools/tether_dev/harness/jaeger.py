@@ -11,10 +11,8 @@ build module ``devbin/jaeger`` (:func:`tether_dev.binaries.ensure_optional`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import urllib.error
 import urllib.parse
@@ -22,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tether_dev import processes
 from tether_dev.harness import waiting
 from tether_dev.harness.ports import free_port
 
@@ -104,16 +103,7 @@ class Jaeger:
 
     def stop(self, *, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=grace)
+        processes.stop_child(self.proc, grace=grace)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
