@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
-from tether_dev import reporting, stack
+from tether_dev import faults, reporting, stack
 
 
 class DevCommand:
@@ -50,6 +52,8 @@ def _dev(args: argparse.Namespace) -> int:
     state_dir = (args.dir or Path.cwd() / ".tether" / "dev").resolve()
     dev_stack = stack.DevStack(state_dir)
     if args.dev_command == "up":
+        if args.ha:
+            _heal_stale_faults()
         dev_stack.up(ha=args.ha)
         print(f"dev stack is up; environment in {dev_stack.env_file}")
         print(f"  source {dev_stack.env_file}")
@@ -74,3 +78,16 @@ def _dev(args: argparse.Namespace) -> int:
         print("dev stack is down")
         return 0
     return 2
+
+
+def _heal_stale_faults() -> None:
+    """Remove network faults a killed fault session left on this machine.
+
+    The HA members each listen on a 127.0.0.x of their own; a partition rule whose
+    session died before healing it (a run stopped by a time limit) would drop their
+    traffic forever, and the stack would not come up. Rules of a live session stay.
+    """
+    if os.geteuid() != 0 or shutil.which("iptables") is None:
+        return
+    for line in faults.heal_all():
+        print(f"tether dev: removed a stale network fault: {line}", file=sys.stderr)

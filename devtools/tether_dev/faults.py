@@ -217,7 +217,18 @@ def leftovers() -> list[str]:
 
 
 def _alive(pid: int) -> bool:
-    return pid != os.getpid() and Path(f"/proc/{pid}").exists()
+    """Is ``pid`` a live fault session other than this one?
+
+    Faults are injected from Python (the suites, the CLI); a pid reused since by any
+    other program does not keep a dead session's rules in place.
+    """
+    if pid == os.getpid():
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"python" in argv
 
 
 def heal_all() -> list[str]:
