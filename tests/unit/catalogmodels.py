@@ -306,4 +306,6 @@ def consul_services(
         FakeCatalog(model or CatalogModel()), kube or NoCluster(),
         CatalogIndex(cluster=cluster, plural="consulservices"), cluster=cluster, node=NODE,
     )
-    return ConsulServices(AgentServices(agent, agent_index, cluster=cluster, agent_url=agent_url), catalog)
+    return ConsulServices(
+        AgentServices(agent, agent_index, cluster=cluster, agent_url=agent_url), catalog, kube or NoCluster()
+    )

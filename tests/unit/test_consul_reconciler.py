@@ -18,6 +18,7 @@ import pytest
 from catalogmodels import consul_services
 
 from tether.api import ObjectRef
+from tether.api import consulservices as api
 from tether.clients.consul.client import ConsulRejected, ConsulUnavailable
 from tether.consulservice import planner
 from tether.consulservice.index import AgentIndex
@@ -349,3 +350,84 @@ async def test_agent_failures_become_conditions_and_retries(failure: Exception, 
     assert out.message.endswith("the finalizer stays until it can")
     agent.failure = None
     assert (await services.apply(resource(SPEC))).ready == "True"
+
+
+# --------------------------------------------------------------------------- orphans on the agent
+
+
+class _Lookup:
+    """Kubernetes as the collector asks it: which ConsulServices exist."""
+
+    def __init__(self, *existing: ObjectRef) -> None:
+        self.existing = set(existing)
+        self.asked: list[ObjectRef] = []
+
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None:
+        self.asked.append(ref)
+        return {"spec": {}} if ref in self.existing else None
+
+
+def orphan_rig(*existing: ObjectRef) -> tuple[FakeAgent, AgentIndex, ConsulServices, _Lookup]:
+    agent, index, services = rig()
+    lookup = _Lookup(*existing)
+    services.lookup = lookup
+    return agent, index, services, lookup
+
+
+async def test_a_registration_landing_after_the_release_is_collected() -> None:
+    # The registration's outcome was unknown (Consul paused past the deadline); the
+    # resource was deleted and its release found nothing; then the write landed.
+    agent, index, services, lookup = orphan_rig()
+    released = await services.release(resource(SPEC, reconciled=True, service_id="team-a-web"))
+    assert released.released and agent.writes == []
+    agent.plant(planner.registration(api.parse("team-a", "web", SPEC), OWNER))
+    index.refresh(await agent.services())  # the watcher's next scan
+    assert index.untracked() == [REF]
+    assert services.fixed.may_hold_orphan(REF)
+    await services.collect(REF)
+    assert agent.registered == {} and agent.writes[-1] == ("deregister", "team-a-web")
+    assert lookup.asked == [REF]
+    assert not services.fixed.may_hold_orphan(REF)
+
+
+async def test_collect_leaves_the_registration_of_a_resource_that_exists() -> None:
+    agent, index, services, lookup = orphan_rig(REF)
+    agent.plant(planner.registration(api.parse("team-a", "web", SPEC), OWNER))
+    index.refresh(await agent.services())
+    await services.collect(REF)
+    assert "team-a-web" in agent.registered and agent.writes == []
+    assert lookup.asked == [REF]
+
+
+async def test_collect_never_touches_other_owners_or_clusters() -> None:
+    agent, index, services, _ = orphan_rig()
+    mine = planner.registration(api.parse("team-a", "web", SPEC), OWNER)
+    agent.plant(mine)
+    other_cluster = planner.registration(
+        api.parse("team-a", "web", {**SPEC, "id": "b-web"}), planner.Owner("b", "team-a", "web")
+    )
+    agent.plant(other_cluster)
+    agent.plant({"ID": "hand-made", "Name": "hand-made", "Meta": {}})
+    index.refresh(await agent.services())
+    assert index.untracked() == [REF]  # the other cluster's owner is not ours to ask about
+    await services.collect(REF)
+    assert sorted(agent.registered) == ["b-web", "hand-made"]
+
+
+async def test_collect_keeps_a_registration_taken_over_since_the_scan() -> None:
+    # Someone re-registered the ID without our meta between the scan and the collection.
+    agent, index, services, _ = orphan_rig()
+    agent.plant(planner.registration(api.parse("team-a", "web", SPEC), OWNER))
+    index.refresh(await agent.services())
+    agent.plant({"ID": "team-a-web", "Name": "web", "Meta": {"owner": "someone"}})
+    await services.collect(REF)
+    assert agent.registered["team-a-web"]["Meta"] == {"owner": "someone"} and agent.writes == []
+
+
+async def test_a_tracked_resource_is_never_collected() -> None:
+    agent, index, services, lookup = orphan_rig()
+    await services.apply(resource(SPEC))
+    index.refresh(await agent.services())
+    assert index.untracked() == [] and not services.fixed.may_hold_orphan(REF)
+    await services.collect(REF)
+    assert "team-a-web" in agent.registered and lookup.asked == []

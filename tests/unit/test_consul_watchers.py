@@ -198,13 +198,15 @@ class AgentRig:
         self.agent = ScriptedAgent()
         self.index = AgentIndex(cluster=CLUSTER, plural="consulservices")
         self.enqueued: list[ObjectRef] = []
+        self.orphans: list[ObjectRef] = []
         for ref, address in ((WEB, "10.0.0.5"), (API, "10.0.0.6")):
             spec = api.parse(ref.namespace, ref.name, {"address": address, "port": 8080})
             body = planner.registration(spec, planner.Owner(CLUSTER, ref.namespace, ref.name))
             self.agent.state[body["ID"]] = agent_view(body)
             self.index.track(ref, Tracked(body["ID"], planner.desired_signature(body), "passing"))
         self.watcher = ConsulWatcher(
-            self.agent, self.index, self.enqueued.append, wait="60s", min_scan_interval=0.0  # type: ignore[arg-type]
+            self.agent, self.index, self.enqueued.append, self.orphans.append,  # type: ignore[arg-type]
+            wait="60s", min_scan_interval=0.0,
         )
 
     async def scanned(self, scans: int) -> None:
@@ -268,6 +270,51 @@ async def test_agent_an_outage_logs_once_and_its_end_once(
     assert [level for level, _ in levels] == ["WARNING", "INFO"]
     assert "Consul services watch failed: Consul agent is unreachable" in levels[0][1]
     assert "Consul services watch recovered after 4 failures" in levels[1][1]
+
+
+def _plant_registration(rig: AgentRig, ref: ObjectRef, *, cluster: str = CLUSTER) -> None:
+    fields = {"address": "10.0.0.9", "port": 8080, "id": f"{cluster}-{ref.name}"}
+    spec = api.parse(ref.namespace, ref.name, fields)
+    body = planner.registration(spec, planner.Owner(cluster, ref.namespace, ref.name))
+    rig.agent.state[body["ID"]] = agent_view(body)
+
+
+async def test_agent_an_untracked_registration_goes_to_the_collector_once_per_interval(
+    agent_rig: AgentRig,
+) -> None:
+    rig = agent_rig
+    gone = ObjectRef("consulservices", "team-a", "gone")
+    _plant_registration(rig, gone)  # landed after its resource's release
+    _plant_registration(rig, ObjectRef("consulservices", "team-a", "theirs"), cluster="other")
+    scans = rig.agent.scans
+    await rig.agent.services_query.answer(11)
+    await rig.scanned(scans + 1)
+    assert rig.orphans == [gone], "only this cluster's untracked owner"
+    assert rig.enqueued == []
+    await rig.agent.services_query.answer(12)  # another change within the interval
+    await rig.scanned(scans + 2)
+    assert rig.orphans == [gone], "asked at most once per interval"
+
+
+async def test_agent_an_orphan_still_there_is_asked_again_after_the_interval(
+    agent_rig: AgentRig,
+) -> None:
+    rig = agent_rig
+    rig.watcher.sweep_interval = 0.05
+    gone = ObjectRef("consulservices", "team-a", "gone")
+    _plant_registration(rig, gone)
+    await rig.agent.services_query.answer(11)
+    # No further change on the agent: the watcher comes back by itself.
+    await wait_until(lambda: len(rig.orphans) >= 2)
+    assert set(rig.orphans) == {gone}
+    del rig.agent.state[f"{CLUSTER}-gone"]  # collected
+    count = len(rig.orphans)
+    await rig.agent.services_query.answer(13)
+    scans = rig.agent.scans
+    await rig.scanned(scans + 1)
+    await asyncio.sleep(0.3)  # six intervals
+    assert len(rig.orphans) == count, "nothing left to collect, nothing handed over"
+    assert rig.index.untracked() == []
 
 
 async def test_agent_an_index_going_backwards_rescans_and_reads_again(agent_rig: AgentRig) -> None:

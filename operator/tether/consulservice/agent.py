@@ -11,6 +11,7 @@ itself lives in :mod:`tether.consulservice.agentwatching`.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,8 @@ from tether.conditions import Condition
 from tether.consulservice import planner, topology
 from tether.consulservice.index import AgentIndex, Tracked
 from tether.reconciling import Note, Outcome, Resource
+
+log = logging.getLogger(__name__)
 
 
 def _healthy(health: str) -> Condition:
@@ -168,6 +171,35 @@ class AgentServices:
             message = "deregistered"
             note = Note("Normal", "Deregistered", f"Deregistered {list(removed)} from Consul")
         return Outcome.release_done(message, backend="Consul", note=note if removed else None)
+
+    def may_hold_orphan(self, ref: ObjectRef) -> bool:
+        """Whether the agent held registrations of ``ref`` at the watcher's last scan while
+        no reconcile tracks it (cheap: no Consul call)."""
+        return not self.index.is_tracked(ref) and bool(self.index.owned_ids(self.owner(ref)))
+
+    async def collect(self, ref: ObjectRef) -> int:
+        """Deregister what ``ref`` owns on the agent; the caller knows ``ref`` is gone.
+
+        The agent watcher found registrations of an owner no reconcile tracks: a
+        registration whose outcome was unknown (Consul paused past the client's
+        deadline) can land after the resource's release found nothing to remove.
+        Only registrations still carrying this owner's meta go. Raises ConsulError.
+        """
+        owner = self.owner(ref)
+        ids = self.index.owned_ids(owner)
+        if not ids:
+            return 0
+        await self._one_agent()
+        observed = {sid: await self.agent.service(sid) for sid in sorted(ids)}
+        removed = planner.release(owner, observed)
+        if removed:
+            log.info("deregistering %s from the Consul agent: %s no longer exists",
+                     sorted(removed), owner.describe())
+        for sid in removed:
+            await self.agent.deregister(sid)
+        for sid in ids:
+            self.index.forget_id(owner, sid)
+        return len(removed)
 
     def forget(self, ref: ObjectRef) -> None:
         self.index.untrack(ref)

@@ -5,6 +5,13 @@ however many resources exist; when either index moves, one scan lists the
 agent's services and checks, refreshes the shared
 :class:`~tether.consulservice.index.AgentIndex`, and enqueues only the resources
 that drifted or whose health changed.
+
+Registrations of this cluster that no reconcile tracks go to ``enqueue_orphan``
+(at most once per owner per ``sweep_interval``): a registration whose outcome was
+unknown — sent while Consul was paused, applied after the client gave up — can land
+after its resource was released, and nothing else would ever remove it. The
+reconciler asks Kubernetes before it removes anything: a resource not reconciled
+yet since a start is untracked too.
 """
 
 from __future__ import annotations
@@ -32,14 +39,19 @@ class ConsulWatcher:
 
     def __init__(
         self, agent: Agent, index: AgentIndex, enqueue: Callable[[ObjectRef], None],
-        *, wait: str = "60s", min_scan_interval: float = 0.25,
+        enqueue_orphan: Callable[[ObjectRef], None],
+        *, wait: str = "60s", min_scan_interval: float = 0.25, sweep_interval: float = 10.0,
     ) -> None:
         self.agent = agent
         self.index = index
         self.enqueue = enqueue
+        self.enqueue_orphan = enqueue_orphan
         self.wait = wait
         self.min_scan_interval = min_scan_interval
+        self.sweep_interval = sweep_interval
         self._changed = asyncio.Event()
+        self._swept: dict[ObjectRef, float] = {}
+        self._revisit: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         await supervising.together(
@@ -89,3 +101,23 @@ class ConsulWatcher:
             self.index.refresh(services)
             for ref in self.index.drifted(services, checks):
                 self.enqueue(ref)
+            self._sweep(loop.time())
+
+    def _sweep(self, now: float) -> None:
+        """Hand untracked owners to the reconciler, each at most once per interval."""
+        untracked = self.index.untracked()
+        self._swept = {ref: t for ref, t in self._swept.items() if ref in set(untracked)}
+        for ref in untracked:
+            if now - self._swept.get(ref, -self.sweep_interval) < self.sweep_interval:
+                continue
+            self._swept[ref] = now
+            self.enqueue_orphan(ref)
+        if untracked and self._revisit is None:
+            # Come back after the interval even if the agent stays quiet (one
+            # handle, whatever the number of owners): a failed collection is
+            # asked again.
+            def revisit() -> None:
+                self._revisit = None
+                self._changed.set()
+
+            self._revisit = asyncio.get_running_loop().call_later(self.sweep_interval, revisit)

@@ -43,6 +43,9 @@ class AgentIndex:
     def untrack(self, ref: ObjectRef) -> None:
         self._tracked.pop(ref, None)
 
+    def is_tracked(self, ref: ObjectRef) -> bool:
+        return ref in self._tracked
+
     def owned_ids(self, owner: planner.Owner) -> set[str]:
         return set(self._ids_by_owner.get(owner, ()))
 
@@ -90,6 +93,14 @@ class AgentIndex:
                 flagged.add(ref)
                 out.append(ref)
         return out
+
+    def untracked(self) -> list[ObjectRef]:
+        """This cluster's owners with registrations on the agent at the last scan that no
+        reconcile tracks: resources not reconciled yet since a start, or orphans."""
+        return sorted(
+            ref for owner in self._ids_by_owner if owner.cluster == self.cluster
+            if (ref := ObjectRef(self.plural, owner.namespace, owner.name)) not in self._tracked
+        )
 
 
 class CatalogIndex:

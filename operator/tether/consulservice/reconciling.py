@@ -15,16 +15,17 @@ other: nothing it registered in the mode it left may stay behind.
   instance), whatever the agent answered — a resource that stopped
   following its Service must not stay in the catalog, passing.
 
-It also lets the skeleton collect orphans: the catalog watcher hands it an
-owner with instances on the node that the controller's cache does not hold
-(:meth:`ConsulServices.collect`), and only this reconciler writes.
+It also lets the skeleton collect orphans: the catalog and agent watchers hand
+it an owner with instances on the node, or registrations on the agent, that the
+controller's cache does not hold (:meth:`ConsulServices.collect`), and only
+this reconciler writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 from tether import conditions
 from tether.api import InvalidSpec, ObjectRef
@@ -62,15 +63,23 @@ class Mode(Protocol):
     def forget(self, ref: ObjectRef) -> None: ...
 
 
+class Lookup(Protocol):
+    """Reads one ConsulService from Kubernetes (None: it does not exist)."""
+
+    async def get(self, ref: ObjectRef) -> dict[str, Any] | None: ...
+
+
 class ConsulServices:
     """The ConsulService reconciler: parses the spec and dispatches to one of two modes."""
 
     kind = api.KIND
     plural = api.PLURAL
 
-    def __init__(self, fixed: AgentServices, endpoints: CatalogServices) -> None:
+    def __init__(self, fixed: AgentServices, endpoints: CatalogServices, lookup: Lookup) -> None:
         self.fixed = fixed
         self.endpoints = endpoints
+        #: Kubernetes, asked whether an orphan's owner still exists.
+        self.lookup = lookup
 
     def _modes(self, endpoints_mode: bool) -> tuple[Mode, Mode]:
         """(the mode of the spec, the other one)."""
@@ -171,9 +180,15 @@ class ConsulServices:
         )
 
     async def collect(self, ref: ObjectRef) -> None:
-        # Only the catalog watcher reports orphans: the agent's are found by
-        # the owning resource's own reconcile (the agent watcher's owner index).
+        """Remove what ``ref``, which the controller's cache does not hold, left in Consul.
+
+        Either watcher may have asked (catalog instances on the node, registrations
+        on the agent); each mode removes its part only once Kubernetes confirms that
+        no resource wants it.
+        """
         await self.endpoints.collect(ref)
+        if self.fixed.may_hold_orphan(ref) and await self.lookup.get(ref) is None:
+            await self.fixed.collect(ref)
 
 
 def _with_notes(outcome: Outcome, left: Outcome) -> Outcome:

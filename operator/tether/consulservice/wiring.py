@@ -59,12 +59,15 @@ def setup(provided: Provided) -> Family:
     services = ConsulServices(
         AgentServices(consul_client, agent_index, cluster=cluster, agent_url=settings.consul.url),
         catalog_services,
+        reads,
     )
     controller = route.add(provided.controller(services))
     # The dead-man switch's leader side: tether:alive passing while this replica leads.
     alive = AliveKeeper(consul_client, node=settings.consul_node, cluster=cluster)
     watchers = {
-        "consul-watch": ConsulWatcher(consul_client, agent_index, controller.enqueue).run,
+        "consul-watch": ConsulWatcher(
+            consul_client, agent_index, controller.enqueue, controller.enqueue_orphan
+        ).run,
         "consul-catalog-watch": CatalogWatcher(
             consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan,
             gates=gate_index,
