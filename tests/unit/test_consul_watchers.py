@@ -283,6 +283,7 @@ async def test_agent_an_untracked_registration_goes_to_the_collector_once_per_in
     agent_rig: AgentRig,
 ) -> None:
     rig = agent_rig
+    rig.watcher.grace = 0.0
     gone = ObjectRef("consulservices", "team-a", "gone")
     _plant_registration(rig, gone)  # landed after its resource's release
     _plant_registration(rig, ObjectRef("consulservices", "team-a", "theirs"), cluster="other")
@@ -296,11 +297,35 @@ async def test_agent_an_untracked_registration_goes_to_the_collector_once_per_in
     assert rig.orphans == [gone], "asked at most once per interval"
 
 
+async def test_agent_an_owner_is_handed_over_only_once_untracked_for_the_grace(
+    agent_rig: AgentRig,
+) -> None:
+    # After a start every resource is untracked until its first reconcile: the
+    # watcher must not ask Kubernetes about each of them.
+    rig = agent_rig
+    rig.watcher.grace = 0.3
+    late = ObjectRef("consulservices", "team-a", "late")
+    gone = ObjectRef("consulservices", "team-a", "gone")
+    _plant_registration(rig, late)
+    _plant_registration(rig, gone)
+    scans = rig.agent.scans
+    await rig.agent.services_query.answer(11)
+    await rig.scanned(scans + 1)
+    assert rig.orphans == []
+    # ``late`` is reconciled within the grace; ``gone`` never is.
+    spec = api.parse("team-a", "late", {"address": "10.0.0.9", "port": 8080, "id": f"{CLUSTER}-late"})
+    body = planner.registration(spec, planner.Owner(CLUSTER, "team-a", "late"))
+    rig.index.track(late, Tracked(body["ID"], planner.desired_signature(body), "passing"))
+    await wait_until(lambda: rig.orphans != [])  # the revisit, with the agent quiet
+    assert rig.orphans == [gone]
+
+
 async def test_agent_an_orphan_still_there_is_asked_again_after_the_interval(
     agent_rig: AgentRig,
 ) -> None:
     rig = agent_rig
     rig.watcher.sweep_interval = 0.05
+    rig.watcher.grace = 0.0
     gone = ObjectRef("consulservices", "team-a", "gone")
     _plant_registration(rig, gone)
     await rig.agent.services_query.answer(11)

@@ -7,11 +7,13 @@ agent's services and checks, refreshes the shared
 that drifted or whose health changed.
 
 Registrations of this cluster that no reconcile tracks go to ``enqueue_orphan``
-(at most once per owner per ``sweep_interval``): a registration whose outcome was
-unknown — sent while Consul was paused, applied after the client gave up — can land
-after its resource was released, and nothing else would ever remove it. The
-reconciler asks Kubernetes before it removes anything: a resource not reconciled
-yet since a start is untracked too.
+once they have stayed untracked for ``grace`` seconds, then at most once per owner
+per ``sweep_interval``: a registration whose outcome was unknown — sent while Consul
+was paused, applied after the client gave up — can land after its resource was
+released, and nothing else would ever remove it. The reconciler asks Kubernetes
+before it removes anything. Every resource is untracked for a moment after a start
+(the watcher scans before the first reconciles): the grace keeps a restart over
+thousands of resources from asking Kubernetes about each of them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ConsulWatcher:
         self, agent: Agent, index: AgentIndex, enqueue: Callable[[ObjectRef], None],
         enqueue_orphan: Callable[[ObjectRef], None],
         *, wait: str = "60s", min_scan_interval: float = 0.25, sweep_interval: float = 10.0,
+        grace: float = 10.0,
     ) -> None:
         self.agent = agent
         self.index = index
@@ -49,7 +52,10 @@ class ConsulWatcher:
         self.wait = wait
         self.min_scan_interval = min_scan_interval
         self.sweep_interval = sweep_interval
+        self.grace = grace
         self._changed = asyncio.Event()
+        #: When each untracked owner was first seen untracked, and last handed over.
+        self._since: dict[ObjectRef, float] = {}
         self._swept: dict[ObjectRef, float] = {}
         self._revisit: asyncio.TimerHandle | None = None
 
@@ -104,10 +110,13 @@ class ConsulWatcher:
             self._sweep(loop.time())
 
     def _sweep(self, now: float) -> None:
-        """Hand untracked owners to the reconciler, each at most once per interval."""
+        """Hand owners untracked for ``grace`` to the reconciler, each at most once per interval."""
         untracked = self.index.untracked()
-        self._swept = {ref: t for ref, t in self._swept.items() if ref in set(untracked)}
+        self._since = {ref: self._since.get(ref, now) for ref in untracked}
+        self._swept = {ref: t for ref, t in self._swept.items() if ref in self._since}
         for ref in untracked:
+            if now - self._since[ref] < self.grace:
+                continue
             if now - self._swept.get(ref, -self.sweep_interval) < self.sweep_interval:
                 continue
             self._swept[ref] = now
@@ -120,4 +129,5 @@ class ConsulWatcher:
                 self._revisit = None
                 self._changed.set()
 
-            self._revisit = asyncio.get_running_loop().call_later(self.sweep_interval, revisit)
+            later = min(self.sweep_interval, self.grace) if self.grace > 0 else self.sweep_interval
+            self._revisit = asyncio.get_running_loop().call_later(later, revisit)
