@@ -25,8 +25,9 @@ def test_a_dead_pid_is_not_alive() -> None:
 
 
 def test_a_pid_reused_by_another_program_does_not_keep_rules() -> None:
-    other = subprocess.Popen(["sleep", "30"])
+    other = subprocess.Popen(["sh", "-c", "echo up; exec sleep 30"], stdout=subprocess.PIPE, text=True)
     try:
+        assert other.stdout is not None and other.stdout.readline() == "up\n"
         assert not faults._alive(other.pid)
     finally:
         other.kill()
@@ -34,8 +35,12 @@ def test_a_pid_reused_by_another_program_does_not_keep_rules() -> None:
 
 
 def test_a_live_python_session_keeps_its_rules() -> None:
-    session = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    session = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )
     try:
+        assert session.stdout is not None and session.stdout.readline() == "up\n"  # exec done
         assert faults._alive(session.pid)
     finally:
         session.kill()
