@@ -27,40 +27,106 @@ class Tracked:
     health: str
 
 
+class _Listing:
+    """The last listing of the agent's services, and this cluster's owners in it, kept
+    up to date by difference: a scan costs one dict comparison per entry, and Python
+    work only for the entries that changed."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Mapping[str, Any]] = {}
+        self.ids_by_owner: dict[planner.Owner, set[str]] = {}
+
+    def update(self, services: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        """Take ``services`` as the newest listing; the IDs that were added, edited or removed."""
+        old = self.services
+        changed = {sid for sid, svc in services.items() if old.get(sid) != svc}
+        changed.update(sid for sid in old if sid not in services)
+        for sid in changed:
+            self._unindex(sid, old.get(sid))
+            self._index(sid, services.get(sid))
+        # A copy: a caller may edit the mapping it passed (the entries are not edited).
+        self.services = dict(services)
+        return changed
+
+    def drop(self, sid: str) -> None:
+        """Forget ``sid`` as if never listed: a next listing that still holds it indexes it again."""
+        self._unindex(sid, self.services.pop(sid, None))
+
+    def _index(self, sid: str, svc: Mapping[str, Any] | None) -> None:
+        owner = planner.owner_of(svc.get("Meta")) if svc is not None else None
+        if owner is not None:
+            self.ids_by_owner.setdefault(owner, set()).add(sid)
+
+    def _unindex(self, sid: str, svc: Mapping[str, Any] | None) -> None:
+        owner = planner.owner_of(svc.get("Meta")) if svc is not None else None
+        if owner is not None:
+            ids = self.ids_by_owner.get(owner)
+            if ids is not None:
+                ids.discard(sid)
+                if not ids:
+                    del self.ids_by_owner[owner]
+
+
 class AgentIndex:
-    """Owner → registered IDs (from the agent) and resource → what it wants (from reconciles)."""
+    """Owner → registered IDs (from the agent) and resource → what it wants (from reconciles).
+
+    The watcher lists the whole agent after every change (Consul's agent API has no
+    listing of what changed since an index), but compares only what changed: the
+    entries that differ from the previous listing, the resources whose wanted state
+    was recorded since, and those flagged last time (a drifted resource stays
+    flagged until a reconcile records it again, as a full comparison would). So a
+    scan's Python work follows the changes, not the number of registrations; a
+    property test holds it equal to the full comparison.
+    """
 
     def __init__(self, *, cluster: str, plural: str) -> None:
         self.cluster = cluster
         self.plural = plural
         self._tracked: dict[ObjectRef, Tracked] = {}
-        self._ids_by_owner: dict[planner.Owner, set[str]] = {}
+        self._refs_by_sid: dict[str, set[ObjectRef]] = {}
+        #: The owner index the reconciler reads (refreshed by the watcher).
+        self._owners = _Listing()
+        #: What :meth:`drifted` compared last, and its own owner index of it.
+        self._compared = _Listing()
+        self._compared_checks: dict[str, list[Mapping[str, Any]]] = {}
+        self._dirty: set[ObjectRef] = set()
+        self._flagged: set[ObjectRef] = set()
 
     # -- written by the reconciler -----------------------------------------------
     def track(self, ref: ObjectRef, tracked: Tracked) -> None:
+        self._unlink(ref)
         self._tracked[ref] = tracked
+        self._refs_by_sid.setdefault(tracked.service_id, set()).add(ref)
+        self._dirty.add(ref)
 
     def untrack(self, ref: ObjectRef) -> None:
+        self._unlink(ref)
         self._tracked.pop(ref, None)
+        self._dirty.discard(ref)
+        self._flagged.discard(ref)
+
+    def _unlink(self, ref: ObjectRef) -> None:
+        old = self._tracked.get(ref)
+        if old is not None:
+            refs = self._refs_by_sid.get(old.service_id, set())
+            refs.discard(ref)
+            if not refs:
+                self._refs_by_sid.pop(old.service_id, None)
 
     def is_tracked(self, ref: ObjectRef) -> bool:
         return ref in self._tracked
 
     def owned_ids(self, owner: planner.Owner) -> set[str]:
-        return set(self._ids_by_owner.get(owner, ()))
+        return set(self._owners.ids_by_owner.get(owner, ()))
 
     def forget_id(self, owner: planner.Owner, service_id: str) -> None:
-        self._ids_by_owner.get(owner, set()).discard(service_id)
+        if service_id in self._owners.ids_by_owner.get(owner, ()):
+            self._owners.drop(service_id)
 
     # -- written by the watcher ----------------------------------------------------
     def refresh(self, services: Mapping[str, Mapping[str, Any]]) -> None:
         """Index the newest list of the agent's services by owner, once per scan."""
-        index: dict[planner.Owner, set[str]] = {}
-        for sid, svc in services.items():
-            owner = planner.owner_of(svc.get("Meta"))
-            if owner is not None:
-                index.setdefault(owner, set()).add(sid)
-        self._ids_by_owner = index
+        self._owners.update(services)
 
     def drifted(
         self, services: Mapping[str, Mapping[str, Any]], checks: Mapping[str, Mapping[str, Any]]
@@ -69,36 +135,58 @@ class AgentIndex:
         by_service: dict[str, list[Mapping[str, Any]]] = {}
         for check in checks.values():
             by_service.setdefault(str(check.get("ServiceID", "")), []).append(check)
+        old_services, old_checks = self._compared.services, self._compared_checks
+        changed = self._compared.update(services)
+        changed.update(sid for sid, cs in by_service.items() if old_checks.get(sid) != cs)
+        changed.update(sid for sid in old_checks if sid not in by_service)
+        self._compared_checks = by_service
+
+        candidates = self._dirty | self._flagged
+        for sid in changed:
+            candidates |= self._refs_by_sid.get(sid, set())
+            for svc in (old_services.get(sid), services.get(sid)):
+                owner = planner.owner_of(svc.get("Meta")) if svc is not None else None
+                if owner is not None and owner.cluster == self.cluster:
+                    candidates.add(ObjectRef(self.plural, owner.namespace, owner.name))
+        self._dirty = set()
+
         out = []
-        for ref, tracked in self._tracked.items():
-            svc = services.get(tracked.service_id)
-            svc_checks = by_service.get(tracked.service_id, [])
-            if svc is None or planner.observed_signature(svc, svc_checks) != tracked.signature:
-                out.append(ref)
-                continue
-            health = planner.aggregate_health([str(c.get("Status", "")) for c in svc_checks])
-            if health != tracked.health:
+        for ref in sorted(candidates):
+            tracked = self._tracked.get(ref)
+            if tracked is not None and self._differs(tracked, services, by_service):
                 out.append(ref)
         # A registration a resource owns under an ID it no longer declares (an
         # ID move cut short by a crash, before the status named the new ID):
         # its reconcile will find it in the owner index and remove it.
         flagged = set(out)
-        for sid, svc in services.items():
-            owner = planner.owner_of(svc.get("Meta"))
-            if owner is None or owner.cluster != self.cluster:
+        for ref in sorted(candidates - flagged):
+            tracked = self._tracked.get(ref)
+            if tracked is None:
                 continue
-            ref = ObjectRef(self.plural, owner.namespace, owner.name)
-            current = self._tracked.get(ref)
-            if current is not None and current.service_id != sid and ref not in flagged:
+            owner = planner.Owner(self.cluster, ref.namespace, ref.name)
+            if self._compared.ids_by_owner.get(owner, set()) - {tracked.service_id}:
                 flagged.add(ref)
                 out.append(ref)
+        self._flagged = flagged
         return out
+
+    @staticmethod
+    def _differs(
+        tracked: Tracked, services: Mapping[str, Mapping[str, Any]],
+        by_service: Mapping[str, list[Mapping[str, Any]]],
+    ) -> bool:
+        svc = services.get(tracked.service_id)
+        svc_checks = by_service.get(tracked.service_id, [])
+        if svc is None or planner.observed_signature(svc, svc_checks) != tracked.signature:
+            return True
+        health = planner.aggregate_health([str(c.get("Status", "")) for c in svc_checks])
+        return health != tracked.health
 
     def untracked(self) -> list[ObjectRef]:
         """This cluster's owners with registrations on the agent at the last scan that no
         reconcile tracks: resources not reconciled yet since a start, or orphans."""
         return sorted(
-            ref for owner in self._ids_by_owner if owner.cluster == self.cluster
+            ref for owner in self._owners.ids_by_owner if owner.cluster == self.cluster
             if (ref := ObjectRef(self.plural, owner.namespace, owner.name)) not in self._tracked
         )
 
