@@ -228,6 +228,8 @@ async def floor(
             try:
                 if protocol:
                     body = await kube.merge_patch(item.plural, NS, item.name, workload.finalizer_patch(body))
+                    if workload.FINALIZER not in (body["metadata"].get("finalizers") or []):
+                        raise RuntimeError(f"the finalizer patch of {item.name} did not keep the finalizer")
                 generation = int(body["metadata"].get("generation") or 1)
                 revision = 0
                 if item.plural == workload.CSVC:
