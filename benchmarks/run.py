@@ -591,8 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steady_size if args.steady_size in args.steady_list
         else 1000 if 1000 in args.steady_list else min(args.steady_list)
     )
-    if not args.skip_steady:
+    if args.steady_sizes and not args.skip_steady:
         # Steady state needs the operator converged at that N: a steady size is a size.
+        # (A lone --steady-size outside --sizes still runs no steady state, as it always did.)
         args.size_list = sorted(set(args.size_list) | set(args.steady_list))
     args.idle_seconds = args.idle_seconds if args.idle_seconds is not None else (10.0 if args.quick else 60.0)
     args.samples = args.samples if args.samples is not None else (10 if args.quick else 20)
