@@ -1,4 +1,4 @@
-"""The measured phases: convergence, the floor, changes, drift, idle, restart.
+"""The measured phases: convergence, the floors, changes, drift, drift CPU, idle, restart.
 
 Each phase is a coroutine that returns plain figures; :mod:`benchmarks.run`
 decides the order, the stacks and what goes into the report. Every wait here
@@ -22,7 +22,7 @@ from benchmarks.kubeapi import KubeApi, ready
 from benchmarks.processes import cpu_seconds, delta, log, rss_mib, summed
 from benchmarks.stats import latency_summary
 from tether.clients.etcd.client import EtcdClient
-from tether.clients.etcd.values import Put
+from tether.clients.etcd.values import Delete, Put
 from tether.conditions import now as timestamp_now
 from tether_dev.harness.operator import OperatorProcess, writes
 
@@ -202,7 +202,7 @@ async def converge(kube: KubeApi, n: int, *, concurrency: int, budget: float) ->
 
 async def floor(
     kube: KubeApi, consul: Consul, etcd: EtcdClient, n: int, *, create_concurrency: int,
-    write_concurrency: int,
+    write_concurrency: int, protocol: bool = False,
 ) -> dict[str, Any]:
     """The same creates, then the same writes the operator makes, with no operator.
 
@@ -210,6 +210,14 @@ async def floor(
     the etcd transaction, with its ownership records) and one merge patch of
     ``/status``, with ``write_concurrency`` resources of each kind in flight
     — the operator's workers per kind.
+
+    With ``protocol`` (the *protocol floor*), every write a correct operator
+    must make, in its order: first Tether's finalizer (the conditional merge
+    patch of ``metadata.finalizers`` the operator sends — before any backend
+    write, so a deletion can never leave the backend behind), then the
+    backend write, then the status the operator itself builds
+    (:func:`workload.operator_status`). What remains between this floor and
+    the operator is the operator's own cost: reads, watches, queues, CPU.
     """
     limits = {p: asyncio.Semaphore(write_concurrency) for p in (workload.CSVC, workload.ECFG)}
     done: dict[tuple[str, str], float] = {}
@@ -218,7 +226,12 @@ async def floor(
     async def write(item: workload.Item, body: dict[str, Any]) -> None:
         async with limits[item.plural]:
             try:
+                if protocol:
+                    body = await kube.merge_patch(item.plural, NS, item.name, workload.finalizer_patch(body))
+                    if workload.FINALIZER not in (body["metadata"].get("finalizers") or []):
+                        raise RuntimeError(f"the finalizer patch of {item.name} did not keep the finalizer")
                 generation = int(body["metadata"].get("generation") or 1)
+                revision = 0
                 if item.plural == workload.CSVC:
                     await consul.register(workload.registration(item))
                     extra: dict[str, Any] = {"serviceID": workload.service_id(item.name), "health": "passing"}
@@ -227,8 +240,14 @@ async def floor(
                     result = await etcd.txn(compares, ops)
                     if not result.succeeded:
                         raise RuntimeError(f"etcd txn for {item.name} failed its guards")
-                    extra = {"keys": workload.KEYS_PER_CONFIG, "revision": result.revision}
-                status = workload.ready_status(item, generation, timestamp_now(), extra)
+                    revision = result.revision
+                    extra = {"keys": workload.KEYS_PER_CONFIG, "revision": revision}
+                if protocol:
+                    status = workload.operator_status(
+                        item, generation, timestamp_now(), consul_url=consul.url, revision=revision,
+                    )
+                else:
+                    status = workload.ready_status(item, generation, timestamp_now(), extra)
                 await kube.merge_patch(item.plural, NS, item.name, {"status": status}, sub="status")
                 done[item.key] = time.monotonic()
             except Exception as exc:  # one failure is a figure, not a crash
@@ -238,13 +257,15 @@ async def floor(
     sent, created = await create_all(kube, n, concurrency=create_concurrency, after=write)
     finished = time.monotonic()
     if failures:
-        log(f"floor: {len(failures)} failures, first: {failures[0]}")
+        log(f"{'protocol ' if protocol else ''}floor: {len(failures)} failures, first: {failures[0]}")
     return {
         "seconds": round(finished - started, 3),
         "create_seconds": round(created - started, 3),
         "failures": len(failures),
         "latency": latency_summary([done[k] - sent[k] for k in done]),
         "write_concurrency": write_concurrency,
+        "protocol": protocol,
+        "kubernetes_writes_per_resource": 2 if protocol else 1,
     }
 
 
@@ -446,3 +467,98 @@ async def drift(
         "consul": await _series(spread(n, count, 500), consul_drift, gap=gap),
         "etcd": await _series(spread(n, count, 501), etcd_drift, gap=gap),
     }
+
+
+# ------------------------------------------------------------------ CPU per drift events
+
+
+async def _paced(
+    operator: OperatorProcess, indices: list[int], inject: Callable[[int], Awaitable[None]],
+    restored: Callable[[int], Awaitable[bool]], *, gap: float, budget: float,
+) -> dict[str, Any]:
+    """Inject one drift every ``gap`` seconds, whether or not the last was repaired yet.
+
+    A fixed cadence from the first injection (not ``gap`` after each repair),
+    so the window's length does not depend on the operator's speed, and each
+    drift reaches it as a separate change rather than a burst it could fold
+    into one scan. The operator's CPU seconds run from just before the first
+    injection until the last repair was seen.
+    """
+    latencies: list[float] = []
+    timeouts = 0
+
+    async def one(index: int) -> None:
+        nonlocal timeouts
+        started = time.monotonic()
+        await inject(index)
+        took = await _until(lambda: restored(index), budget)
+        if took is None:
+            timeouts += 1
+        else:
+            latencies.append(time.monotonic() - started)
+
+    before = await asyncio.to_thread(operator.metrics)
+    cpu0 = cpu_seconds(operator.pid)
+    started = time.monotonic()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for k, index in enumerate(indices):
+            await asyncio.sleep(max(0.0, started + k * gap - time.monotonic()))
+            tasks.append(asyncio.create_task(one(index)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    seconds = time.monotonic() - started
+    cpu = cpu_seconds(operator.pid) - cpu0
+    after = await asyncio.to_thread(operator.metrics)
+    return {
+        "events": len(indices),
+        "gap_seconds": gap,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_ms_per_event": round(1000 * cpu / len(indices), 2) if indices else None,
+        "repairs": int(
+            summed(after, "tether_drift_repairs_total") - summed(before, "tether_drift_repairs_total")
+        ),
+        "writes": delta(writes(after), writes(before)),
+        "latency": latency_summary(latencies),
+        "timeouts": timeouts,
+    }
+
+
+async def drift_cpu(
+    operator: OperatorProcess, consul: Consul, etcd: EtcdClient, n: int, *, events: int = 100,
+    gap: float = 0.3, budget: float = 30.0,
+) -> dict[str, Any]:
+    """The operator's CPU to repair ``events`` drifts of each backend, spaced ``gap`` apart.
+
+    Consul: ``events`` of Tether's agent registrations deregistered behind its
+    back; etcd: one data key (``key-2``, which the change and drift phases
+    leave alone) deleted from ``events`` EtcdConfigs. Each drift touches a
+    different resource.
+    """
+
+    async def deregister(index: int) -> None:
+        await consul.deregister(workload.service_id(f"svc-{index:05d}"))
+
+    async def registered(index: int) -> bool:
+        return await consul.service(workload.service_id(f"svc-{index:05d}")) is not None
+
+    def etcd_key(index: int) -> bytes:
+        return f"{workload.prefix_of(f'cfg-{index:05d}')}/key-2".encode()
+
+    async def delete(index: int) -> None:
+        await etcd.txn([], [Delete(etcd_key(index))])
+
+    async def rewritten(index: int) -> bool:
+        kv = await etcd.get(etcd_key(index))
+        return kv is not None and kv.value == workload.etcd_data(index)["key-2"].encode()
+
+    consul_result = await _paced(
+        operator, spread(n, events, 1000), deregister, registered, gap=gap, budget=budget
+    )
+    await settle(operator)
+    etcd_result = await _paced(operator, spread(n, events, 1001), delete, rewritten, gap=gap, budget=budget)
+    await settle(operator)
+    return {"consul": consul_result, "etcd": etcd_result}

@@ -6,14 +6,19 @@ For each size N (100, 1000 and 5000 by default) on a fresh stack each time:
    as each create returns, makes the writes the operator would make (the
    Consul registration or the etcd transaction, then one status patch), with
    as many in flight per kind as the operator has workers;
-2. **convergence** — the operator running, the same 2N resources created the
+2. **protocol floor** — the same script making every write a correct
+   operator must make, in its order: Tether's finalizer, the backend write,
+   the status the operator builds (``--skip-protocol-floor`` leaves it out);
+3. **convergence** — the operator running, the same 2N resources created the
    same way; time until every one is Ready, seen on a watch; per-resource
    create → Ready latency; writes per resource from the operator's metrics.
 
-At N = 1000 (``--steady-size``) the operator then stays up over its 2N resources for the
-steady-state figures: **idle** (writes, CPU and memory over a quiet window),
-**restart** (SIGTERM, start, time until caught up, writes it made), **one
-change → backend** and **drift repair** latencies.
+At N = 1000 (``--steady-size``; ``--steady-sizes`` for several) the operator then
+stays up over its 2N resources for the steady-state figures: **idle** (writes,
+CPU and memory over a quiet window), **restart** (SIGTERM, start, time until
+caught up, writes it made), **one change → backend** and **drift repair**
+latencies, and **drift CPU** (the operator's CPU seconds to repair 100 drifts
+per backend injected 0.3 s apart, with their repair latency).
 
 Then, on a fresh stack, the **endpoints** section (:mod:`benchmarks.endpoints`):
 ConsulServices in endpoints mode following Services' EndpointSlices —
@@ -71,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated N (default 100,1000,5000)")
     parser.add_argument("--steady-size", type=int, default=None,
                         help="N for the steady-state phases (default 1000 if among the sizes, else largest)")
+    parser.add_argument("--steady-sizes", default=None,
+                        help="comma-separated N: the steady-state phases at each (added to --sizes if "
+                             "missing); the top-level steady keys are --steady-size's, else 1000's, "
+                             "else the smallest's; the background phase runs at that one only")
+    parser.add_argument("--drift-events", type=int, default=100,
+                        help="drift CPU: drifts injected per backend (100)")
+    parser.add_argument("--drift-gap", type=float, default=0.3,
+                        help="drift CPU: seconds between two injections (0.3)")
     parser.add_argument("--background-objects", type=int, default=20000,
                         help="unrelated Secrets + ConfigMaps for the background phase (0: skip it)")
     parser.add_argument("--background-etcd-per-minute", type=int, default=10000,
@@ -95,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="sample the operator with py-spy during convergence at the largest N")
     parser.add_argument("--repeat", type=int, default=1,
                         help="floor + convergence runs per size; the median run is reported (1)")
-    parser.add_argument("--skip-floor", action="store_true", help="operator phases only")
+    parser.add_argument("--skip-floor", action="store_true", help="no floor (nor protocol floor)")
+    parser.add_argument("--skip-protocol-floor", action="store_true",
+                        help="no protocol floor (finalizer + backend write + the operator's status)")
     parser.add_argument("--skip-steady", action="store_true", help="convergence only")
     parser.add_argument("--endpoints-services", type=int, default=100,
                         help="endpoints section: ConsulServices, each following its own Service (100)")
@@ -183,20 +198,23 @@ async def _warm_up(kube: KubeApi, *, operator: bool, budget: float = 60.0) -> fl
     return time.monotonic() - started
 
 
-async def _floor(stack: Stack, n: int, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+async def _floor(
+    stack: Stack, n: int, args: argparse.Namespace, workers: int, *, protocol: bool = False,
+) -> dict[str, Any]:
     stack.fresh()
     cpu0, me0, box0 = stack.cpu(), self_cpu_seconds(), machine_cpu()
     etcd_conn = EtcdConnection.from_env(stack.env)
+    name = "protocol floor" if protocol else "floor"
     async with KubeApi(stack.kubeconfig) as kube, phases.Consul(stack.consul_url) as consul, \
             EtcdClient(etcd_conn) as etcd:
         await _warm_up(kube, operator=False)
-        log(f"floor N={n}: creating and writing directly, {workers} writes in flight per kind")
+        log(f"{name} N={n}: creating and writing directly, {workers} writes in flight per kind")
         result = await phases.floor(kube, consul, etcd, n, create_concurrency=args.create_concurrency,
-                                    write_concurrency=workers)
+                                    write_concurrency=workers, protocol=protocol)
         result["consul_services"] = await consul.count()
     result["cpu_seconds"] = _cpu_delta(stack.cpu(), cpu0, self_cpu_seconds() - me0)
     result["machine_busy"] = machine_busy(box0, machine_cpu())
-    log(f"floor N={n}: {result['seconds']:.2f}s")
+    log(f"{name} N={n}: {result['seconds']:.2f}s")
     return result
 
 
@@ -331,31 +349,79 @@ def _mean_reconcile_ms(before: dict[str, float], after: dict[str, float]) -> dic
     return out
 
 
+# The steady-state keys at the top level of the report, as before --steady-sizes:
+# the primary steady size's figures, so older results compare key for key.
+STEADY_KEYS = ("steady_n", "idle", "restart", "change", "drift", "drift_cpu", "background")
+
+
 async def _steady(
     operator: OperatorProcess, kube: KubeApi, consul: phases.Consul, etcd: EtcdClient, n: int,
     args: argparse.Namespace, report: dict[str, Any],
 ) -> None:
-    report["steady_n"] = n
-    log(f"idle: {args.idle_seconds:.0f}s over {2 * n} resources")
-    report["idle"] = await phases.idle(operator, args.idle_seconds)
-    log(f"idle: writes {report['idle']['writes']}, cpu {report['idle']['cpu_seconds']}s")
-    log("restart: SIGTERM, start, wait until caught up")
-    report["restart"] = await phases.restart(operator, kube, n)
-    restarted = report["restart"]
-    log(f"restart: caught up in {restarted['caught_up_seconds']}s, writes {restarted['writes']}")
-    log(f"changes: {args.samples} per backend")
-    report["change"] = await phases.changes(kube, consul, etcd, n, count=args.samples)
-    log(f"drift: {args.samples} per backend")
-    report["drift"] = await phases.drift(consul, etcd, n, count=args.samples)
-    await phases.settle(operator)
-    if args.background_objects:
-        log(f"background: {args.background_objects} unrelated Secrets and ConfigMaps, "
-            f"{args.background_etcd_per_minute} foreign etcd writes per minute")
-        report["background"] = await background.run(
-            operator, kube, etcd, objects=args.background_objects,
-            etcd_per_minute=args.background_etcd_per_minute, seconds=args.idle_seconds,
-            concurrency=args.create_concurrency,
-        )
+    """The steady-state phases at ``n``, into ``steady_by_n`` (and the top level at the primary N)."""
+    out: dict[str, Any] = {"steady_n": n}
+    report.setdefault("steady_by_n", {})[str(n)] = out
+    primary = n == args.primary_steady
+    try:
+        log(f"idle: {args.idle_seconds:.0f}s over {2 * n} resources")
+        out["idle"] = await phases.idle(operator, args.idle_seconds)
+        log(f"idle: writes {out['idle']['writes']}, cpu {out['idle']['cpu_seconds']}s")
+        log("restart: SIGTERM, start, wait until caught up")
+        out["restart"] = await phases.restart(operator, kube, n)
+        restarted = out["restart"]
+        log(f"restart: caught up in {restarted['caught_up_seconds']}s, writes {restarted['writes']}")
+        log(f"changes: {args.samples} per backend")
+        out["change"] = await phases.changes(kube, consul, etcd, n, count=args.samples)
+        log(f"drift: {args.samples} per backend")
+        out["drift"] = await phases.drift(consul, etcd, n, count=args.samples)
+        await phases.settle(operator)
+        if args.drift_events:
+            log(f"drift CPU: {args.drift_events} drifts per backend, one every {args.drift_gap}s")
+            out["drift_cpu"] = await phases.drift_cpu(
+                operator, consul, etcd, n, events=args.drift_events, gap=args.drift_gap,
+            )
+            _above_idle(out["drift_cpu"], out["idle"])
+            for system, entry in out["drift_cpu"].items():
+                log(f"drift CPU ({system}): {entry['cpu_seconds']} cpu-s for {entry['events']} drifts "
+                    f"in {entry['seconds']}s, repair p50 {entry['latency']['p50_ms']} ms "
+                    f"p99 {entry['latency']['p99_ms']} ms, timeouts {entry['timeouts']}")
+        if args.background_objects and primary:
+            log(f"background: {args.background_objects} unrelated Secrets and ConfigMaps, "
+                f"{args.background_etcd_per_minute} foreign etcd writes per minute")
+            out["background"] = await background.run(
+                operator, kube, etcd, objects=args.background_objects,
+                etcd_per_minute=args.background_etcd_per_minute, seconds=args.idle_seconds,
+                concurrency=args.create_concurrency,
+            )
+    finally:
+        if primary:
+            report.update({k: out[k] for k in STEADY_KEYS if k in out})
+
+
+def _above_idle(drift_cpu: dict[str, Any], idle: dict[str, Any]) -> None:
+    """Each drift CPU figure less what the idle operator spends in as long a window.
+
+    The injections are spread over ``events * gap`` seconds, during which the
+    operator's own timers and watches cost what they cost at rest; the idle
+    phase at the same N measured that rate.
+    """
+    rate = float(idle.get("cpu_seconds") or 0) / float(idle.get("seconds") or 1)
+    for entry in drift_cpu.values():
+        entry["idle_cpu_seconds_per_second"] = round(rate, 5)
+        entry["cpu_seconds_above_idle"] = round(entry["cpu_seconds"] - rate * entry["seconds"], 3)
+
+
+def _drift_cpu_ratio(steady_by_n: dict[str, Any]) -> dict[str, Any] | None:
+    """Drift CPU at the largest steady N over the smallest, per backend (None with one N)."""
+    sizes = sorted((int(n) for n, e in steady_by_n.items() if e.get("drift_cpu")))
+    if len(sizes) < 2:
+        return None
+    small, large = steady_by_n[str(sizes[0])]["drift_cpu"], steady_by_n[str(sizes[-1])]["drift_cpu"]
+    out: dict[str, Any] = {"sizes": [sizes[0], sizes[-1]]}
+    for system in ("consul", "etcd"):
+        low, high = small.get(system, {}).get("cpu_seconds"), large.get(system, {}).get("cpu_seconds")
+        out[system] = round(high / low, 2) if low and high is not None else None
+    return out
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -366,19 +432,30 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def _median_runs(floors: list[dict[str, Any]], operators: list[dict[str, Any]]) -> dict[str, Any]:
-    """One size's entry: the median floor and operator runs, every run's time, the ratio."""
+def _median_runs(
+    floors: list[dict[str, Any]], operators: list[dict[str, Any]],
+    protocol_floors: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One size's entry: the median floor, protocol floor and operator runs, every run's time,
+    the ratios."""
     out: dict[str, Any] = {
         "floor_runs_seconds": [r.get("seconds") for r in floors],
         "operator_runs_seconds": [r.get("seconds") for r in operators],
     }
     floor, operator = _median_run(floors), _median_run(operators)
+    protocol = _median_run(protocol_floors or [])
     if floor is not None:
         out["floor"] = floor
     if operator is not None:
         out["operator"] = operator
-    if floor and operator and operator.get("complete") and floor.get("seconds"):
+    if protocol is not None:
+        out["protocol_floor"] = protocol
+        out["protocol_floor_runs_seconds"] = [r.get("seconds") for r in protocol_floors or []]
+    converged = bool(operator and operator.get("complete"))
+    if floor and converged and floor.get("seconds"):
         out["ratio_to_floor"] = round(float(operator["seconds"]) / float(floor["seconds"]), 2)
+    if protocol and converged and protocol.get("seconds") and not protocol.get("failures"):
+        out["ratio_to_protocol_floor"] = round(float(operator["seconds"]) / float(protocol["seconds"]), 2)
     return out
 
 
@@ -387,6 +464,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     extra_env = {"TETHER_WORKERS": str(args.workers)} if args.workers else {}
     report: dict[str, Any] = {
         "ratio_to_floor": None,
+        "ratio_to_protocol_floor": None,
         "idle_writes": None,
         "restart_writes": None,
         "meta": {
@@ -403,29 +481,34 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "profiled": args.profile,
             "keys_per_etcdconfig": workload.KEYS_PER_CONFIG,
             "policies": args.policies,
+            "steady_sizes": args.steady_list,
+            "drift_events": args.drift_events,
+            "drift_gap_seconds": args.drift_gap,
         },
         "sizes": {},
     }
     report["meta"]["ha"] = args.ha
     stack = Stack(args.state_dir, ha=args.ha)
-    steady_size = args.steady_size or (1000 if 1000 in args.size_list else max(args.size_list))
     try:
         for n in [] if args.endpoints_only else args.size_list:
             entry: dict[str, Any] = {}
             report["sizes"][str(n)] = entry
             floors: list[dict[str, Any]] = []
+            protocol_floors: list[dict[str, Any]] = []
             operators: list[dict[str, Any]] = []
             for attempt in range(args.repeat):
-                # Floor and operator alternate so that a burst of load from other
-                # tenants of the machine tends to hit both, not one.
+                # Floors and operator alternate so that a burst of load from other
+                # tenants of the machine tends to hit all of them, not one.
                 if not args.skip_floor:
                     floors.append(await _floor(stack, n, args, workers))
+                    if not args.skip_protocol_floor:
+                        protocol_floors.append(await _floor(stack, n, args, workers, protocol=True))
                 last = attempt == args.repeat - 1
                 operators.append(await _operator_phase(
-                    stack, n, args, steady=(n == steady_size and last and not args.skip_steady),
+                    stack, n, args, steady=(n in args.steady_list and last and not args.skip_steady),
                     report=report, extra_env=extra_env,
                 ))
-                entry.update(_median_runs(floors, operators))
+                entry.update(_median_runs(floors, operators, protocol_floors))
         if not args.skip_endpoints:
             report["endpoints"] = await endpoints.run(
                 stack, args.artifacts, services=args.endpoints_services, per=args.endpoints_per_service,
@@ -447,10 +530,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     top = report["sizes"].get(str(largest), {})
     report["ratio_to_floor"] = top.get("ratio_to_floor")
     report["ratio_to_floor_by_n"] = {n: e.get("ratio_to_floor") for n, e in report["sizes"].items()}
+    report["ratio_to_protocol_floor"] = top.get("ratio_to_protocol_floor")
+    report["ratio_to_protocol_floor_by_n"] = {
+        n: e.get("ratio_to_protocol_floor") for n, e in report["sizes"].items()
+    }
     report["memory"] = _memory(report["sizes"])
     report["largest_n"] = largest
     report["converge_seconds"] = top.get("operator", {}).get("seconds")
     report["floor_seconds"] = top.get("floor", {}).get("seconds")
+    report["protocol_floor_seconds"] = top.get("protocol_floor", {}).get("seconds")
+    report["drift_cpu_ratio"] = _drift_cpu_ratio(report.get("steady_by_n") or {})
     if "idle" in report:
         report["idle_writes"] = report["idle"]["writes"]
     if "restart" in report:
@@ -487,6 +576,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.size_list or min(args.size_list) < 1 or args.repeat < 1:
         print("--sizes and --repeat take positive integers, e.g. --sizes 100,1000", file=sys.stderr)
         return 2
+    try:
+        args.steady_list = sorted({int(s) for s in (args.steady_sizes or "").split(",") if s.strip()})
+    except ValueError:
+        args.steady_list = [0]
+    if (args.steady_list and min(args.steady_list) < 1) or args.drift_events < 0 or args.drift_gap < 0:
+        print("--steady-sizes takes positive integers, e.g. --steady-sizes 1000,5000; "
+              "--drift-events and --drift-gap are not negative", file=sys.stderr)
+        return 2
+    if not args.steady_list:  # as before --steady-sizes: one N
+        args.steady_list = [args.steady_size or (1000 if 1000 in args.size_list else max(args.size_list))]
+    # The figures at the top level of the report (old references compare with them).
+    args.primary_steady = (
+        args.steady_size if args.steady_size in args.steady_list
+        else 1000 if 1000 in args.steady_list else min(args.steady_list)
+    )
+    if args.steady_sizes and not args.skip_steady:
+        # Steady state needs the operator converged at that N: a steady size is a size.
+        # (A lone --steady-size outside --sizes still runs no steady state, as it always did.)
+        args.size_list = sorted(set(args.size_list) | set(args.steady_list))
     args.idle_seconds = args.idle_seconds if args.idle_seconds is not None else (10.0 if args.quick else 60.0)
     args.samples = args.samples if args.samples is not None else (10 if args.quick else 20)
     report = asyncio.run(bench(args))

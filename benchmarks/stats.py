@@ -69,10 +69,12 @@ def table(report: Mapping[str, Any]) -> str:
     for n, size in sorted(report.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
         op = size.get("operator", {})
         fl = size.get("floor", {})
+        pf = size.get("protocol_floor", {})
         lat = op.get("latency", {})
         per = op.get("writes_per_resource", {})
         rows.append([
             n, op.get("seconds"), fl.get("seconds"), size.get("ratio_to_floor"),
+            pf.get("seconds"), size.get("ratio_to_protocol_floor"),
             op.get("create_seconds"), lat.get("p50_ms"), lat.get("p95_ms"), lat.get("p99_ms"),
             fl.get("latency", {}).get("p50_ms"),
             per.get("consul"), per.get("etcd"), per.get("kubernetes"),
@@ -80,7 +82,8 @@ def table(report: Mapping[str, Any]) -> str:
             op.get("not_ready"),
         ])
     lines += _rows(
-        ["N", "operator s", "floor s", "ratio", "create s", "p50 ms", "p95 ms", "p99 ms",
+        ["N", "operator s", "floor s", "ratio", "proto floor s", "ratio proto", "create s",
+         "p50 ms", "p95 ms", "p99 ms",
          "floor p50", "consul w/res", "etcd w/res", "kube w/res", "op cpu s", "busy", "floor busy",
          "not ready"],
         rows,
@@ -88,7 +91,8 @@ def table(report: Mapping[str, Any]) -> str:
     for n, size in sorted(report.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
         if len(size.get("operator_runs_seconds", [])) > 1:
             lines.append(f"runs at N={n} (median shown): operator {size['operator_runs_seconds']} s, "
-                         f"floor {size.get('floor_runs_seconds')} s")
+                         f"floor {size.get('floor_runs_seconds')} s, "
+                         f"protocol floor {size.get('protocol_floor_runs_seconds')} s")
     steady = []
     for name, key in (("change -> backend", "change"), ("drift repaired", "drift")):
         for system in ("consul", "etcd"):
@@ -100,6 +104,7 @@ def table(report: Mapping[str, Any]) -> str:
         n = report.get("steady_n", "?")
         lines += ["", f"Steady state with {n} ConsulServices + {n} EtcdConfigs"]
         lines += _rows(["measure", "n", "p50 ms", "p99 ms", "max ms", "timeouts"], steady)
+    lines += _drift_cpu_lines(report)
     idle = report.get("idle")
     if idle:
         w = idle.get("writes", {})
@@ -131,6 +136,32 @@ def table(report: Mapping[str, Any]) -> str:
     lines += [
         "",
         "busy: share of both cores in use on the whole machine during the phase",
+        "proto floor: the floor plus the finalizer patch first and the operator's own status",
         f"ratio_to_floor = {_fmt(report.get('ratio_to_floor'), 2)}",
+        f"ratio_to_protocol_floor = {_fmt(report.get('ratio_to_protocol_floor'), 2)}",
     ]
+    ratio = report.get("drift_cpu_ratio")
+    if ratio:
+        small, large = ratio.get("sizes", ["?", "?"])
+        lines.append(f"drift_cpu_ratio (N={large} / N={small}) = consul {_fmt(ratio.get('consul'), 2)}, "
+                     f"etcd {_fmt(ratio.get('etcd'), 2)}")
     return "\n".join(lines)
+
+
+def _drift_cpu_lines(report: Mapping[str, Any]) -> list[str]:
+    """Operator CPU per paced drift events, one row per steady N and backend."""
+    rows = []
+    for n, steady in sorted((report.get("steady_by_n") or {}).items(), key=lambda kv: int(kv[0])):
+        for system, entry in sorted((steady.get("drift_cpu") or {}).items()):
+            lat = entry.get("latency", {})
+            rows.append([
+                f"N={n} {system}", entry.get("events"), entry.get("seconds"), entry.get("cpu_seconds"),
+                entry.get("cpu_seconds_above_idle"), entry.get("cpu_ms_per_event"),
+                lat.get("p50_ms"), lat.get("p99_ms"), entry.get("timeouts"),
+            ])
+    if not rows:
+        return []
+    return ["", "Drift CPU: drifts injected one every "
+            f"{report.get('meta', {}).get('drift_gap_seconds', '?')} s, operator CPU until all repaired",
+            *_rows(["size/backend", "events", "window s", "op cpu s", "above idle", "cpu ms/event",
+                    "repair p50 ms", "repair p99 ms", "timeouts"], rows)]

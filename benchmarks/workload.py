@@ -1,10 +1,12 @@
 """The benchmark's resources, and the exact backend writes and status they imply.
 
-Both the operator phase and the floor use these builders, so that they create
-the same objects and the floor makes *the same* writes the operator would:
+Both the operator phase and the floors use these builders, so that they create
+the same objects and the floors make *the same* writes the operator would:
 the Consul registration body comes from Tether's own pure planner, and the
 etcd transaction from Tether's own etcd planner (data keys, ownership claims
-and the owner index, each guarded), run against an empty store.
+and the owner index, each guarded), run against an empty store. The protocol
+floor also adds Tether's finalizer (:func:`finalizer_patch`) and patches the
+status the operator itself would build (:func:`operator_status`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tether import conditions
+from tether.api import FINALIZER
+from tether.api import configs as configs_api
 from tether.api import consulservices as csvc_api
 from tether.clients.etcd.values import Compare, Delete, Put
 from tether.config import planner as config_planner
 from tether.config.stores import etcd as etcd_store
 from tether.consulservice import planner as consul_planner
+from tether.reconciling import Outcome, build_status
 
 NAMESPACE = "bench"
 CLUSTER = "kubernetes"  # TETHER_CLUSTER_NAME's default; the operator runs with it
@@ -132,3 +138,49 @@ def ready_status(item: Item, generation: int, timestamp: str, extra: dict[str, A
             "lastTransitionTime": timestamp, "observedGeneration": generation,
         })
     return {"observedGeneration": generation, "conditions": conditions, **extra}
+
+
+# ------------------------------------------------------------------ what the protocol floor adds
+
+
+def finalizer_patch(body: dict[str, Any]) -> dict[str, Any]:
+    """The operator's finalizer merge patch for a just-created object.
+
+    Conditional on the resourceVersion, as the operator sends it
+    (``KubeClient.set_finalizers``), so the API server pays the same check.
+    """
+    meta = body["metadata"]
+    return {"metadata": {
+        "finalizers": [*(meta.get("finalizers") or []), FINALIZER],
+        "resourceVersion": meta["resourceVersion"],
+    }}
+
+
+def operator_status(
+    item: Item, generation: int, timestamp: str, *, consul_url: str, revision: int = 0,
+) -> dict[str, Any]:
+    """The status Tether patches on a resource's first successful reconcile.
+
+    Built by the operator's own ``build_status`` from an outcome shaped like
+    the one its fixed-instance apply (Ready + Healthy, ``serviceID``,
+    ``health``) or its etcd apply (Ready, ``keys``, ``revision``) returns, so
+    the bytes the API server validates and stores are the operator's.
+    """
+    if item.plural == CSVC:
+        sid = service_id(item.name)
+        outcome = Outcome(
+            "True", conditions.RECONCILED,
+            f"Registered as {sid!r} with the Consul agent {consul_url}".rstrip(),
+            fields={"serviceID": sid, "health": "passing"},
+            conditions=(conditions.Condition(
+                conditions.HEALTHY, "True", "Passing", "Consul reports the instance's checks as passing",
+            ),),
+        )
+    else:
+        spec = etcd_spec(item.name, item.index)
+        outcome = Outcome(
+            "True", conditions.RECONCILED,
+            f"{KEYS_PER_CONFIG} keys under {spec['prefix']} in etcd",
+            fields={"keys": KEYS_PER_CONFIG, configs_api.ETCD.revision_field: revision},
+        )
+    return build_status({}, outcome, generation=generation, timestamp=timestamp)
