@@ -96,6 +96,11 @@ _ROTATION_GRACE: Final = 30.0
 # likely waiting on a leader that is gone.
 _LOST_MEMBER_GRACE: Final = 1.0
 
+# For how long after a member is lost a slow call is blamed on it. etcd answers
+# a request stuck behind a lost leader by itself after its request timeout (7 s
+# with the default election timeout), and elects a new leader well before.
+_LOSS_WINDOW: Final = 10.0
+
 _Metadata = tuple[tuple[str, str], ...]
 
 
@@ -111,6 +116,8 @@ class _Endpoint:
         self.auth = rpc.AuthStub(channel)
         self.maintenance = rpc.MaintenanceStub(channel)
         self.lease = rpc.LeaseStub(channel)
+        # When the client first saw this member unreachable; None while it is not.
+        self.lost_at: float | None = None
 
     def state(self) -> Any:
         # try_to_connect wakes an IDLE channel; it costs nothing when connected.
@@ -665,7 +672,7 @@ class EtcdClient:
         out the whole deadline. A read waiting for the leader's read index can
         do the same. The client's connections to the other members show the
         loss: when one of them is refused, or drops from READY, while the call
-        runs (see :meth:`_until_lost`), the call gets at most
+        runs or shortly before (see :meth:`_until_lost`), the call gets at most
         :data:`_LOST_MEMBER_GRACE` seconds (a healthy quorum answers well
         within it) and is then abandoned with :class:`_Abandoned`, whose
         outcome is unknown like a deadline's. A member that is blackholed
@@ -710,23 +717,31 @@ class EtcdClient:
 
     @staticmethod
     async def _until_lost(endpoint: _Endpoint) -> bool:
-        """Follow a channel until its member is unreachable (True) or the channel closes (False).
+        """Follow a channel until its member is found lost (True) or the channel closes (False).
 
-        Unreachable: a connection attempt failed (TRANSIENT_FAILURE), or a READY
-        connection dropped (gRPC then goes IDLE, and reconnects only when asked:
-        ``state()`` asks, so an IDLE channel is put to the test at once). A
-        member that accepts the connection but does not answer (restarting,
-        frozen, blackholed) stays CONNECTING or READY and is never reported.
+        Lost: a connection attempt failed (TRANSIENT_FAILURE), or a READY
+        connection dropped (gRPC then goes IDLE and reconnects only when asked;
+        ``state()`` asks, so an IDLE channel is put to the test at once). A loss
+        counts for :data:`_LOSS_WINDOW` seconds after the client first saw it:
+        a member down for longer no longer explains a slow answer. A member
+        that accepts the connection but does not answer (restarting, frozen,
+        blackholed) stays CONNECTING or READY and is never reported.
         """
+        loop = asyncio.get_running_loop()
         state = endpoint.state()
         for _ in range(_MAX_STATE_WAITS):
-            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                return True
+            if state == grpc.ChannelConnectivity.READY:
+                endpoint.lost_at = None
+            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                if endpoint.lost_at is None:
+                    endpoint.lost_at = loop.time()
+                return loop.time() - endpoint.lost_at < _LOSS_WINDOW
             await endpoint.channel.wait_for_state_change(state)
             previous, state = state, endpoint.state()
             if state == grpc.ChannelConnectivity.SHUTDOWN:
                 return False  # closed by a TLS rotation or close(): no member lost
             if previous == grpc.ChannelConnectivity.READY and state != grpc.ChannelConnectivity.READY:
+                endpoint.lost_at = loop.time()
                 return True
         return False
 
