@@ -44,10 +44,12 @@ pytestmark = pytest.mark.e2e
 
 STARTUP_TIMEOUT = 30.0
 KILLS = 12
-# Loose, and counted from the new leader's election (etcd's, which a loaded
-# machine slows down): the times are printed; this only catches a client that
-# waits out its 5 s deadline (or worse) after a kill.
+# Loose bounds on the next write after a kill: WRITE_BOUND, or AFTER_ELECTION
+# past the new leader's election when etcd's election itself (slowed down by a
+# loaded machine) takes longer. The times are printed; the bounds only catch a
+# client that waits out its 5 s deadline after a kill (it did: p50 5.02 s).
 WRITE_BOUND = 4.0
+AFTER_ELECTION = 2.0
 
 
 class Member:
@@ -328,14 +330,12 @@ async def test_next_write_after_a_member_is_killed(
         kv = await client.get(key)  # a read, through a live member
         assert kv is not None and kv.version == version
         times[kind].append(took)
-        beyond = took - election
         print(
             f"kill {i + 1}/{KILLS} of {kind} ({victim.name}): next write after {took:.3f} s, "
             f"election {election:.3f} s, {unknown} unknown outcome(s)"
         )
-        assert beyond < WRITE_BOUND, (
-            f"the write after killing {kind} took {took:.2f} s ({beyond:.2f} s beyond the election)"
-        )
+        bound = max(WRITE_BOUND, election + AFTER_ELECTION)
+        assert took < bound, f"the write after killing {kind} took {took:.2f} s (election {election:.2f} s)"
         cluster.restart(victim)
     every = [t for values in times.values() for t in values]
     for kind, values in [*times.items(), ("every kill", every)]:

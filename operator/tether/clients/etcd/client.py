@@ -494,6 +494,8 @@ class EtcdClient:
         connected lets a transaction fail over safely before it is sent. If none
         connects in time the preferred candidate is returned anyway: the request
         then fails fast with gRPC's own explanation (refused, TLS handshake...).
+        ``None`` when every candidate is excluded, or when some endpoints were
+        tried already and every candidate left refuses connections.
         """
         count = len(self._endpoints)
         candidates = [
@@ -512,6 +514,11 @@ class EtcdClient:
                 if state == grpc.ChannelConnectivity.READY:
                     self._current = endpoint.index
                     return endpoint
+            if exclude and all(state == grpc.ChannelConnectivity.TRANSIENT_FAILURE for _, state in states):
+                # The members that accept connections were tried already, the
+                # rest refuse them: waiting for one to come back would spend the
+                # deadline for nothing (the caller retries later anyway).
+                return None
             remaining = wait_until - loop.time()
             if remaining <= 0:
                 break
