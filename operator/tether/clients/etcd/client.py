@@ -13,7 +13,12 @@ Contract in short:
 - idempotent reads move to the next endpoint on ``UNAVAILABLE`` or
   ``DEADLINE_EXCEEDED``; a transaction is sent at most once, because after a
   failure it may have been applied (the caller re-reads and re-plans; its
-  compares make that safe);
+  compares make that safe), unless gRPC says it never left (connection
+  refused, no connection: :func:`wire.never_sent`), then the next member
+  gets it at once;
+- a call gives up after :data:`_LOST_MEMBER_GRACE` when another member was
+  just lost (its connection refused or dropped): it is most likely waiting on
+  a dead leader, which etcd answers only after its own, longer timeout;
 - gRPC failures become :class:`EtcdUnavailable` (retry later) or
   :class:`EtcdRejected` (the server refused the request as such);
 - values never appear in messages, logs or reprs: they may be secrets.
