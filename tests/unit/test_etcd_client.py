@@ -289,6 +289,37 @@ def test_needs_reauth(details: str, expected: bool) -> None:
     assert wire.needs_reauth(details) is expected
 
 
+_REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:2379: "
+    "Failed to connect to remote host: Connection refused"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        # gRPC's words (1.85, measured) for a call on a channel that could not
+        # connect: nothing was written, a transaction may go to the next member.
+        (grpc.StatusCode.UNAVAILABLE, _REFUSED, True),
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: timeout", True),
+        (grpc.StatusCode.UNAVAILABLE, "ipv4:127.0.0.1:2379: Connection refused", True),
+        # The connection broke after sending, or etcd itself answered: unknown.
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False),
+        (grpc.StatusCode.UNAVAILABLE, "recvmsg:Connection reset by peer", False),
+        (grpc.StatusCode.UNAVAILABLE, "GOAWAY received", False),
+        (grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed", False),
+        (grpc.StatusCode.UNAVAILABLE, "", False),
+        # A deadline is never proof: it passes the same way while etcd applies.
+        (grpc.StatusCode.DEADLINE_EXCEEDED, _REFUSED, False),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False),
+        (grpc.StatusCode.UNKNOWN, _REFUSED, False),
+        (None, "connection refused", False),
+    ],
+)
+def test_never_sent(code: grpc.StatusCode | None, details: str, expected: bool) -> None:
+    assert wire.never_sent(code, details) is expected
+
+
 def test_compacted_carries_the_revision() -> None:
     error = Compacted(42)
     assert error.compact_revision == 42

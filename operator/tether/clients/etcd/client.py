@@ -13,7 +13,12 @@ Contract in short:
 - idempotent reads move to the next endpoint on ``UNAVAILABLE`` or
   ``DEADLINE_EXCEEDED``; a transaction is sent at most once, because after a
   failure it may have been applied (the caller re-reads and re-plans; its
-  compares make that safe);
+  compares make that safe), unless gRPC says it never left (connection
+  refused, no connection: :func:`wire.never_sent`), then the next member
+  gets it at once;
+- a call gives up after :data:`_LOST_MEMBER_GRACE` when another member was
+  just lost (its connection refused or dropped): it is most likely waiting on
+  a dead leader, which etcd answers only after its own, longer timeout;
 - gRPC failures become :class:`EtcdUnavailable` (retry later) or
   :class:`EtcdRejected` (the server refused the request as such);
 - values never appear in messages, logs or reprs: they may be secrets.
@@ -46,6 +51,7 @@ from tether.clients.etcd.wire import (
     event_from_pb,
     keyvalue_from_pb,
     needs_reauth,
+    never_sent,
     txn_to_pb,
 )
 
@@ -89,6 +95,17 @@ _CHANNEL_OPTIONS: Final = (
 # channel (well within the 60 s in which a rotated certificate must be in use).
 _ROTATION_GRACE: Final = 30.0
 
+# How long a call still waits once the connection to another member has broken
+# under it (see EtcdClient._call). etcd answers a healthy write in milliseconds
+# and a slow disk in a few hundred; a call still pending after this is most
+# likely waiting on a leader that is gone.
+_LOST_MEMBER_GRACE: Final = 1.0
+
+# For how long after a member is lost a slow call is blamed on it. etcd answers
+# a request stuck behind a lost leader by itself after its request timeout (7 s
+# with the default election timeout), and elects a new leader well before.
+_LOSS_WINDOW: Final = 10.0
+
 _Metadata = tuple[tuple[str, str], ...]
 
 
@@ -104,10 +121,16 @@ class _Endpoint:
         self.auth = rpc.AuthStub(channel)
         self.maintenance = rpc.MaintenanceStub(channel)
         self.lease = rpc.LeaseStub(channel)
+        # When the client first saw this member unreachable; None while it is not.
+        self.lost_at: float | None = None
 
     def state(self) -> Any:
         # try_to_connect wakes an IDLE channel; it costs nothing when connected.
         return self.channel.get_state(try_to_connect=True)
+
+
+class _Abandoned(Exception):
+    """A call given up on because another member was lost while it waited; outcome unknown."""
 
 
 class _StreamEnd:
@@ -476,6 +499,8 @@ class EtcdClient:
         connected lets a transaction fail over safely before it is sent. If none
         connects in time the preferred candidate is returned anyway: the request
         then fails fast with gRPC's own explanation (refused, TLS handshake...).
+        ``None`` when every candidate is excluded, or when some endpoints were
+        tried already and every candidate left refuses connections.
         """
         count = len(self._endpoints)
         candidates = [
@@ -494,6 +519,11 @@ class EtcdClient:
                 if state == grpc.ChannelConnectivity.READY:
                     self._current = endpoint.index
                     return endpoint
+            if exclude and all(state == grpc.ChannelConnectivity.TRANSIENT_FAILURE for _, state in states):
+                # The members that accept connections were tried already, the
+                # rest refuse them: waiting for one to come back would spend the
+                # deadline for nothing (the caller retries later anyway).
+                return None
             remaining = wait_until - loop.time()
             if remaining <= 0:
                 break
@@ -603,40 +633,129 @@ class EtcdClient:
             # cannot have reached etcd, which the error message can say.
             connected = endpoint.state() == grpc.ChannelConnectivity.READY
             try:
-                return await getattr(stub, method)(request, timeout=attempt_timeout, metadata=metadata)
+                return await self._call(endpoint, getattr(stub, method), request, attempt_timeout, metadata)
             except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-                if self._has_credentials and not reauthenticated and needs_reauth(details):
-                    # The server refused the token before executing anything.
-                    reauthenticated = True
-                    self._forget_token(metadata)
-                    continue
-                error = error_from_status(code, details, endpoint=endpoint.url)
-                if code not in FAILOVER_CODES:
-                    raise error from exc
-                self._advance(endpoint)
-                if not idempotent:
-                    outcome = (
-                        "the transaction may or may not have been applied"
-                        if connected
-                        else "no connection when sending; most likely not applied"
-                    )
-                    # Never retried here and never reported as success: the caller
-                    # re-reads and re-plans, its compares making a repeat safe. The
-                    # warning is how an operator (and the HA fault suite, which
-                    # counts the writes repeated this way) learns it happened.
-                    logger.warning(
-                        "etcd transaction outcome unknown on %s: %s (%s); re-reading before deciding",
-                        endpoint.url, code.name, outcome,
-                    )
-                    raise EtcdUnavailable(f"{error} ({outcome})") from exc
-                logger.debug("etcd %s.%s failed on %s: %s", service, method, endpoint.url, code.name)
-                last_error = error
-                tried.add(endpoint.index)
+                code, details, cause = exc.code(), exc.details() or "", exc
+            except _Abandoned as exc:
+                code, details, cause = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), exc
+            if self._has_credentials and not reauthenticated and needs_reauth(details):
+                # The server refused the token before executing anything.
+                reauthenticated = True
+                self._forget_token(metadata)
+                continue
+            error = error_from_status(code, details, endpoint=endpoint.url)
+            if code not in FAILOVER_CODES:
+                raise error from cause
+            self._advance(endpoint)
+            if not idempotent and not never_sent(code, details):
+                outcome = (
+                    "the transaction may or may not have been applied"
+                    if connected
+                    else "no connection when sending; most likely not applied"
+                )
+                # Never retried here and never reported as success: the caller
+                # re-reads and re-plans, its compares making a repeat safe. The
+                # warning is how an operator (and the HA fault suite, which
+                # counts the writes repeated this way) learns it happened.
+                logger.warning(
+                    "etcd transaction outcome unknown on %s: %s (%s); re-reading before deciding",
+                    endpoint.url, code.name, outcome,
+                )
+                raise EtcdUnavailable(f"{error} ({outcome})") from cause
+            # A read, or a request that never left this client (the member
+            # refused the connection or had none): the next member, at once.
+            logger.debug("etcd %s.%s failed on %s: %s", service, method, endpoint.url, code.name)
+            last_error = error
+            tried.add(endpoint.index)
         if last_error is not None:
             raise last_error
         urls = ", ".join(self._conn.endpoints)
         raise EtcdUnavailable(f"etcd: no endpoint answered within {self._conn.timeout:g}s ({urls})")
+
+    async def _call(
+        self, endpoint: _Endpoint, method: Any, request: Any, attempt_timeout: float, metadata: _Metadata
+    ) -> Any:
+        """Send one request on ``endpoint``; give up early while another member is lost.
+
+        A write sent to a follower just after the leader died is forwarded to
+        the dead leader until the follower notices (etcd's election timeout),
+        and then waits in etcd for a commit that never comes: etcd answers only
+        after its own request timeout (7 s by default), so the call would wait
+        out the whole deadline. A read waiting for the leader's read index can
+        do the same. The client's connections to the other members show the
+        loss: when one of them is refused, or drops from READY, while the call
+        runs or shortly before (see :meth:`_until_lost`), the call gets at most
+        :data:`_LOST_MEMBER_GRACE` seconds (a healthy quorum answers well
+        within it) and is then abandoned with :class:`_Abandoned`, whose
+        outcome is unknown like a deadline's. A member that is blackholed
+        rather than killed keeps a READY connection, so it is not seen here
+        and a call stuck behind it still costs its deadline.
+        """
+        call = method(request, timeout=attempt_timeout, metadata=metadata)
+        others = [other for other in self._endpoints if other is not endpoint]
+        if not others:
+            return await call
+        response = asyncio.ensure_future(call)
+        watchers: dict[asyncio.Future[Any], _Endpoint] = {
+            asyncio.ensure_future(self._until_lost(other)): other for other in others
+        }
+        try:
+            pending: set[asyncio.Future[Any]] = {response, *watchers}
+            lost: list[str] = []
+            # Each pass ends the call or at least one watcher.
+            for _ in range(len(watchers)):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if response in done:
+                    return response.result()
+                lost = [watchers[watcher].url for watcher in done if watcher.result()]
+                if lost:
+                    break
+            if not lost:
+                return await response  # every watcher ended without a member lost
+            done, _ = await asyncio.wait({response}, timeout=_LOST_MEMBER_GRACE)
+            if response in done:
+                return response.result()
+            raise _Abandoned(
+                f"no answer within {_LOST_MEMBER_GRACE:g}s while {', '.join(lost)} was unreachable "
+                "(a request forwarded to a lost leader is not answered before etcd's own timeout)"
+            )
+        finally:
+            if not response.done():
+                call.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+            # Reaps the cancelled call and watchers; returns at once when they are done.
+            await asyncio.gather(response, *watchers, return_exceptions=True)
+
+    @staticmethod
+    async def _until_lost(endpoint: _Endpoint) -> bool:
+        """Follow a channel until its member is found lost (True) or the channel closes (False).
+
+        Lost: a connection attempt failed (TRANSIENT_FAILURE), or a READY
+        connection dropped (gRPC then goes IDLE and reconnects only when asked;
+        ``state()`` asks, so an IDLE channel is put to the test at once). A loss
+        counts for :data:`_LOSS_WINDOW` seconds after the client first saw it:
+        a member down for longer no longer explains a slow answer. A member
+        that accepts the connection but does not answer (restarting, frozen,
+        blackholed) stays CONNECTING or READY and is never reported.
+        """
+        loop = asyncio.get_running_loop()
+        state = endpoint.state()
+        for _ in range(_MAX_STATE_WAITS):
+            if state == grpc.ChannelConnectivity.READY:
+                endpoint.lost_at = None
+            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                if endpoint.lost_at is None:
+                    endpoint.lost_at = loop.time()
+                return loop.time() - endpoint.lost_at < _LOSS_WINDOW
+            await endpoint.channel.wait_for_state_change(state)
+            previous, state = state, endpoint.state()
+            if state == grpc.ChannelConnectivity.SHUTDOWN:
+                return False  # closed by a TLS rotation or close(): no member lost
+            if previous == grpc.ChannelConnectivity.READY and state != grpc.ChannelConnectivity.READY:
+                endpoint.lost_at = loop.time()
+                return True
+        return False
 
     async def _open_watch(self, prefix: bytes, start_revision: int) -> tuple[_Endpoint, Any, str]:
         """Open a Watch stream and wait for etcd to confirm the watcher.

@@ -113,6 +113,18 @@ _REJECTED_MARKERS: Final = (
 # Codes meaning "this endpoint cannot serve now": try another, or later.
 FAILOVER_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+# gRPC's words for a call that failed while connecting, before any byte of the
+# request was written: the channel had no connection ("failed to connect to
+# all addresses" is how a call on a channel in TRANSIENT_FAILURE fails fast),
+# or the connection was refused. A request can only be written on an
+# established connection, so such a call never reached etcd, and even a
+# transaction may be sent to another member. A broken connection after
+# sending ("Socket closed", "Connection reset by peer", "GOAWAY") is not here.
+_NEVER_SENT_MARKERS: Final = (
+    "failed to connect to all addresses",
+    "connection refused",
+)
+
 # Codes meaning a transient failure of the server or the connection; everything
 # else (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, ...) is a refusal.
 _TRANSIENT_CODES: Final = frozenset(
@@ -129,6 +141,18 @@ _TRANSIENT_CODES: Final = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+
+def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether a failed call provably never reached the server (see ``_NEVER_SENT_MARKERS``).
+
+    Only ``UNAVAILABLE`` qualifies: a deadline that passed while connecting
+    looks the same as one that passed while etcd was applying the request.
+    """
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    lowered = details.lower()
+    return any(marker in lowered for marker in _NEVER_SENT_MARKERS)
 
 
 def needs_reauth(details: str) -> bool:
