@@ -271,8 +271,11 @@ def test_gates_follow_consul_through_faults(
             (seen[p].status == "True") == ready[p] == (instances[p] in passing) for p in instances
         )
 
+    unconverged: AssertionError | None = None
     try:
         wait_for(agreed, timeout=60, interval=0.5, message="every gate to agree with its Pod and Consul")
+    except AssertionError as exc:
+        unconverged = exc  # reported after the audit, which explains more
     finally:
         samples = sampler.stop()
     verdict = judge(samples, instances, close_within=CLOSE_WITHIN)
@@ -281,6 +284,13 @@ def test_gates_follow_consul_through_faults(
     for anomaly in known:
         log(f"known bug seen: {anomaly}")
     assert not counted, _explain(counted, operator)
+    if unconverged is not None:
+        seen, passing = gates(), _instances(consul, services)
+        detail = "\n".join(
+            f"  {p}: containers ready {ready[p]}, gate {seen[p]}, passing in Consul {instances[p] in passing}"
+            for p in sorted(instances)
+        )
+        raise AssertionError(f"{unconverged}\n{detail}\n{_explain([], operator)}")
     # The rules had something to judge: the flips opened gates many times.
     assert verdict.openings >= len(instances), verdict.summary()
 
