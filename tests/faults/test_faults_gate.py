@@ -62,8 +62,14 @@ PORT = 8080
 #: some unrelated resync or a Pod flip happens to close it.
 CLOSE_WITHIN = 8.0
 
-#: The flipper's delay between two flips of one Pod (seconds).
+#: The flipper's delay between two flips of one Pod (seconds): mostly short,
+#: and now and then (``HOLD_SHARE``) longer than :data:`CLOSE_WITHIN`, so that a
+#: gate left open on failed containers outlives the bound while faults run
+#: (with short holds only, the next flip would end the stretch first and rule
+#: (b) could fail only once the flipper stopped).
 FLIP_EVERY = (1.0, 5.0)
+HOLD = (CLOSE_WITHIN + 2.0, CLOSE_WITHIN + 6.0)
+HOLD_SHARE = 0.25
 
 
 def _pod(name: str, svc: str) -> dict[str, Any]:
@@ -136,7 +142,7 @@ class Flipper:
 
     def _run(self) -> None:
         now = time.monotonic()
-        due = {pod: now + self.rng.uniform(*FLIP_EVERY) for pod in sorted(self.ips)}
+        due = {pod: now + self._delay() for pod in sorted(self.ips)}
         for _ in range(10_000):  # bounded; stop() ends it long before
             pod = min(due, key=lambda p: due[p])
             if self._stop.wait(max(0.0, due[pod] - time.monotonic())):
@@ -150,7 +156,10 @@ class Flipper:
                 except Exception as exc:  # the API server stays up here; count and go on
                     self.failures += 1
                     log(f"flipper: {pod} not patched: {exc!r}"[:200])
-            due[pod] = time.monotonic() + self.rng.uniform(*FLIP_EVERY)
+            due[pod] = time.monotonic() + self._delay()
+
+    def _delay(self) -> float:
+        return self.rng.uniform(*(HOLD if self.rng.random() < HOLD_SHARE else FLIP_EVERY))
 
 
 def _instances(consul: Consul, services: list[str]) -> set[str]:
@@ -227,7 +236,7 @@ def test_gates_follow_consul_through_faults(
     log(f"{len(ips)} gated Pods behind {SERVICES} ConsulServices in {ns}: all gates True")
 
     rounds = 1 if REDUCED else 3
-    settle = (8.0, 14.0) if REDUCED else (10.0, 25.0)
+    settle = (12.0, 20.0) if REDUCED else (12.0, 30.0)
     sampler = GateSampler(kube, consul, ns, services, max_seconds=240 if REDUCED else 720).start()
     flipper = Flipper(kube, ns, ips, random.Random(f"{seed}/flips")).start()
     try:
