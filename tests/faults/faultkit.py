@@ -175,6 +175,10 @@ class Kube:
     def core(self) -> Any:
         return kubernetes.client.CoreV1Api(self._api())
 
+    @property
+    def discovery(self) -> Any:
+        return kubernetes.client.DiscoveryV1Api(self._api())
+
     @staticmethod
     def transient(exc: BaseException) -> bool:
         """Worth retrying: the server is away or overloaded, not saying no."""
