@@ -153,7 +153,15 @@ def decide(pod: Pod, want: Condition, *, now: str) -> Patch | None:
 
 
 def instance_statuses(checks: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """Service ID → Consul's aggregate of its checks (the worst one), from a node's checks."""
+    """Service ID → Consul's aggregate of its checks (the worst one), from a node's checks.
+
+    Node-level checks are left out on purpose, although Consul counts them: the one
+    that matters is the dead-man switch's ``tether:alive``, and counting it would
+    close every gate while a new leader takes over after the switch tripped (until it
+    writes the check passing again), taking the Pods out of their Kubernetes Services
+    too: an outage of in-cluster traffic to guard against a few seconds of an open
+    gate on instances Consul already withholds.
+    """
     rank = {"passing": 0, "warning": 1, "critical": 2}
     out: dict[str, str] = {}
     for check in checks:
