@@ -49,6 +49,8 @@ ROOT_PASSWORD = "root-" + uuid.uuid4().hex
 ONE_RETRY = 10.0
 #: The long soak: rotation rounds repeat for this long (one round when 0, as in CI).
 SOAK_SECONDS = float(os.environ.get("TETHER_ROTATION_SOAK_SECONDS", "0"))
+#: The suite's per-test timeout (600 s), plus the soak: the soak outlasts the default.
+SOAK_BOUND = pytest.mark.timeout(SOAK_SECONDS + 600)
 
 
 def kubelet_write(mount: Path, files: dict[str, bytes], version: str) -> Path:
@@ -174,6 +176,7 @@ class ReadyWatch(threading.Thread):
         return self.longest
 
 
+@SOAK_BOUND
 def test_rotation_of_token_password_and_certificates(
     dev_env: dict[str, str], backends: SecureBackends, tmp_path: Path
 ) -> None:
