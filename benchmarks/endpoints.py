@@ -13,7 +13,14 @@ running. Measured, in order:
    over ``samples`` flips (each flipped back, also measured);
 4. **rollout** — every slice's endpoints replaced by new addresses at once:
    Consul write calls and time until the catalog holds exactly the new set;
-5. **restart** — SIGTERM, start, wait until it has caught up: writes.
+5. **gated rollout** (``gate="on"`` or ``"both"``; see :func:`gated_rollout`)
+   — the same rollout with every endpoint backed by a Pod that lists the
+   readiness gate ``tether.dev/consul-passing``: time until every new Pod's
+   gate is ``True`` and Consul holds exactly the new instances passing;
+   Consul and Kubernetes writes, and the gate patches Tether made. With
+   ``"both"`` the ungated rollout of phase 4 runs first on the same stack:
+   the two are the price of the gate;
+6. **restart** — SIGTERM, start, wait until it has caught up: writes.
 
 Nothing here asserts wall time; the figures go into the report's
 ``endpoints`` section.
@@ -36,6 +43,9 @@ from benchmarks.stats import latency_summary
 from tether_dev.harness.operator import OperatorProcess, writes
 
 NS = "bench-ep"
+GATE = "tether.dev/consul-passing"
+GENERATION_LABEL = "bench.tether.dev/generation"
+GATES = ("off", "on", "both")
 NODE = "tether-kubernetes"  # TETHER_CONSUL_NODE's default for the default cluster name
 CSVC = "consulservices"
 
@@ -96,6 +106,75 @@ def csvc_body(s: int) -> dict[str, Any]:
 
 def slice_path(s: int) -> str:
     return f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices/{name_of(s)}-a"
+
+
+def pod_name(generation: int, s: int, e: int) -> str:
+    return f"{name_of(s)}-g{generation}-{e:03d}"
+
+
+def pod_body(generation: int, s: int, e: int) -> dict[str, Any]:
+    """A Pod that lists the gate; nothing runs it (the dev stack has no kubelet, nor scheduler)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(generation, s, e),
+            "namespace": NS,
+            "labels": {GENERATION_LABEL: str(generation), "app": name_of(s)},
+        },
+        "spec": {
+            "readinessGates": [{"conditionType": GATE}],
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+        },
+    }
+
+
+def kubelet_status(generation: int, s: int, e: int) -> dict[str, Any]:
+    """What the kubelet reports once the containers are ready: Ready still false, the gate holds it."""
+    return {"status": {
+        "phase": "Running",
+        "podIP": address(generation, s, e),
+        "conditions": [
+            {"type": "ContainersReady", "status": "True"},
+            {"type": "Ready", "status": "False"},
+        ],
+    }}
+
+
+def gated_endpoints_of(generation: int, s: int, per: int, uids: dict[str, str]) -> list[dict[str, Any]]:
+    """The slice's endpoints while the gate holds the Pods not Ready: ``ready: false``, with targetRefs."""
+    return [
+        {
+            "addresses": [address(generation, s, e)],
+            "conditions": {"ready": False, "serving": False, "terminating": False},
+            "targetRef": {
+                "kind": "Pod", "namespace": NS, "name": pod_name(generation, s, e),
+                "uid": uids[pod_name(generation, s, e)],
+            },
+        }
+        for e in range(per)
+    ]
+
+
+def gate_open(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == GATE and c.get("status") == "True" for c in conditions)
+
+
+def gate_patches(log_text: str) -> dict[str, int]:
+    """The gate conditions Tether patched, by status, from its log lines (one per successful patch).
+
+    ``tether_backend_writes_total{system="kubernetes"}`` also counts the
+    ConsulServices' status writes; this counts the ``pods/status`` patches alone.
+    """
+    marker = f"readiness gate {GATE} of Pod "
+    counts = {"True": 0, "False": 0}
+    for line in log_text.splitlines():
+        if marker in line:
+            for status in counts:
+                if f" set to {status} " in line:
+                    counts[status] += 1
+    return {"total": counts["True"] + counts["False"], "to_true": counts["True"], "to_false": counts["False"]}
 
 
 async def _set_endpoints(kube: KubeApi, s: int, eps: list[dict[str, Any]]) -> None:
@@ -251,6 +330,104 @@ async def rollout(
     }
 
 
+async def _pods_of(kube: KubeApi, generation: int) -> list[dict[str, Any]]:
+    listing = await kube.request(
+        "GET", f"/api/v1/namespaces/{NS}/pods", params={"labelSelector": f"{GENERATION_LABEL}={generation}"}
+    )
+    return list(listing.get("items") or [])
+
+
+async def _delete_pods(kube: KubeApi, generation: int, *, concurrency: int) -> None:
+    await _gather_limited(
+        [
+            kube.request("DELETE", f"/api/v1/namespaces/{NS}/pods/{p['metadata']['name']}", ok_missing=True)
+            for p in await _pods_of(kube, generation)
+        ],
+        concurrency,
+    )
+
+
+async def gated_rollout(
+    kube: KubeApi,
+    consul: phases.Consul,
+    operator: OperatorProcess,
+    services: int,
+    per: int,
+    *,
+    generation: int,
+    concurrency: int,
+    budget: float,
+) -> dict[str, Any]:
+    """Replace every endpoint by a new gated Pod's at once; time until every gate is open.
+
+    Up front (not timed): one Pod per new endpoint, listing the gate, then the
+    operator settles (each new gated Pod makes its namespace's ConsulServices
+    reconcile once, writing nothing). Timed: for each Service, the bench plays
+    the kubelet (the new Pods' ``pods/status``: ``ContainersReady=True``,
+    ``Ready=False``, ``podIP``) and then the EndpointSlice controller (the
+    slice's endpoints replaced by the new Pods', ``ready: false`` with their
+    ``targetRef``s, as written while the gate holds Ready false), 16 Services
+    in flight as in :func:`rollout`, where the new endpoints also arrive ready.
+    Complete when Consul holds exactly the new instances, all passing, *and*
+    every new Pod's gate condition is ``True``. The previous generation's
+    Pods are deleted afterwards (as a rollout ends), outside the figures.
+    """
+    names = [(s, e) for s in range(services) for e in range(per)]
+    uids: dict[str, str] = {}
+
+    async def create(s: int, e: int) -> None:
+        made = await kube.request("POST", f"/api/v1/namespaces/{NS}/pods", pod_body(generation, s, e))
+        uids[made["metadata"]["name"]] = made["metadata"]["uid"]
+
+    await _gather_limited([create(s, e) for s, e in names], concurrency)
+    await phases.settle(operator)
+    before = await asyncio.to_thread(operator.metrics)
+    log_from = len(operator.log_text())
+    wanted = {(address(generation, s, e), 8080) for s, e in names}
+    consul_took: list[float] = []
+
+    async def kubelet_then_slice(s: int) -> None:
+        await asyncio.gather(*(
+            kube.request(
+                "PATCH", f"/api/v1/namespaces/{NS}/pods/{pod_name(generation, s, e)}/status",
+                kubelet_status(generation, s, e), content_type="application/strategic-merge-patch+json",
+            )
+            for e in range(per)
+        ))
+        await _set_endpoints(kube, s, gated_endpoints_of(generation, s, per, uids))
+
+    async def matches() -> bool:
+        in_consul, statuses = await _node(consul)
+        have = {(svc["Address"], svc["Port"]) for svc in in_consul.values()}
+        if have != wanted or not all(statuses.get(f"{sid}:endpoint") == "passing" for sid in in_consul):
+            return False
+        if not consul_took:
+            consul_took.append(time.monotonic() - started)
+        # Pods are read only once Consul agrees: a gate opens after Consul passes, never before.
+        pods = await _pods_of(kube, generation)
+        return len(pods) == len(names) and all(gate_open(p) for p in pods)
+
+    started = time.monotonic()
+    await _gather_limited([kubelet_then_slice(s) for s in range(services)], concurrency)
+    patched = time.monotonic()
+    took = await _until(matches, budget, poll=0.1)
+    settled, _ = await phases.settle(operator)
+    patches = gate_patches(operator.log_text()[log_from:])
+    opened = sum(gate_open(p) for p in await _pods_of(kube, generation))
+    await _delete_pods(kube, generation - 1, concurrency=concurrency)
+    await phases.settle(operator)
+    return {
+        "endpoints_replaced": len(names),
+        "patch_seconds": round(patched - started, 3),
+        "consul_seconds": round(consul_took[0], 3) if consul_took else None,
+        "seconds": None if took is None else round(patched - started + took, 3),
+        "gates_open": opened,
+        "writes": delta(writes(settled), writes(before)),
+        "gate_patches": patches,
+        "operations_needed": len(names) * 3,
+    }
+
+
 async def restart(operator: OperatorProcess, services: int, *, budget: float = 300.0) -> dict[str, Any]:
     await asyncio.to_thread(operator.stop)
     operator.start(wait=False)
@@ -282,8 +459,13 @@ async def run(
     idle_seconds: float,
     concurrency: int,
     extra_env: dict[str, str],
+    gate: str = "off",
 ) -> dict[str, Any]:
-    """The whole section on a fresh stack; returns the report's ``endpoints`` entry."""
+    """The whole section on a fresh stack; returns the report's ``endpoints`` entry.
+
+    ``gate``: ``"off"`` the ungated rollout only, ``"on"`` the gated one only,
+    ``"both"`` both, ungated first (see :func:`gated_rollout`).
+    """
     stack.fresh()
     artifacts.mkdir(parents=True, exist_ok=True)
     # JSON logs, as the Deployment runs it (and as the other sections measure).
@@ -291,7 +473,9 @@ async def run(
         stack.env, artifacts / "operator-endpoints.log", args=("-A", "--log-format", "json"),
         extra_env=extra_env,
     )
-    report: dict[str, Any] = {"services": services, "endpoints_per_service": per, "endpoints": services * per}
+    report: dict[str, Any] = {
+        "services": services, "endpoints_per_service": per, "endpoints": services * per, "gate": gate,
+    }
     try:
         operator.start(wait=False)
         operator.wait_serving()
@@ -316,17 +500,32 @@ async def run(
                 f"p99 {report['condition_change']['all']['p99_ms']} ms"
             )
             await phases.settle(operator)
-            log("endpoints: rollout of every endpoint")
-            report["rollout"] = await rollout(
-                kube,
-                consul,
-                operator,
-                services,
-                per,
-                concurrency=concurrency,
-                budget=max(300.0, services * 1.0),
-            )
-            log(f"endpoints: rollout {report['rollout']}")
+            budget = max(300.0, services * 1.0)
+            if gate != "on":
+                log("endpoints: rollout of every endpoint")
+                report["rollout"] = await rollout(
+                    kube, consul, operator, services, per, concurrency=concurrency, budget=budget
+                )
+                log(f"endpoints: rollout {report['rollout']}")
+            if gate != "off":
+                # Generation 2 moves every endpoint onto gated Pods (the section's
+                # Services are then backed by gated Pods); generation 3 is the
+                # gated rollout measured against the ungated one above.
+                log(f"endpoints: {services * per} gated Pods behind the slices (readiness gate {GATE})")
+                report["gate_setup"] = await gated_rollout(
+                    kube, consul, operator, services, per,
+                    generation=2, concurrency=concurrency, budget=budget,
+                )
+                log(f"endpoints: gate setup {report['gate_setup']}")
+                if report["gate_setup"]["seconds"] is None:
+                    report["problem"] = "the gated Pods' gates did not all open; gated rollout skipped"
+                    return report
+                log("endpoints: gated rollout of every endpoint")
+                report["gated_rollout"] = await gated_rollout(
+                    kube, consul, operator, services, per,
+                    generation=3, concurrency=concurrency, budget=budget,
+                )
+                log(f"endpoints: gated rollout {report['gated_rollout']}")
             log("endpoints: restart")
             report["restart"] = await restart(operator, services)
             log(f"endpoints: restart {report['restart']}")
@@ -367,7 +566,27 @@ def table(section: dict[str, Any]) -> list[str]:
         lines.append(
             f"  rollout of {roll.get('endpoints_replaced')} endpoints: {roll.get('seconds')} s, "
             f"Consul write calls {roll.get('writes', {}).get('consul')} "
-            f"(txn operations needed {roll.get('operations_needed')})"
+            f"(txn operations needed {roll.get('operations_needed')}), "
+            f"Kubernetes writes {roll.get('writes', {}).get('kubernetes')}"
+        )
+    for key, what in (("gate_setup", "gated Pods behind"), ("gated_rollout", "gated rollout of")):
+        gated = section.get(key) or {}
+        if gated:
+            lines.append(
+                f"  {what} {gated.get('endpoints_replaced')} endpoints: {gated.get('seconds')} s "
+                f"(Consul exact after {gated.get('consul_seconds')} s, "
+                f"gates open {gated.get('gates_open')}), "
+                f"Consul write calls {gated.get('writes', {}).get('consul')}, Kubernetes writes "
+                f"{gated.get('writes', {}).get('kubernetes')} "
+                f"(gate patches of pods/status {gated.get('gate_patches', {}).get('total')})"
+            )
+    if roll and (section.get("gated_rollout") or {}).get("seconds") and roll.get("seconds"):
+        gated = section["gated_rollout"]
+        lines.append(
+            f"  price of the gate: {round(gated['seconds'] - roll['seconds'], 3)} s "
+            f"({gated['seconds']} s gated vs {roll['seconds']} s ungated), "
+            f"Consul write calls {gated['writes'].get('consul')} vs {roll['writes'].get('consul')}, "
+            f"Kubernetes writes {gated['writes'].get('kubernetes')} vs {roll['writes'].get('kubernetes')}"
         )
     restart = section.get("restart") or {}
     if restart:

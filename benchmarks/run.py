@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="endpoints section: ConsulServices, each following its own Service (100)")
     parser.add_argument("--endpoints-per-service", type=int, default=10,
                         help="endpoints section: endpoints in each Service's slice (10)")
+    parser.add_argument("--endpoints-gate", choices=endpoints.GATES, default="off",
+                        help="endpoints section's rollout: ungated (off), with every endpoint backed by a "
+                             "Pod listing the readiness gate tether.dev/consul-passing (on), or both in "
+                             "one run, ungated first, for the price of the gate (both); default off")
     parser.add_argument("--skip-endpoints", action="store_true", help="no endpoints section")
     parser.add_argument("--ha", action="store_true",
                         help="every stack is `tether dev up --ha` (3 etcd members, 3 Consul servers)")
@@ -513,7 +517,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             report["endpoints"] = await endpoints.run(
                 stack, args.artifacts, services=args.endpoints_services, per=args.endpoints_per_service,
                 samples=args.samples, idle_seconds=args.idle_seconds,
-                concurrency=args.create_concurrency, extra_env=extra_env,
+                concurrency=args.create_concurrency, extra_env=extra_env, gate=args.endpoints_gate,
             )
             if report["endpoints"].get("problem"):
                 report.setdefault("problems", []).append(f"endpoints: {report['endpoints']['problem']}")
