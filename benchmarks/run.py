@@ -23,7 +23,8 @@ per backend injected 0.3 s apart, with their repair latency).
 Then, on a fresh stack, the **endpoints** section (:mod:`benchmarks.endpoints`):
 ConsulServices in endpoints mode following Services' EndpointSlices —
 condition change → Consul health latency, a full rollout's write calls and
-convergence, idle and restart writes.
+convergence, idle and restart writes; with ``--endpoints-gate on|both``, the
+same rollout behind the readiness gate (``both``: the price of the gate).
 
 Prints a table and writes ``benchmarks/results/latest.json``. Nothing here
 asserts wall time: the figures are for people to read and compare.
