@@ -449,6 +449,22 @@ async def restart(operator: OperatorProcess, services: int, *, budget: float = 3
     }
 
 
+def gate_price(ungated: dict[str, Any], gated: dict[str, Any]) -> dict[str, Any] | None:
+    """The gated rollout next to the ungated one of the same run; None unless both completed."""
+    if ungated.get("seconds") is None or gated.get("seconds") is None:
+        return None
+    return {
+        "endpoints": gated.get("endpoints_replaced"),
+        "extra_seconds": round(gated["seconds"] - ungated["seconds"], 3),
+        "seconds": {"ungated": ungated["seconds"], "gated": gated["seconds"]},
+        "consul_writes": {"ungated": ungated["writes"].get("consul"), "gated": gated["writes"].get("consul")},
+        "kubernetes_writes": {
+            "ungated": ungated["writes"].get("kubernetes"), "gated": gated["writes"].get("kubernetes"),
+        },
+        "gate_patches": (gated.get("gate_patches") or {}).get("total"),
+    }
+
+
 async def run(
     stack: Any,
     artifacts: Any,
@@ -526,6 +542,9 @@ async def run(
                     generation=3, concurrency=concurrency, budget=budget,
                 )
                 log(f"endpoints: gated rollout {report['gated_rollout']}")
+                price = gate_price(report.get("rollout") or {}, report["gated_rollout"])
+                if price is not None:
+                    report["gate_price"] = price
             log("endpoints: restart")
             report["restart"] = await restart(operator, services)
             log(f"endpoints: restart {report['restart']}")
@@ -580,13 +599,14 @@ def table(section: dict[str, Any]) -> list[str]:
                 f"{gated.get('writes', {}).get('kubernetes')} "
                 f"(gate patches of pods/status {gated.get('gate_patches', {}).get('total')})"
             )
-    if roll and (section.get("gated_rollout") or {}).get("seconds") and roll.get("seconds"):
-        gated = section["gated_rollout"]
+    price = section.get("gate_price") or {}
+    if price:
         lines.append(
-            f"  price of the gate: {round(gated['seconds'] - roll['seconds'], 3)} s "
-            f"({gated['seconds']} s gated vs {roll['seconds']} s ungated), "
-            f"Consul write calls {gated['writes'].get('consul')} vs {roll['writes'].get('consul')}, "
-            f"Kubernetes writes {gated['writes'].get('kubernetes')} vs {roll['writes'].get('kubernetes')}"
+            f"  price of the gate: +{price['extra_seconds']} s "
+            f"({price['seconds']['gated']} s gated vs {price['seconds']['ungated']} s ungated), "
+            f"Consul write calls {price['consul_writes']['gated']} vs {price['consul_writes']['ungated']}, "
+            f"Kubernetes writes {price['kubernetes_writes']['gated']} vs "
+            f"{price['kubernetes_writes']['ungated']}"
         )
     restart = section.get("restart") or {}
     if restart:

@@ -81,3 +81,21 @@ async def test_gate_patches_counts_the_operators_own_log_lines(caplog: pytest.Lo
     text = "\n".join(json.dumps({"level": "info", "message": r.getMessage()}) for r in caplog.records)
     text += "\n" + json.dumps({"message": "something else set to True (unrelated)"})
     assert bench.gate_patches(text) == {"total": 3, "to_true": 2, "to_false": 1}
+
+
+def test_the_price_compares_the_two_rollouts_of_one_run_and_only_when_both_completed() -> None:
+    ungated = {"endpoints_replaced": 100, "seconds": 0.5, "writes": {"consul": 5, "kubernetes": 0}}
+    gated = {
+        "endpoints_replaced": 100, "seconds": 3.75, "writes": {"consul": 8, "kubernetes": 202},
+        "gate_patches": {"total": 200, "to_true": 100, "to_false": 100},
+    }
+    price = bench.gate_price(ungated, gated)
+    assert price == {
+        "endpoints": 100, "extra_seconds": 3.25, "seconds": {"ungated": 0.5, "gated": 3.75},
+        "consul_writes": {"ungated": 5, "gated": 8}, "kubernetes_writes": {"ungated": 0, "gated": 202},
+        "gate_patches": 200,
+    }
+    assert bench.gate_price(ungated, {**gated, "seconds": None}) is None
+    assert bench.gate_price({}, gated) is None
+    lines = bench.table({"rollout": ungated, "gated_rollout": gated, "gate_price": price})
+    assert any("price of the gate: +3.25 s" in line and "202 vs 0" in line for line in lines)
