@@ -10,8 +10,11 @@
 #      runs) and load it into the cluster;
 #   3. deploy a throwaway Consul and etcd (scripts/kind/*.yaml), their images pulled
 #      or, without a registry, built from the dev stack's programs;
-#   4. install Tether exactly as a user would, `kubectl apply -k`, through the
-#      overlay scripts/kind/overlay (local image, in-cluster endpoints);
+#   4. install Tether exactly as a user would, one of two ways (TETHER_KIND_INSTALL):
+#        overlay  `kubectl apply -k scripts/kind/overlay` (manifests/ + the local
+#                 image + the in-cluster endpoints);
+#        release  `kubectl apply -f install.yaml`, the file `make release` writes,
+#                 unchanged, then tether-config edited as a user configures it;
 #   5. wait for the Deployment, then run tests/kind against the cluster;
 #   6. delete the cluster (keep it with KEEP_CLUSTER=1) and stop what step 0 started.
 # Each stage's time is printed at the end and written to .tether/kind/timings.txt.
@@ -27,6 +30,8 @@
 #   KEEP_CLUSTER=1     leave the cluster (and a started engine) running afterwards
 #                      (a rerun reuses them)
 #   KIND_NODE_IMAGE    node image to use instead of kind-config.yaml's
+#   TETHER_KIND_INSTALL  overlay (default) or release (what CI runs, .ci/run): how
+#                      step 4 installs Tether
 #   PYTHON             interpreter with pytest (default: .venv/bin/python, else python3)
 # Extra arguments are passed to pytest, e.g. scripts/e2e-kind.sh -k failover
 set -euo pipefail
@@ -40,7 +45,13 @@ CLUSTER="${KIND_CLUSTER_NAME:-tether-e2e}"
 KEEP_CLUSTER="${KEEP_CLUSTER:-0}"
 # Must match "images:" in scripts/kind/overlay/kustomization.yaml.
 IMAGE="tether:e2e"
+INSTALL="${TETHER_KIND_INSTALL:-overlay}"
+case "$INSTALL" in
+    overlay | release) ;;
+    *) die "TETHER_KIND_INSTALL=$INSTALL: expected overlay or release" ;;
+esac
 STATE_DIR="$ROOT/.tether/kind"
+RELEASE_DIR="$STATE_DIR/release"
 TIMINGS="$STATE_DIR/timings.txt"
 export KUBECONFIG="$STATE_DIR/$CLUSTER.kubeconfig"
 mkdir -p "$STATE_DIR"
@@ -183,12 +194,53 @@ kubectl -n consul rollout status deployment/consul-server --timeout=300s
 kubectl -n etcd rollout status deployment/etcd --timeout=300s
 
 # --- 4. Tether, as a user installs it --------------------------------------------------------------
-log "installing Tether: kubectl apply -k scripts/kind/overlay (manifests/ + local image)"
-kubectl apply -k scripts/kind/overlay
-kubectl wait --for=condition=Established --timeout=60s \
-    crd/consulservices.tether.dev crd/etcdconfigs.tether.dev
-if ((reused)); then
-    # Same tag, new image: only a restart makes the pods use the image just loaded.
+# The ConfigMap patch that points tether-config at the Consul and etcd of step 3: the
+# overlay's strategic-merge patch, applied in release mode as a JSON merge patch (the
+# same keys, so both modes configure Tether identically).
+KIND_CONFIG="scripts/kind/overlay/config.yaml"
+if [[ "$INSTALL" == overlay ]]; then
+    log "installing Tether: kubectl apply -k scripts/kind/overlay (manifests/ + local image)"
+    kubectl apply -k scripts/kind/overlay
+    kubectl wait --for=condition=Established --timeout=60s \
+        crd/consulservices.tether.dev crd/etcdconfigs.tether.dev
+    if ((reused)); then
+        # Same tag, new image: only a restart makes the pods use the image just loaded.
+        kubectl -n tether-system rollout restart deployment/tether
+    fi
+else
+    # The release exactly as `make release` writes it for a user: no IMAGE=, no edits.
+    log "rendering the release: scripts/release.sh ${RELEASE_DIR#"$ROOT"/}"
+    rm -rf "$RELEASE_DIR"
+    "$ROOT/scripts/release.sh" "$RELEASE_DIR"
+    install_yaml="$RELEASE_DIR/install.yaml"
+    # The one image the file names (the operator's Deployment; components are not in it).
+    mapfile -t release_images < <(awk '$1 == "image:" {print $2}' "$install_yaml" | sort -u)
+    ((${#release_images[@]} == 1)) \
+        || die "install.yaml names ${#release_images[@]} images (${release_images[*]}), expected one"
+    release_image="${release_images[0]}"
+    # By digest only for an image pushed to a registry: a node without one cannot pull
+    # it, and a digest cannot be given to a local build, so such a file is not testable here.
+    [[ "$release_image" != *@* ]] \
+        || die "install.yaml names $release_image by digest: kind can only serve it a tag"
+    # The image just built, under the name install.yaml references: the node has it
+    # (imagePullPolicy IfNotPresent) and never asks a registry.
+    log "loading $IMAGE as $release_image, the image install.yaml names"
+    docker tag "$IMAGE" "$release_image"
+    kind load docker-image "$release_image" --name "$CLUSTER"
+
+    log "installing Tether: kubectl apply -f ${install_yaml#"$ROOT"/} (the only install step)"
+    kubectl apply -f "$install_yaml"
+    kubectl wait --for=condition=Established --timeout=60s \
+        crd/consulservices.tether.dev crd/etcdconfigs.tether.dev
+    # Configuration, not installation: install.yaml is the same file for every
+    # cluster, and its tether-config holds defaults that a user must set to their own
+    # Consul and etcd (manifests/config.yaml says so: "Change them to your
+    # endpoints"). A user edits that ConfigMap after applying the file; here the
+    # same edit points it at step 3's Consul and etcd. The pods read tether-config
+    # only at start (envFrom), and the Deployment started with the defaults, so a
+    # restart follows, as that comment also tells the user.
+    log "configuring Tether: tether-config patched from $KIND_CONFIG, then a rollout restart"
+    kubectl -n tether-system patch configmap tether-config --type merge --patch-file "$KIND_CONFIG"
     kubectl -n tether-system rollout restart deployment/tether
 fi
 kubectl -n tether-system rollout status deployment/tether --timeout=300s
@@ -200,6 +252,11 @@ log "running tests/kind"
 # TETHER_KIND_REQUIRED=1: here a missing cluster or tool fails the run; it is
 # never silently skipped. -rP shows what passing tests printed: the failover times
 # and the write counts of the rolling restart.
+# TETHER_KIND_INSTALL_FILE: what the uninstall test deletes (`kubectl delete -f`);
+# unset, it deletes the overlay (`kubectl delete -k`).
+install_file=""
+if [[ "$INSTALL" == release ]]; then install_file="$install_yaml"; fi
 KIND_CLUSTER_NAME="$CLUSTER" TETHER_KIND_KUBECONFIG="$KUBECONFIG" TETHER_KIND_REQUIRED=1 \
+    TETHER_KIND_INSTALL_FILE="$install_file" \
     "$PYTHON" -m pytest tests/kind -v -rsP -p no:cacheprovider "$@"
 stage_end

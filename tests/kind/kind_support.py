@@ -2,7 +2,8 @@
 
 The tests run against a kind cluster that ``scripts/e2e-kind.sh`` (``make e2e-kind``)
 created and installed: Tether as a Deployment from ``manifests/`` (through the overlay
-in ``scripts/kind/overlay/``), and a throwaway Consul and etcd from ``scripts/kind/``.
+in ``scripts/kind/overlay/``, or from the release's ``install.yaml`` with
+``TETHER_KIND_INSTALL=release``), and a throwaway Consul and etcd from ``scripts/kind/``.
 They talk to Kubernetes with ``kubectl`` and to Consul and etcd over their plain HTTP
 APIs (etcd's JSON gateway) through ``kubectl port-forward``, so they need nothing but
 the standard library, ``kubectl`` and the cluster.
@@ -40,8 +41,12 @@ CLUSTER_MARKER = "kind-tether-e2e"  # TETHER_CLUSTER_NAME in scripts/kind/overla
 #: The operator image scripts/e2e-kind.sh loads; it has Python, so tests also use it
 #: for a small HTTP server (nothing can be pulled on a machine without a registry).
 OPERATOR_IMAGE = "tether:e2e"
-#: The overlay scripts/e2e-kind.sh installs with `kubectl apply -k`.
+#: The overlay scripts/e2e-kind.sh installs with `kubectl apply -k` (TETHER_KIND_INSTALL=overlay).
 OVERLAY = REPO / "scripts" / "kind" / "overlay"
+#: The release's install.yaml when scripts/e2e-kind.sh installed with `kubectl apply -f`
+#: (TETHER_KIND_INSTALL=release), else None: what the uninstall test deletes.
+INSTALL_FILE = Path(os.environ["TETHER_KIND_INSTALL_FILE"]) \
+    if os.environ.get("TETHER_KIND_INSTALL_FILE") else None
 
 Manifest = dict[str, Any]
 
@@ -176,6 +181,12 @@ class KindCluster:
             if not p["metadata"].get("deletionTimestamp")
         ]
 
+    def operator_image(self) -> str:
+        """The image the installed operator Deployment runs (``tether:e2e`` from the
+        overlay, the release's ``tether:<version>`` from install.yaml)."""
+        deployment = self.get_json("deployment", OPERATOR_DEPLOYMENT, "-n", OPERATOR_NAMESPACE)
+        return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
+
     def lease_holder(self) -> str:
         lease = self.get_json("lease", LEASE_NAME, "-n", OPERATOR_NAMESPACE)
         return str(lease.get("spec", {}).get("holderIdentity") or "")
@@ -209,6 +220,23 @@ class KindCluster:
             proc = self.kubectl(*args, check=False, timeout=60)
             parts.append(f"--- {title} ---\n{proc.stdout.strip()}{proc.stderr.strip()}")
         return "\n".join(parts)
+
+
+def kustomize_image(reference: str) -> str:
+    """An ``images:`` entry of a kustomization that rewrites the manifests' image
+    (``ghcr.io/tether-dev/tether``) to ``reference`` (``name:tag`` or ``name@sha256:...``)."""
+    name, at, digest = reference.partition("@")
+    tag = ""
+    if not at:
+        # The tag follows the last colon after the last slash (a registry may have a port).
+        slash = name.rfind("/")
+        colon = name.rfind(":")
+        if colon > slash:
+            name, tag = name[:colon], name[colon + 1:]
+    entry = f"  - name: ghcr.io/tether-dev/tether\n    newName: {name}\n"
+    if at:
+        return entry + f'    digest: "{digest}"\n'
+    return entry + (f'    newTag: "{tag}"\n' if tag else "")
 
 
 def _free_port() -> int:

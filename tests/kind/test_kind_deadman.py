@@ -2,8 +2,10 @@
 
 ``manifests/components/deadman/`` is applied through an overlay of its own that
 lists it under ``components`` (the Tether install is already in the cluster),
-with the same ``images:`` rewrite as ``scripts/kind/overlay`` so it runs the
-image just loaded (``tether:e2e``, which contains ``tether deadman``). The
+with an ``images:`` rewrite to the image the installed operator runs, so it runs
+the image just loaded (``tether:e2e`` from ``scripts/kind/overlay``, the same build
+tagged as the release's ``tether:<version>`` when the install came from
+``install.yaml``; either contains ``tether deadman``). The
 Consul of ``scripts/kind/consul.yaml`` runs in dev mode with ACLs off, so the
 optional Secret ``tether-deadman-credentials`` is not created: the deadman
 writes without a token, as the operator does here.
@@ -51,6 +53,7 @@ from kind_support import (
     KindCluster,
     Manifest,
     _http,
+    kustomize_image,
     wait_for,
 )
 from test_kind_endpoints import APP, NODE, _settled_pods, _workload
@@ -84,11 +87,9 @@ def deadman(kind_cluster: KindCluster, tmp_path: Path) -> Iterator[None]:
         "apiVersion: kustomize.config.k8s.io/v1beta1\n"
         "kind: Kustomization\n"
         f"components:\n  - {os.path.relpath(COMPONENT, overlay)}\n"
-        # As scripts/kind/overlay: the image loaded into the cluster, never a registry.
-        "images:\n"
-        "  - name: ghcr.io/tether-dev/tether\n"
-        "    newName: tether\n"
-        "    newTag: e2e\n"
+        # The operator's own image, loaded into the cluster: never a registry, and
+        # whichever way the base install was made (overlay or install.yaml).
+        "images:\n" + kustomize_image(kind_cluster.operator_image())
     )
     kind_cluster.kubectl("apply", "-k", str(overlay))
     try:

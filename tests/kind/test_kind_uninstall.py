@@ -2,7 +2,8 @@
 
 What a user does to remove Tether: delete the resources first (the operator, still
 running, removes what they made in Consul and etcd and lets their finalizers go),
-then ``kubectl delete -k`` of what they applied. Afterwards nothing of Tether is left
+then ``kubectl delete`` of what they applied (``-k`` of the overlay, or ``-f`` of the
+release's install.yaml when ``scripts/e2e-kind.sh`` installed from it). Afterwards nothing of Tether is left
 in the cluster: no CRDs, no namespace, no cluster-wide RBAC, no Lease, no webhook.
 ``scripts/e2e-kind.sh`` installs again on a rerun against a kept cluster.
 """
@@ -13,6 +14,7 @@ import json
 
 import pytest
 from kind_support import (
+    INSTALL_FILE,
     OPERATOR_NAMESPACE,
     OVERLAY,
     Consul,
@@ -55,7 +57,8 @@ def test_uninstall_leaves_nothing(
     assert etcd.range("/tether-e2e/") == {}
 
     # 2. Tether itself, as it was applied.
-    kind_cluster.kubectl("delete", "-k", str(OVERLAY), "--timeout=180s", timeout=200)
+    applied = ["-f", str(INSTALL_FILE)] if INSTALL_FILE else ["-k", str(OVERLAY)]
+    kind_cluster.kubectl("delete", *applied, "--timeout=180s", timeout=200)
 
     def leftovers() -> list[str]:
         found: list[str] = []
