@@ -346,3 +346,27 @@ async def test_next_write_after_a_member_is_killed(
     print(f"transactions with an unknown outcome: {unknowns}")
     kv = await client.get(key)
     assert kv is not None and kv.version == KILLS + 1 and kv.value == f"w{KILLS}".encode()
+
+
+async def test_a_read_during_the_election_waits_for_the_new_leader(
+    cluster: Cluster, client: EtcdClient, prefix: bytes
+) -> None:
+    """Killed leader, read at once: every live member answers "leader changed" or waits
+    on the dead leader until the election ends; the read goes round the members again
+    within its deadline instead of failing (as the HA fault suite's client test once saw)."""
+    key = prefix + b"r"
+    await write_once(client, key, 0, b"r0")
+    took: list[float] = []
+    for _ in range(4):
+        leader = cluster.leader()
+        assert leader is not None
+        client._current = list(cluster.urls).index(leader.url)  # test seam: the leader in use
+        killed_at = time.monotonic()
+        leader.kill()
+        kv = await client.get(key)
+        took.append(time.monotonic() - killed_at)
+        assert kv is not None and kv.value == b"r0"
+        cluster.wait_leader(leader)
+        cluster.restart(leader)
+    print(f"read after the leader in use was killed: {', '.join(f'{t:.2f}' for t in took)} s")
+    assert max(took) < 5.0 + 1.0

@@ -106,6 +106,11 @@ _LOST_MEMBER_GRACE: Final = 1.0
 # with the default election timeout), and elects a new leader well before.
 _LOSS_WINDOW: Final = 10.0
 
+# A call that every member failed retryably goes round them again after this pause,
+# at most _MAX_PASSES times, within its deadline (an election takes about a second).
+_PASS_PAUSE: Final = 0.2
+_MAX_PASSES: Final = 4
+
 _Metadata = tuple[tuple[str, str], ...]
 
 
@@ -607,12 +612,28 @@ class EtcdClient:
         tried: set[int] = set()
         reauthenticated = False
         last_error: EtcdError | None = None
-        # At most one attempt per endpoint plus one re-authentication retry; the
-        # deadline bounds the time.
-        for _ in range(len(self._endpoints) + 2):
+        # Passes over the members: at most one attempt per endpoint plus one
+        # re-authentication retry each; the deadline bounds the time.
+        for attempt in range(_MAX_PASSES * (len(self._endpoints) + 2)):
+            if len(tried) == len(self._endpoints) and attempt:
+                # Every member failed this request in a way that allows another try
+                # (a read, or a request that never left): during an election each
+                # answers "leader changed" or waits on the dead leader. The new
+                # leader comes within the deadline more often than not: pause, then
+                # go round again rather than fail the whole call.
+                if loop.time() + _PASS_PAUSE >= deadline:
+                    break
+                await asyncio.sleep(_PASS_PAUSE)
+                tried.clear()
             endpoint = await self._pick(deadline, tried)
-            if endpoint is None or loop.time() >= deadline:
+            if loop.time() >= deadline:
                 break
+            if endpoint is None:
+                if not tried:
+                    break
+                # The members not tried yet refuse connections: this pass is over.
+                tried = set(range(len(self._endpoints)))
+                continue
             try:
                 metadata = await self._auth_metadata(endpoint, deadline)
             except EtcdUnavailable as exc:
