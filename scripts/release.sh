@@ -47,7 +47,11 @@ kustomize_image="newName: $image
     newTag: \"$version\""
 if command -v docker >/dev/null 2>&1 && timeout 10 docker info >/dev/null 2>&1 \
         && docker image inspect "$image:$version" >/dev/null 2>&1; then
+    # Only a digest under a registry's name (a host with a dot or a port, or
+    # localhost): Docker's containerd image store gives every local image a digest
+    # too ("tether@sha256:..."), which no node can pull.
     digest="$(docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$image:$version" \
+        | { grep -E '^([^/]*[.:][^/]*|localhost)/' || true; } \
         | sed -n 's/^.*@\(sha256:[0-9a-f]\{64\}\)$/\1/p' | head -n 1)"
     if [[ -n "$digest" ]]; then
         reference="$image@$digest"
