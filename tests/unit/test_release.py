@@ -172,3 +172,45 @@ def test_release_writes_every_crd_and_the_deployment(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "sbom.spdx.json").read_text())
     assert doc["spdxVersion"] == "SPDX-2.3" and doc["packages"][0]["versionInfo"] == _version()
     assert not list(tmp_path.glob(".overlay*")), "the throwaway overlay is removed"
+
+
+@pytest.mark.parametrize(
+    ("image", "repo_digest", "expected"),
+    [
+        # Docker's containerd image store gives a local build a digest of its own name:
+        # no node can pull it, so the tag stays.
+        ("tether", "tether@sha256:" + "a" * 64, "tether:{version}"),
+        ("ghcr.io/tether-dev/tether", "ghcr.io/tether-dev/tether@sha256:" + "b" * 64,
+         "ghcr.io/tether-dev/tether@sha256:" + "b" * 64),
+        ("localhost:5000/tether", "localhost:5000/tether@sha256:" + "c" * 64,
+         "localhost:5000/tether@sha256:" + "c" * 64),
+    ],
+)
+def test_release_names_the_image_by_a_registry_digest_only(
+    tmp_path: Path, image: str, repo_digest: str, expected: str
+) -> None:
+    kubectl = _kubectl()
+    if kubectl is None:
+        pytest.skip("no kubectl (neither the dev stack's build nor one on PATH) to render manifests/")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    # A Docker that answers: `info`, and `image inspect` with the image's RepoDigests.
+    docker.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = image ] && [ "$2" = inspect ]; then\n'
+        '  case "$*" in *RepoDigests*) echo "$FAKE_REPO_DIGEST" ;; esac\n'
+        "fi\n"
+        "exit 0\n"
+    )
+    docker.chmod(0o755)
+    out = tmp_path / "out"
+    subprocess.run(
+        [str(RELEASE), str(out)], check=True, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KUBECTL": kubectl, "IMAGE": image, "FAKE_REPO_DIGEST": repo_digest,
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
+    objects = [d for d in yaml.safe_load_all((out / "install.yaml").read_text()) if d]
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    images = [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+    assert images == [expected.format(version=_version())]
