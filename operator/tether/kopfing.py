@@ -15,7 +15,9 @@ few private names used are kept here, against the pinned Kopf version
 - :func:`rescan` — re-reads Tether's group from discovery into the insights,
   exactly what Kopf's own resource observer does on a CRD event, and the core
   resources Kopf's observers wait for (namespaces, CRDs) when its first scan
-  missed them; Kopf's orchestrator then starts the missing watches.
+  missed them; Kopf's orchestrator then starts the missing watches;
+- :func:`add_missed_namespaces` — adds to the insights the namespaces that match
+  the operator's patterns but that Kopf does not know of (see below).
 
 Seen in a fault run: an operator started seconds after the API server restarted
 watched nothing, silently, although its insights listed every Tether kind. Kopf's
@@ -23,15 +25,22 @@ namespace observer waits for ``namespaces`` to be in the backbone before it list
 namespaces, and the backbone is filled once, from the first discovery scan; a scan
 that lacked the core group left the observer waiting for ever, the set of
 namespaces empty, and so no (kind, namespace) watch was ever started.
+
+Seen in CI: a namespace created right after the operator started was never
+watched. Kopf's namespace observer lists the namespaces once, then starts a
+watch whose own initial listing (and every relisting after an expired watch or
+an API-server restart) it ignores: a namespace created between the two lists,
+or while the watch reconnects, is never added. Tether follows the namespaces
+anyway (TetherPolicy labels), so it hands Kopf the ones it missed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import kopf
-from kopf._cogs.structs.references import CRDS, NAMESPACES, Insights, Resource
+from kopf._cogs.structs.references import CRDS, NAMESPACES, Insights, NamespaceName, Resource, match_namespace
 from kopf._core.reactor.observation import revise_resources
 
 from tether.api import GROUP, VERSION
@@ -92,3 +101,27 @@ async def rescan(http: KubeHttp, record: Insights, registry: kopf.OperatorRegist
         revise_resources(resources=found, insights=record, registry=registry, group=GROUP)
         await record.backbone.fill(resources=found)
         record.revised.notify_all()
+
+
+async def add_missed_namespaces(
+    record: Insights, patterns: Collection[str], present: Iterable[str]
+) -> list[str]:
+    """Add to ``record`` the namespaces of ``present`` that match ``patterns`` but Kopf does not watch.
+
+    ``present`` are namespaces that exist and are not being deleted. Only
+    additions: Kopf itself sees a deletion (its watch carries it whatever it
+    missed before). Nothing to do for a cluster-wide operator (no patterns) or
+    before Kopf's first namespace listing. Returns the names added, sorted.
+    """
+    if not patterns or not record.ready_namespaces.is_set():
+        return []
+    missed = sorted(
+        name for name in present
+        if name not in record.namespaces
+        and any(match_namespace(NamespaceName(name), pattern) for pattern in patterns)
+    )
+    if missed:
+        async with record.revised:
+            record.namespaces.update(NamespaceName(name) for name in missed)
+            record.revised.notify_all()
+    return missed

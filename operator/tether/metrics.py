@@ -57,3 +57,7 @@ WATCH_EVENTS = Counter(
 KINDS_UNSERVED = Gauge(
     "tether_kinds_unserved", "1 while a kind is not served (not watched) after start, else 0", ["kind"]
 )
+NAMESPACES_HANDED_TO_KOPF = Counter(
+    "tether_kopf_namespaces_handed_total",
+    "Namespaces Kopf had not picked up from its own watch, handed to it by Tether's namespace watch",
+)

@@ -74,6 +74,11 @@ class Policies:
         self._stored: dict[str, _Stored] = {}
         self._rules: tuple[api.Policy, ...] = ()
         self._labels: dict[str, dict[str, str]] = {}
+        # Namespaces that exist and are not being deleted; ``namespaces_changed``
+        # is set whenever this set changes (the operator hands Kopf the ones it
+        # missed, see ``tether.kopfing``).
+        self._live: set[str] = set()
+        self.namespaces_changed = asyncio.Event()
         self._decisions: dict[ObjectRef, tuple[Claims, Decision]] = {}
         self._enqueue: dict[str, Callable[[ObjectRef], None]] = {}
         self._policies_listed = asyncio.Event()
@@ -110,6 +115,18 @@ class Policies:
         if labels is None:
             return None
         return api.decide(self._rules, namespace, labels, claims, default=self.default)
+
+    def live_namespaces(self) -> set[str]:
+        """The namespaces that exist and are not being deleted, as last seen."""
+        return set(self._live)
+
+    def _set_live(self, name: str, live: bool) -> None:
+        if live != (name in self._live):
+            if live:
+                self._live.add(name)
+            else:
+                self._live.discard(name)
+            self.namespaces_changed.set()
 
     async def _synced(self) -> bool:
         if self._policies_listed.is_set() and self._namespaces_listed.is_set():
@@ -239,6 +256,13 @@ class Policies:
                         ns for ns in set(fresh) | set(self._labels) if fresh.get(ns) != self._labels.get(ns)
                     }
                     self._labels = fresh
+                    live = {
+                        str((i.get("metadata") or {}).get("name") or "")
+                        for i in items if not (i.get("metadata") or {}).get("deletionTimestamp")
+                    }
+                    if live != self._live:
+                        self._live = live
+                        self.namespaces_changed.set()
                     self._namespaces_listed.set()
                     for ns in sorted(changed):
                         self._recheck(ns)
@@ -255,6 +279,7 @@ class Policies:
     def _namespace_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         name = str(meta.get("name") or "")
+        self._set_live(name, kind != "DELETED" and not meta.get("deletionTimestamp"))
         if kind == "DELETED":
             if self._labels.pop(name, None) is not None:
                 self._dirty.set()

@@ -61,6 +61,8 @@ API_POLL_CAP_SECONDS = 5.0
 # not is looked up in discovery again this often until then.
 SERVED_WITHIN_SECONDS = 30.0
 REPAIR_EVERY_SECONDS = 3.0
+# A namespace Tether sees but Kopf does not, this long after it appeared, is handed to Kopf.
+KOPF_NAMESPACE_GRACE_SECONDS = 2.0
 
 
 def run(
@@ -269,6 +271,26 @@ async def _main(
     # What Kopf resolved from the API server's discovery: the kinds it watches.
     insights = kopfing.insights()
     exit_code = 0
+
+    async def hand_kopf_missed_namespaces() -> None:
+        # Kopf ignores the initial listing of its namespace watch, so a namespace
+        # created between its first list and that watch (or while the watch
+        # reconnects) is never watched: its resources silently never served
+        # (seen in CI). Tether's own namespace watch sees every one; those Kopf
+        # still lacks a moment later are handed to it (see tether.kopfing).
+        await insights.ready_namespaces.wait()
+        while True:
+            await policies.namespaces_changed.wait()
+            policies.namespaces_changed.clear()
+            await asyncio.sleep(KOPF_NAMESPACE_GRACE_SECONDS)
+            missed = await kopfing.add_missed_namespaces(insights, namespaces, policies.live_namespaces())
+            if missed:
+                metrics.NAMESPACES_HANDED_TO_KOPF.inc(len(missed))
+                log.warning("Kopf did not watch namespace(s) %s %.0fs after they appeared; watching them now",
+                            ", ".join(missed), KOPF_NAMESPACE_GRACE_SECONDS)
+
+    if namespaces:
+        backend_watchers["kopf-namespaces"] = hand_kopf_missed_namespaces
 
     async def mark_ready() -> None:
         nonlocal exit_code

@@ -217,3 +217,22 @@ async def test_a_spec_that_does_not_parse_goes_to_apply_unchecked() -> None:
                                        "generation": 1}, "spec": {}})
     await ctl.process(ref)
     assert kind.applied == 1  # apply reports the InvalidSpec itself
+
+
+def test_the_cache_knows_which_namespaces_exist_and_are_not_being_deleted() -> None:
+    cache, _, _ = _cache()
+    assert cache.live_namespaces() == {"team-a", "team-b", "dev"}
+    assert cache.namespaces_changed.is_set()
+    cache.namespaces_changed.clear()
+    cache._namespace_event("MODIFIED", _namespace("dev", team="x"))  # a label: the set is the same
+    assert not cache.namespaces_changed.is_set()
+    terminating = _namespace("team-b")
+    terminating["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
+    cache._namespace_event("MODIFIED", terminating)
+    assert cache.live_namespaces() == {"team-a", "dev"}
+    assert cache.namespaces_changed.is_set()
+    cache.namespaces_changed.clear()
+    cache._namespace_event("DELETED", _namespace("team-a"))
+    cache._namespace_event("ADDED", _namespace("team-c"))
+    assert cache.live_namespaces() == {"dev", "team-c"}
+    assert cache.namespaces_changed.is_set()

@@ -346,3 +346,36 @@ def test_threads_that_are_finishing_do_not_count_as_lingering(monkeypatch: pytes
     assert len(exits) == 1
     reason, code = exits[0]
     assert "1 worker threads still alive" in reason and "hung-call" in reason and code == 1
+
+
+async def test_kopf_ignores_the_listing_its_namespace_watch_starts_with() -> None:
+    """The premise of :func:`kopfing.add_missed_namespaces`, pinned against the Kopf in use:
+    a namespace that reaches Kopf only in its watch's (re)listing is never added."""
+    from kopf._core.reactor.observation import process_discovered_namespace_event
+
+    record = kopfing.insights()
+    listed = {"type": None, "object": {"metadata": {"name": "t-late"}}}
+    await process_discovered_namespace_event(raw_event=listed, namespaces=["t-*"], insights=record)  # type: ignore[arg-type]
+    assert record.namespaces == set()
+
+
+async def test_namespaces_kopf_missed_are_handed_to_it() -> None:
+    record = kopfing.insights()
+    present = {"t-known", "t-missed", "other", "t-another"}
+    # Before Kopf's first listing nothing is touched: that listing may still add them.
+    assert await kopfing.add_missed_namespaces(record, ["t-*"], present) == []
+    record.namespaces.add("t-known")  # type: ignore[arg-type]
+    record.ready_namespaces.set()
+
+    async def revised() -> None:
+        async with record.revised:
+            await record.revised.wait()  # as Kopf's orchestrator, which then starts the watches
+
+    waiter = asyncio.create_task(revised())
+    await asyncio.sleep(0)
+    assert await kopfing.add_missed_namespaces(record, ["t-*"], present) == ["t-another", "t-missed"]
+    await asyncio.wait_for(waiter, 1)
+    assert record.namespaces == {"t-known", "t-missed", "t-another"}
+    # Nothing more to hand over; a cluster-wide operator (no patterns) never needs it.
+    assert await kopfing.add_missed_namespaces(record, ["t-*"], present) == []
+    assert await kopfing.add_missed_namespaces(record, [], {"new"}) == []
