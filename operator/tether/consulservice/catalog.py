@@ -166,7 +166,7 @@ class CatalogServices:
         return (
             "instances" in res.status
             or self.index.follows(res.ref)
-            or self.owner(res.ref) in self.index.present()
+            or self.index.holds(self.owner(res.ref))
         )
 
     async def apply(self, res: Resource, spec: api.ConsulServiceSpec) -> Outcome:

@@ -123,7 +123,8 @@ class CatalogWatcher:
                 for ref in self.gates.moved(gate_rules.instance_statuses(self._checks)):
                     self.enqueue(ref)
             now = loop.time()
-            self._swept = {o: t for o, t in self._swept.items() if o in set(untracked)}
+            still = set(untracked)
+            self._swept = {o: t for o, t in self._swept.items() if o in still}
             for owner in untracked:
                 # A resource not reconciled yet after a start is also untracked:
                 # the reconciler asks Kubernetes, and is asked at most once per

@@ -141,6 +141,10 @@ class AgentIndex:
         changed.update(sid for sid in old_checks if sid not in by_service)
         self._compared_checks = by_service
 
+        # Who must be compared again: a resource that matched the node last time
+        # owns every instance it wants, each with its check naming that instance,
+        # so any change to them touches an entry of its owner; otherwise it was
+        # flagged, or its wanted instances were recorded since (dirty).
         candidates = self._dirty | self._flagged
         for sid in changed:
             candidates |= self._refs_by_sid.get(sid, set())
@@ -204,6 +208,13 @@ class CatalogIndex:
       comparison: a resource switched back to a fixed instance reads the
       catalog only when it may have instances there.
 
+    The comparison follows the changes, not the size of the node: the previous
+    answer is kept, and only the resources touched by an entry that differs
+    from it (by owner, or by the instance or check they want), the resources
+    whose wanted instances were recorded since, and those that differed last
+    time are compared again. A property test holds it equal to comparing every
+    resource with the whole node, as this index once did.
+
     Written by the reconciler after each apply, read by the watchers (and the
     last part written by the catalog watcher, read by the reconciler).
     """
@@ -214,7 +225,16 @@ class CatalogIndex:
         self._wanted: dict[ObjectRef, dict[str, endpoints.Instance]] = {}
         self._service_of: dict[ObjectRef, tuple[str, str]] = {}
         self._followers: dict[tuple[str, str], set[ObjectRef]] = {}
-        self._present: frozenset[planner.Owner] = frozenset()
+        # Resources whose wanted instances changed since the last comparison,
+        # and those that differed from the node at it.
+        self._dirty: set[ObjectRef] = set()
+        self._flagged: set[ObjectRef] = set()
+        # The node as last compared, and what is derived from it, kept by difference.
+        self._services: dict[str, Mapping[str, Any]] = {}
+        self._checks: dict[str, Mapping[str, Any]] = {}
+        self._owned: dict[planner.Owner, set[str]] = {}
+        self._extra: dict[str, set[str]] = {}  # instance ID → checks Tether did not write on it
+        self._untracked: set[planner.Owner] = set()
 
     # -- written by the reconciler -----------------------------------------------
     def follow(self, ref: ObjectRef, service: str) -> None:
@@ -229,23 +249,30 @@ class CatalogIndex:
         self._followers.setdefault(key, set()).add(ref)
 
     def track(self, ref: ObjectRef, wanted: Mapping[str, endpoints.Instance]) -> None:
-        self._wanted[ref] = dict(wanted)
+        self._set_wanted(ref, dict(wanted))
 
     def wanted(self, ref: ObjectRef) -> dict[str, endpoints.Instance] | None:
         return self._wanted.get(ref)
 
     def unwant(self, ref: ObjectRef) -> None:
         """Stop comparing ``ref`` with the node (it wrote nothing), but keep following its Service."""
-        self._wanted.pop(ref, None)
+        self._set_wanted(ref, None)
 
     def untrack(self, ref: ObjectRef) -> None:
-        self._wanted.pop(ref, None)
+        self._set_wanted(ref, None)
         key = self._service_of.pop(ref, None)
         if key is not None:
             followers = self._followers.get(key, set())
             followers.discard(ref)
             if not followers:
                 self._followers.pop(key, None)
+
+    def _set_wanted(self, ref: ObjectRef, wanted: dict[str, endpoints.Instance] | None) -> None:
+        if wanted is None:
+            self._wanted.pop(ref, None)
+        else:
+            self._wanted[ref] = wanted
+        self._dirty.add(ref)
 
     def tracked(self) -> int:
         return len(self._wanted)
@@ -257,9 +284,13 @@ class CatalogIndex:
         """True while ``ref`` follows a Service (an endpoints-mode apply ran and no release since)."""
         return ref in self._service_of
 
+    def holds(self, owner: planner.Owner) -> bool:
+        """Whether ``owner`` had instances on the node at the watcher's last comparison."""
+        return owner in self._owned
+
     def present(self) -> frozenset[planner.Owner]:
         """This cluster's owners with instances on the node at the watcher's last comparison."""
-        return self._present
+        return frozenset(self._owned)
 
     # -- read by the EndpointSlice watch -----------------------------------------
     def followers(self, namespace: str, service: str) -> list[ObjectRef]:
@@ -276,31 +307,90 @@ class CatalogIndex:
         """Resources whose instances differ from the node's, and this cluster's
         owners with instances on the node that no tracked resource accounts for.
 
-        Also remembers which owners have instances on the node (:meth:`present`).
+        Also remembers which owners have instances on the node (:meth:`holds`).
         """
-        by_id = {str(s.get("ID", "")): s for s in services}
-        check_by_id = {str(c.get("CheckID", "")): c for c in checks}
-        owned = endpoints.owned_by(services, self.cluster)
-        self._present = frozenset(owned)
-        # Instances with a check Tether did not write (it could change their health).
-        extra = {
-            str(c.get("ServiceID")) for c in checks
-            if c.get("ServiceID") and c.get("CheckID") != endpoints.check_id(str(c.get("ServiceID")))
-        }
-        out: list[ObjectRef] = []
-        for ref, wanted in self._wanted.items():
-            owner = planner.Owner(self.cluster, ref.namespace, ref.name)
-            ids = set(owned.get(owner, ()))
-            if ids != set(wanted) or ids & extra or any(
-                not endpoints.matches(inst, by_id.get(iid), check_by_id.get(inst.check_id))
-                for iid, inst in wanted.items()
-            ):
-                out.append(ref)
-        untracked = [
-            owner for owner in owned
-            if ObjectRef(self.plural, owner.namespace, owner.name) not in self._wanted
-        ]
-        return out, untracked
+        new_services: dict[str, Mapping[str, Any]] = {str(s.get("ID", "")): s for s in services}
+        new_checks: dict[str, Mapping[str, Any]] = {str(c.get("CheckID", "")): c for c in checks}
+        old_services, old_checks = self._services, self._checks
+        # Instance IDs whose entry, or one of whose checks, differs from the last answer.
+        touched = {sid for sid, svc in new_services.items() if old_services.get(sid) != svc}
+        touched.update(sid for sid in old_services if sid not in new_services)
+        changed_checks = {cid for cid, c in new_checks.items() if old_checks.get(cid) != c}
+        changed_checks.update(cid for cid in old_checks if cid not in new_checks)
+        for cid in changed_checks:
+            for check in (old_checks.get(cid), new_checks.get(cid)):
+                if check is not None and check.get("ServiceID"):
+                    touched.add(str(check.get("ServiceID")))
+        self._services, self._checks = new_services, new_checks
+        for cid in changed_checks:
+            self._index_check(cid, old_checks.get(cid), new_checks.get(cid))
+
+        # Who must be compared again: a resource that matched the node last time
+        # owns every instance it wants, each with its check naming that instance,
+        # so any change to them touches an entry of its owner; otherwise it was
+        # flagged, or its wanted instances were recorded since (dirty).
+        candidates = self._dirty | self._flagged
+        owners_touched: set[planner.Owner] = {self._owner_of(ref) for ref in self._dirty}
+        self._dirty = set()
+        for sid in touched:
+            old_owner = self._cluster_owner(old_services.get(sid))
+            new_owner = self._cluster_owner(new_services.get(sid))
+            if old_owner is not None:
+                self._unown(old_owner, sid)
+                owners_touched.add(old_owner)
+            if new_owner is not None:
+                self._owned.setdefault(new_owner, set()).add(sid)
+                owners_touched.add(new_owner)
+        for owner in owners_touched:
+            ref = ObjectRef(self.plural, owner.namespace, owner.name)
+            candidates.add(ref)
+            if owner in self._owned and ref not in self._wanted:
+                self._untracked.add(owner)
+            else:
+                self._untracked.discard(owner)
+
+        out = sorted(ref for ref in candidates if ref in self._wanted and self._differs(ref))
+        self._flagged = set(out)
+        return out, sorted(self._untracked, key=lambda o: (o.namespace, o.name))
+
+    def _owner_of(self, ref: ObjectRef) -> planner.Owner:
+        return planner.Owner(self.cluster, ref.namespace, ref.name)
+
+    def _cluster_owner(self, svc: Mapping[str, Any] | None) -> planner.Owner | None:
+        owner = planner.owner_of(svc.get("Meta")) if svc is not None else None
+        return owner if owner is not None and owner.cluster == self.cluster else None
+
+    def _unown(self, owner: planner.Owner, sid: str) -> None:
+        ids = self._owned.get(owner)
+        if ids is not None:
+            ids.discard(sid)
+            if not ids:
+                del self._owned[owner]
+
+    def _index_check(self, cid: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
+        """Keep the checks Tether did not write by their instance (they could change its health)."""
+        for check, add in ((old, False), (new, True)):
+            sid = str(check.get("ServiceID") or "") if check is not None else ""
+            if not sid or cid == endpoints.check_id(sid):
+                continue
+            if add:
+                self._extra.setdefault(sid, set()).add(cid)
+            else:
+                extra = self._extra.get(sid)
+                if extra is not None:
+                    extra.discard(cid)
+                    if not extra:
+                        del self._extra[sid]
+
+    def _differs(self, ref: ObjectRef) -> bool:
+        wanted = self._wanted[ref]
+        ids = self._owned.get(self._owner_of(ref), set())
+        if ids != set(wanted) or any(iid in self._extra for iid in ids):
+            return True
+        return any(
+            not endpoints.matches(inst, self._services.get(iid), self._checks.get(inst.check_id))
+            for iid, inst in wanted.items()
+        )
 
 
 class GateIndex:
