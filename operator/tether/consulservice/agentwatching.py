@@ -27,6 +27,7 @@ from tether.api import ObjectRef
 from tether.clients.consul import blocking
 from tether.clients.consul.client import Agent, ConsulRejected, ConsulUnavailable
 from tether.consulservice.index import AgentIndex
+from tether.consulservice.sweeping import OrphanSweep
 from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,7 @@ class ConsulWatcher:
         self.sweep_interval = sweep_interval
         self.grace = grace
         self._changed = asyncio.Event()
-        #: When each untracked owner was first seen untracked, and last handed over.
-        self._since: dict[ObjectRef, float] = {}
-        self._swept: dict[ObjectRef, float] = {}
-        self._revisit: asyncio.TimerHandle | None = None
+        self._sweep = OrphanSweep(self._changed.set)
 
     async def run(self) -> None:
         await supervising.together(
@@ -107,27 +105,7 @@ class ConsulWatcher:
             self.index.refresh(services)
             for ref in self.index.drifted(services, checks):
                 self.enqueue(ref)
-            self._sweep(loop.time())
-
-    def _sweep(self, now: float) -> None:
-        """Hand owners untracked for ``grace`` to the reconciler, each at most once per interval."""
-        untracked = self.index.untracked()
-        self._since = {ref: self._since.get(ref, now) for ref in untracked}
-        self._swept = {ref: t for ref, t in self._swept.items() if ref in self._since}
-        for ref in untracked:
-            if now - self._since[ref] < self.grace:
-                continue
-            if now - self._swept.get(ref, -self.sweep_interval) < self.sweep_interval:
-                continue
-            self._swept[ref] = now
-            self.enqueue_orphan(ref)
-        if untracked and self._revisit is None:
-            # Come back after the interval even if the agent stays quiet (one
-            # handle, whatever the number of owners): a failed collection is
-            # asked again.
-            def revisit() -> None:
-                self._revisit = None
-                self._changed.set()
-
-            later = min(self.sweep_interval, self.grace) if self.grace > 0 else self.sweep_interval
-            self._revisit = asyncio.get_running_loop().call_later(later, revisit)
+            for ref in self._sweep.due(
+                self.index.untracked(), loop.time(), grace=self.grace, interval=self.sweep_interval
+            ):
+                self.enqueue_orphan(ref)

@@ -32,7 +32,7 @@ from tether.clients.consul.client import Catalog
 from tether.consulservice import gates as gate_rules
 from tether.consulservice import nodecheck
 from tether.consulservice.index import CatalogIndex, GateIndex
-from tether.consulservice.planner import Owner
+from tether.consulservice.sweeping import OrphanSweep
 from tether.retrying import Retry
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class CatalogWatcher:
         self._checks: list[dict[str, Any]] = []
         self._node_present = False
         self._changed = asyncio.Event()
-        self._swept: dict[Owner, float] = {}
-        self._revisit: asyncio.TimerHandle | None = None
+        self._sweep = OrphanSweep(self._changed.set)
 
     async def run(self) -> None:
         await supervising.together(self._poll_services(), self._poll_checks(), self._compare())
@@ -122,25 +121,11 @@ class CatalogWatcher:
                 # status moved (just registered, now passing) wakes its resource.
                 for ref in self.gates.moved(gate_rules.instance_statuses(self._checks)):
                     self.enqueue(ref)
-            now = loop.time()
-            still = set(untracked)
-            self._swept = {o: t for o, t in self._swept.items() if o in still}
-            for owner in untracked:
-                # A resource not reconciled yet after a start is also untracked:
-                # the reconciler asks Kubernetes, and is asked at most once per
-                # owner per interval (a failed collection waits for the next).
-                if now - self._swept.get(owner, -self.sweep_interval) < self.sweep_interval:
-                    continue
-                self._swept[owner] = now
-                self.enqueue_orphan(ObjectRef(self.index.plural, owner.namespace, owner.name))
-            if untracked and (self._revisit is None or self._revisit.cancelled()):
-                # Come back after the interval even if the node stays quiet
-                # (one handle, whatever the number of owners).
-                def revisit() -> None:
-                    self._revisit = None
-                    self._changed.set()
-
-                self._revisit = loop.call_later(self.sweep_interval, revisit)
+            # A resource not reconciled yet after a start is also untracked: the
+            # reconciler asks Kubernetes (no grace: it reads the catalog anyway).
+            owners = (ObjectRef(self.index.plural, o.namespace, o.name) for o in untracked)
+            for ref in self._sweep.due(owners, loop.time(), grace=0.0, interval=self.sweep_interval):
+                self.enqueue_orphan(ref)
 
     def _check_alive(self) -> None:
         """The dead-man check: nudge its keeper (the writer) when it is absent or not passing."""
