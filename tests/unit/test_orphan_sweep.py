@@ -23,6 +23,7 @@ async def test_an_owner_is_due_after_the_grace_then_once_per_interval() -> None:
     # Tracked again, then untracked again: a new grace.
     assert sweep.due([B], 16.0, grace=5.0, interval=10.0) == []
     assert sweep.due([A, B], 17.0, grace=5.0, interval=10.0) == []
+    assert sweep.due([A, B], 21.0, grace=5.0, interval=10.0) == [B]  # A still in its new grace
     assert sweep.due([A, B], 22.0, grace=5.0, interval=10.0) == [A]
 
 
