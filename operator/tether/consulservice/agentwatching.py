@@ -102,8 +102,7 @@ class ConsulWatcher:
                 await asyncio.sleep(1.0)
                 self._changed.set()
                 continue
-            self.index.refresh(services)
-            for ref in self.index.drifted(services, checks):
+            for ref in self.index.drifted(services, checks):  # refreshes the owner index too
                 self.enqueue(ref)
             for ref in self._sweep.due(
                 self.index.untracked(), loop.time(), grace=self.grace, interval=self.sweep_interval

@@ -84,10 +84,12 @@ class AgentIndex:
         self.plural = plural
         self._tracked: dict[ObjectRef, Tracked] = {}
         self._refs_by_sid: dict[str, set[ObjectRef]] = {}
-        #: The owner index the reconciler reads (refreshed by the watcher).
+        #: The last listing and its owner index, which the reconciler reads
+        #: (refreshed by the watcher's scans).
         self._owners = _Listing()
-        #: What :meth:`drifted` compared last, and its own owner index of it.
-        self._compared = _Listing()
+        #: IDs that changed in refreshes since the last :meth:`drifted`, with the
+        #: entry each had before (its owner is a resource to compare too).
+        self._prior: dict[str, Mapping[str, Any] | None] = {}
         self._compared_checks: dict[str, list[Mapping[str, Any]]] = {}
         self._dirty: set[ObjectRef] = set()
         self._flagged: set[ObjectRef] = set()
@@ -125,8 +127,10 @@ class AgentIndex:
 
     # -- written by the watcher ----------------------------------------------------
     def refresh(self, services: Mapping[str, Mapping[str, Any]]) -> None:
-        """Index the newest list of the agent's services by owner, once per scan."""
-        self._owners.update(services)
+        """Index the newest list of the agent's services by owner (:meth:`drifted` does it too)."""
+        old = self._owners.services
+        for sid in self._owners.update(services):
+            self._prior.setdefault(sid, old.get(sid))
 
     def drifted(
         self, services: Mapping[str, Mapping[str, Any]], checks: Mapping[str, Mapping[str, Any]]
@@ -135,8 +139,12 @@ class AgentIndex:
         by_service: dict[str, list[Mapping[str, Any]]] = {}
         for check in checks.values():
             by_service.setdefault(str(check.get("ServiceID", "")), []).append(check)
-        old_services, old_checks = self._compared.services, self._compared_checks
-        changed = self._compared.update(services)
+        # One listing, diffed once per scan: refreshed here (a refresh before with
+        # the same listing finds nothing more), the owner index included.
+        self.refresh(services)
+        prior, self._prior = self._prior, {}
+        old_checks = self._compared_checks
+        changed = set(prior)
         changed.update(sid for sid, cs in by_service.items() if old_checks.get(sid) != cs)
         changed.update(sid for sid in old_checks if sid not in by_service)
         self._compared_checks = by_service
@@ -148,7 +156,7 @@ class AgentIndex:
         candidates = self._dirty | self._flagged
         for sid in changed:
             candidates |= self._refs_by_sid.get(sid, set())
-            for svc in (old_services.get(sid), services.get(sid)):
+            for svc in (prior.get(sid), services.get(sid)):
                 owner = planner.owner_of(svc.get("Meta")) if svc is not None else None
                 if owner is not None and owner.cluster == self.cluster:
                     candidates.add(ObjectRef(self.plural, owner.namespace, owner.name))
@@ -168,7 +176,7 @@ class AgentIndex:
             if tracked is None:
                 continue
             owner = planner.Owner(self.cluster, ref.namespace, ref.name)
-            if self._compared.ids_by_owner.get(owner, set()) - {tracked.service_id}:
+            if self._owners.ids_by_owner.get(owner, set()) - {tracked.service_id}:
                 flagged.add(ref)
                 out.append(ref)
         self._flagged = flagged
