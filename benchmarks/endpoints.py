@@ -63,7 +63,9 @@ def service_body(s: int) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name_of(s), "namespace": NS},
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        # Headless: the dev stack's service range (a /24) has no address for a
+        # thousand Services, and Tether reads the slices, not the cluster IP.
+        "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
     }
 
 
