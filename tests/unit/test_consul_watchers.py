@@ -10,6 +10,7 @@ nothing. (The KV watcher's own tests are in ``test_consul_kvwatching.py``.)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -501,3 +502,33 @@ async def test_catalog_a_gated_instance_that_moved_wakes_its_resource(catalog_ri
     await rig.catalog.checks_query.answer(11)
     await rig.compared(compares + 1)
     assert rig.enqueued == [WEB]
+
+
+@pytest.mark.parametrize("busy", [False, True])
+async def test_agent_scans_are_spaced_by_their_cost_only_while_reconciles_are_queued(
+    agent_rig: AgentRig, busy: bool
+) -> None:
+    rig = agent_rig
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    listing = rig.agent.services
+
+    async def slow_listing() -> Any:
+        starts.append(loop.time())
+        await asyncio.sleep(0.02)  # a scan that costs 20 ms
+        return await listing()
+
+    rig.agent.services = slow_listing  # type: ignore[method-assign]
+    rig.watcher.busy = lambda: busy
+    rig.watcher.busy_spacing = 25.0
+    scans = rig.agent.scans
+    for n, index in enumerate((11, 12, 13), start=1):
+        await rig.agent.services_query.answer(index)
+        await rig.scanned(scans + n)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # The test itself waits about 0.17 s between two changes; busy, the watcher
+    # waits for 25 times the previous scan's cost (about 0.5 s) since it began.
+    if busy:
+        assert len(gaps) == 2 and all(gap >= 0.5 for gap in gaps), gaps
+    else:
+        assert len(gaps) == 2 and all(gap < 0.35 for gap in gaps), gaps

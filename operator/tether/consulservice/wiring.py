@@ -66,7 +66,8 @@ def setup(provided: Provided) -> Family:
     alive = AliveKeeper(consul_client, node=settings.consul_node, cluster=cluster)
     watchers = {
         "consul-watch": ConsulWatcher(
-            consul_client, agent_index, controller.enqueue, controller.enqueue_orphan
+            consul_client, agent_index, controller.enqueue, controller.enqueue_orphan,
+            busy=lambda: not controller.queue.idle(),
         ).run,
         "consul-catalog-watch": CatalogWatcher(
             consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan,
