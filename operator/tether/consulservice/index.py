@@ -149,10 +149,6 @@ class AgentIndex:
         changed.update(sid for sid in old_checks if sid not in by_service)
         self._compared_checks = by_service
 
-        # Who must be compared again: a resource that matched the node last time
-        # owns every instance it wants, each with its check naming that instance,
-        # so any change to them touches an entry of its owner; otherwise it was
-        # flagged, or its wanted instances were recorded since (dirty).
         candidates = self._dirty | self._flagged
         for sid in changed:
             candidates |= self._refs_by_sid.get(sid, set())
