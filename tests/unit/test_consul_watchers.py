@@ -532,3 +532,19 @@ async def test_agent_scans_are_spaced_by_their_cost_only_while_reconciles_are_qu
         assert len(gaps) == 2 and all(gap >= 0.5 for gap in gaps), gaps
     else:
         assert len(gaps) == 2 and all(gap < 0.35 for gap in gaps), gaps
+
+
+@pytest.mark.parametrize("busy", [False, True])
+async def test_catalog_queries_wait_in_proportion_to_the_node_only_while_reconciles_are_queued(
+    catalog_rig: CatalogRig, busy: bool
+) -> None:
+    rig = catalog_rig
+    rig.watcher.busy = lambda: busy
+    # Two entries on the node: 10 000 * 20 us * 2 = 0.4 s between queries while busy.
+    rig.watcher.busy_spacing = 10_000.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await rig.catalog.services_query.answer(11)  # returns once the watcher asks again
+    waited = loop.time() - started
+    assert (waited >= 0.35) if busy else (waited < 0.2), waited
+    assert rig.catalog.services_query.calls[-1] == 11  # nothing missed: asked from the new index

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # Backoff of a failing query (base, cap in seconds): drift after a Consul
 # restart must be repaired in well under 10 s.
 _BACKOFF = (0.5, 3.0)
+# What one entry of the node's answer costs to read and parse (about 500 bytes of
+# JSON; measured at 10-20 us on the reference machine), for the pacing while busy.
+_ENTRY_SECONDS = 20e-6
 
 
 class CatalogWatcher:
@@ -51,6 +54,7 @@ class CatalogWatcher:
         settle: float = 0.05,
         sweep_interval: float = 10.0, gates: GateIndex | None = None,
         alive_drift: Callable[[], None] | None = None,
+        busy: Callable[[], bool] | None = None, busy_spacing: float = 10.0,
     ) -> None:
         self.catalog = catalog
         self.index = index
@@ -63,6 +67,8 @@ class CatalogWatcher:
         self.sweep_interval = sweep_interval
         self.gates = gates
         self.alive_drift = alive_drift
+        self.busy = busy
+        self.busy_spacing = busy_spacing
         self._services: list[dict[str, Any]] = []
         self._checks: list[dict[str, Any]] = []
         self._node_present = False
@@ -72,16 +78,29 @@ class CatalogWatcher:
     async def run(self) -> None:
         await supervising.together(self._poll_services(), self._poll_checks(), self._compare())
 
-    async def _poll(self, fetch: Callable[[int, str], Awaitable[tuple[int, None]]], what: str) -> None:
+    async def _poll(
+        self, fetch: Callable[[int, str], Awaitable[tuple[int, None]]], what: str, size: Callable[[], int]
+    ) -> None:
         def answered(answer: blocking.Answer[None]) -> None:
             # Any move, backwards included (a Consul that restarted empty).
             if answer.moved:
                 self._changed.set()
 
+        async def paced(index: int, wait: str) -> tuple[int, None]:
+            # Each answer is the whole node, and while the reconcilers have work
+            # queued (a rollout), every one of their transactions moves the
+            # index: the next query waits in proportion to the last answer's
+            # size, so that reading and parsing them takes about 1/busy_spacing
+            # of the time (2 s between queries at 10 000 instances, 2 ms at 100).
+            # Nothing is missed: a later query with the same index returns at once.
+            if self.busy is not None and self.busy():
+                await asyncio.sleep(self.busy_spacing * _ENTRY_SECONDS * size())
+            return await fetch(index, wait)
+
         # Capped and jittered; one query per node, not per object.
         base, cap = _BACKOFF
         retry = Retry(f"Consul {what} watch on node {self.node!r}", base=base, cap=cap, logger=log)
-        await blocking.follow(fetch, answered, retry=retry, wait=self.wait)
+        await blocking.follow(paced, answered, retry=retry, wait=self.wait)
 
     async def _poll_services(self) -> None:
         async def fetch(index: int, wait: str) -> tuple[int, None]:
@@ -90,7 +109,7 @@ class CatalogWatcher:
             self._node_present = node is not None
             return new, None
 
-        await self._poll(fetch, "services")
+        await self._poll(fetch, "services", lambda: len(self._services))
 
     async def _poll_checks(self) -> None:
         async def fetch(index: int, wait: str) -> tuple[int, None]:
@@ -98,7 +117,7 @@ class CatalogWatcher:
             self._checks = checks
             return new, None
 
-        await self._poll(fetch, "checks")
+        await self._poll(fetch, "checks", lambda: len(self._checks))
 
     async def _compare(self) -> None:
         loop = asyncio.get_running_loop()

@@ -73,6 +73,7 @@ def setup(provided: Provided) -> Family:
             consul_client, catalog_index, settings.consul_node, controller.enqueue, controller.enqueue_orphan,
             gates=gate_index,
             alive_drift=alive.nudge,
+            busy=lambda: not controller.queue.idle(),
         ).run,
         "consul-alive-check": alive.run,
     }
