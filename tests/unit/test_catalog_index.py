@@ -36,6 +36,16 @@ def instance(name: str, address: str, *, status: str = "passing", port: int = 80
     return endpoints.Instance(iid, name, address, port, (), meta, status, "")  # type: ignore[arg-type]
 
 
+def owned_by(services: list[dict[str, Any]]) -> dict[planner.Owner, list[str]]:
+    """This cluster's instances on the node, by owner (as the index once derived them)."""
+    out: dict[planner.Owner, list[str]] = {}
+    for svc in services:
+        found = planner.owner_of(svc.get("Meta"))
+        if found is not None and found.cluster == CLUSTER:
+            out.setdefault(found, []).append(str(svc.get("ID", "")))
+    return out
+
+
 def full_comparison(
     wanted: Mapping[ObjectRef, Mapping[str, endpoints.Instance]],
     services: list[dict[str, Any]], checks: list[dict[str, Any]],
@@ -43,7 +53,7 @@ def full_comparison(
     """Every wanted resource against the whole node (the index's former comparison)."""
     by_id = {str(s.get("ID", "")): s for s in services}
     check_by_id = {str(c.get("CheckID", "")): c for c in checks}
-    owned = endpoints.owned_by(services, CLUSTER)
+    owned = owned_by(services)
     extra = {
         str(c.get("ServiceID")) for c in checks
         if c.get("ServiceID") and c.get("CheckID") != endpoints.check_id(str(c.get("ServiceID")))

@@ -552,12 +552,3 @@ def _quoted(text: str) -> str:
     # Names, namespaces and cluster names are DNS-like; escape anyway.
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-
-def owned_by(services: Iterable[Mapping[str, Any]], cluster: str) -> dict[Owner, list[str]]:
-    """This cluster's instances on the node, by owner (for orphans and the drift index)."""
-    out: dict[Owner, list[str]] = {}
-    for svc in services:
-        owner = owner_of(svc.get("Meta"))
-        if owner is not None and owner.cluster == cluster:
-            out.setdefault(owner, []).append(str(svc.get("ID", "")))
-    return out
