@@ -59,3 +59,24 @@ def test_allocate_gives_up_boundedly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ports, "_try_bind", lambda port: None)
     with pytest.raises(DevStackError, match="no free port"):
         ports.allocate(1)
+
+
+def test_a_port_held_on_another_loopback_address_is_not_free_for_the_harness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An HA member's port (127.0.0.10) is free on 127.0.0.1 but not for a wildcard bind."""
+    from tether_dev.harness.ports import ANY, free_port
+
+    with socket.socket() as member:
+        member.bind(("127.0.0.10", 0))
+        member.listen()
+        held = member.getsockname()[1]
+        assert ports.is_free(held)  # on 127.0.0.1: the trap the harness must avoid
+        assert not ports.is_free(held, ANY)
+        with socket.socket() as probe:
+            probe.bind((ports.HOST, 0))
+            spare = probe.getsockname()[1]
+        # Only the held port and one free port to choose from: the harness must take the free one.
+        monkeypatch.setattr(ports, "candidate_range", lambda ephemeral: [held, spare])
+        chosen = {free_port() for _ in range(20)}
+        assert chosen == {spare}
