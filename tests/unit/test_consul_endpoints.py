@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tether.api import InvalidSpec
 from tether.api import consulservices as api
 from tether.clients.consul.client import ConsulContended
-from tether.consulservice import endpoints
+from tether.consulservice import committing, endpoints
 from tether.consulservice.committing import GroupCommit
 from tether.consulservice.planner import Owner
 
@@ -460,3 +460,68 @@ async def test_group_commit_packs_concurrent_resources_and_isolates_a_stale_one(
     assert len(model.calls) < 20
     assert cat.services[stale]["Meta"] == {}
     assert len([s for s in cat.services.values() if s["Meta"]]) == 19 * 5
+
+
+class RecordingCatalog:
+    """Records each transaction; fails the ones that hold ``fail_id``'s operations."""
+
+    def __init__(self, fail_id: str | None = None) -> None:
+        self.txns: list[list[dict[str, Any]]] = []
+        self.fail_id = fail_id
+
+    async def catalog_txn(self, ops: list[dict[str, Any]]) -> None:
+        await asyncio.sleep(0)
+        if self.fail_id is not None and any(committing._service_id(op) == self.fail_id for op in ops):
+            raise ConsulContended("guard failed")
+        self.txns.append(list(ops))
+
+
+def _rollout_batch(k: int, per: int = 10) -> list[dict[str, Any]]:
+    """One resource's rollout: per new instances (service and check), per old ones removed."""
+    ops: list[dict[str, Any]] = []
+    for i in range(per):
+        sid = f"r{k}-new-{i}"
+        ops.append({"Service": {"Verb": "cas", "Node": NODE, "Service": {"ID": sid, "ModifyIndex": 0}}})
+        check = {"ServiceID": sid, "CheckID": f"{sid}:c", "ModifyIndex": 0}
+        ops.append({"Check": {"Verb": "cas", "Check": check}})
+    for i in range(per):
+        ops.append({"Service": {"Verb": "delete-cas", "Node": NODE, "Service": {"ID": f"r{k}-old-{i}"}}})
+    return ops
+
+
+def test_units_keep_a_check_with_its_service() -> None:
+    node = endpoints.node_op("cas", NODE, CLUSTER, index=0)
+    cut = committing.units([node, *_rollout_batch(0, per=2)])
+    assert [len(u) for u in cut] == [1, 2, 2, 1, 1]
+    assert cut[0] == [node]
+
+
+async def test_a_rollout_fills_every_transaction_without_splitting_an_instance() -> None:
+    cat = RecordingCatalog()
+    commits = GroupCommit(cat, max_ops=128)
+    batches = [_rollout_batch(k) for k in range(17)]  # 510 operations: at least 4 transactions
+    await asyncio.gather(*(commits.submit(b) for b in batches))
+    assert commits.calls == len(cat.txns) == 4  # whole batches alone need 5 (4 of 30 fill 120 of 128)
+    sent = [op for txn in cat.txns for op in txn]
+    assert sorted(map(str, sent)) == sorted(str(op) for b in batches for op in b)
+    for txn in cat.txns:
+        assert len(txn) <= 128
+        services = {committing._service_id(op) for op in txn if "Service" in op}
+        for op in txn:
+            if "Check" in op:
+                assert committing._service_id(op) in services, "a check apart from its service"
+    # Each resource's operations are applied in its own order, across transactions.
+    for b in batches:
+        positions = [sent.index(op) for op in b]
+        assert positions == sorted(positions)
+
+
+async def test_a_failed_part_of_a_split_batch_fails_its_submitter_only() -> None:
+    batches = [_rollout_batch(k) for k in range(5)]  # 150 operations: the fifth is split
+    cat = RecordingCatalog(fail_id="r4-old-9")  # in the fifth batch's second part
+    commits = GroupCommit(cat, max_ops=128)
+    results = await asyncio.gather(*(commits.submit(b) for b in batches), return_exceptions=True)
+    assert [isinstance(r, ConsulContended) for r in results] == [False] * 4 + [True]
+    applied = {committing._service_id(op) for txn in cat.txns for op in txn}
+    assert {f"r{k}-new-0" for k in range(5)} <= applied  # the fifth's first part did apply
+    assert "r4-old-9" not in applied
