@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(problem)
         metricsserving.configure(options)
 
-        return running.run(
+        code = running.run(
             namespaces=args.namespace,
             metrics_port=args.metrics_port,
             health_port=args.health_port,
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level="debug" if args.verbose else args.log_level,
             leader_elect=args.leader_elect,
         )
+        running.exit_now(code)
     if args.command == "deadman":
         from tether import deadman as dead_man
 

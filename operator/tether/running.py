@@ -12,10 +12,11 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
@@ -101,7 +102,21 @@ def run(
 def _hard_exit(reason: str, code: int = 0) -> None:
     """End the process now: flush what was logged, skip every join."""
     log.warning("%s; exiting now", reason)
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once logs and output are flushed, without tearing down.
+
+    After a stop nothing is left to release (the Lease, the spans and the last
+    status patches are done by then), but the interpreter's own teardown frees
+    every object module by module: 0.3 s over 2000 resources, most of a stop's
+    time, during which a rolling upgrade's next replica waits for the Lease.
+    """
     logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     os._exit(code)
 
 

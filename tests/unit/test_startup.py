@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -379,3 +381,20 @@ async def test_namespaces_kopf_missed_are_handed_to_it() -> None:
     # Nothing more to hand over; a cluster-wide operator (no patterns) never needs it.
     assert await kopfing.add_missed_namespaces(record, ["t-*"], present) == []
     assert await kopfing.add_missed_namespaces(record, [], {"new"}) == []
+
+
+def test_exit_now_flushes_output_and_logs_then_ends_with_the_code() -> None:
+    """The stop skips the interpreter's teardown, but nothing printed or logged is lost."""
+    script = (
+        "import logging, sys\n"
+        "from tether import running\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+        "print('printed, block-buffered into a pipe')\n"
+        "logging.getLogger('t').info('logged')\n"
+        "running.exit_now(3)\n"
+        "print('never')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "printed, block-buffered into a pipe\n"
+    assert "logged" in done.stderr
