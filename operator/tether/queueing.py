@@ -102,3 +102,7 @@ class WorkQueue(Generic[K]):
 
     def idle(self) -> bool:
         return not self._pending and not self._processing
+
+    def backlog(self) -> int:
+        """Keys waiting for a worker (not those being processed)."""
+        return len(self._pending)

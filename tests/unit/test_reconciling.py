@@ -375,3 +375,17 @@ def test_the_cache_keeps_only_what_a_reconcile_reads() -> None:
     kept = slim(body)
     assert "managedFields" not in kept["metadata"] and "annotations" not in kept["metadata"]
     assert Resource.from_body("etcdconfigs", kept) == Resource.from_body("etcdconfigs", body)
+
+
+async def test_backlog_counts_keys_waiting_not_those_in_process() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    assert queue.backlog() == 0 and queue.idle()
+    for key in ("a", "b", "c", "a"):
+        queue.add(key)
+    assert queue.backlog() == 3
+    taken = await queue.get()
+    assert queue.backlog() == 2 and not queue.idle()
+    queue.add(taken)  # added again while in process: runs again afterwards, not waiting yet
+    assert queue.backlog() == 2
+    queue.done(taken)
+    assert queue.backlog() == 3

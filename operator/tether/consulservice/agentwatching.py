@@ -95,7 +95,7 @@ class ConsulWatcher:
             # repaired right after another then waited for the spacing: p99
             # 385 ms became 1.7 s, so the fixed interval stays.)
             #
-            # While the reconcilers have work queued (a start, a rollout of many
+            # While the reconcilers have a backlog (a start, a rollout of many
             # resources: every one of their writes moves the index), scans are
             # also spaced by their own cost, so that they take at most about
             # 1/busy_spacing of the time: at 5000 registrations a scan costs
