@@ -103,6 +103,6 @@ class WorkQueue(Generic[K]):
     def idle(self) -> bool:
         return not self._pending and not self._processing
 
-    def backlog(self) -> int:
-        """Keys waiting for a worker (not those being processed)."""
-        return len(self._pending)
+    def depth(self) -> int:
+        """Keys waiting for a worker or being processed."""
+        return len(self._pending) + len(self._processing)

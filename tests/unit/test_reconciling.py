@@ -377,15 +377,17 @@ def test_the_cache_keeps_only_what_a_reconcile_reads() -> None:
     assert Resource.from_body("etcdconfigs", kept) == Resource.from_body("etcdconfigs", body)
 
 
-async def test_backlog_counts_keys_waiting_not_those_in_process() -> None:
+async def test_depth_counts_keys_waiting_and_in_process() -> None:
     queue: WorkQueue[str] = WorkQueue()
-    assert queue.backlog() == 0 and queue.idle()
+    assert queue.depth() == 0 and queue.idle()
     for key in ("a", "b", "c", "a"):
         queue.add(key)
-    assert queue.backlog() == 3
+    assert queue.depth() == 3
     taken = await queue.get()
-    assert queue.backlog() == 2 and not queue.idle()
-    queue.add(taken)  # added again while in process: runs again afterwards, not waiting yet
-    assert queue.backlog() == 2
+    assert queue.depth() == 3 and not queue.idle()
+    queue.add(taken)  # added again while in process: once more afterwards, still one key
+    assert queue.depth() == 3
     queue.done(taken)
-    assert queue.backlog() == 3
+    assert queue.depth() == 3
+    queue.done(await queue.get())
+    assert queue.depth() == 2
