@@ -125,3 +125,26 @@ async def add_missed_namespaces(
             record.namespaces.update(NamespaceName(name) for name in missed)
             record.revised.notify_all()
     return missed
+
+
+class EventsOnlyDiffBase(kopf.DiffBaseStorage):
+    """Kopf's diff base for an operator whose handlers are all event handlers: none.
+
+    On every event Kopf builds the object's "essence" (a deep copy of the body
+    without its status and most metadata) and compares it with the last handled
+    one, for on-create/on-update handlers and daemons. Tether registers neither
+    (it reconciles in its own controllers), so the comparison is never read: it
+    was 6 % of the operator's CPU samples while 5000 + 5000 resources converged
+    (py-spy; 4.1 % the deep copy alone). Public Kopf API: a settings' storage.
+    """
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None,
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None

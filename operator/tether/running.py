@@ -235,6 +235,7 @@ async def _main(
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.networking.request_timeout = 60
+        settings.persistence.diffbase_storage = kopfing.EventsOnlyDiffBase()
 
     watchers: list[asyncio.Task[None]] = []
 

@@ -398,3 +398,28 @@ def test_exit_now_flushes_output_and_logs_then_ends_with_the_code() -> None:
     assert done.returncode == 3
     assert done.stdout == "printed, block-buffered into a pipe\n"
     assert "logged" in done.stderr
+
+
+def test_the_empty_diff_base_holds_only_while_every_handler_is_an_event_handler() -> None:
+    """Kopf's essence is skipped (EventsOnlyDiffBase), which is right only while Tether
+    registers no on-create/update/delete handler, daemon or timer: a later one would
+    see no changes. Private registry names, read in a test only."""
+    from types import SimpleNamespace
+
+    from kopf._cogs.structs.references import Resource
+
+    from tether import handlers
+
+    storage = kopfing.EventsOnlyDiffBase()
+    body = kopf.Body({"metadata": {"name": "a"}, "spec": {"x": 1}})
+    assert storage.build(body=body) == {} and storage.fetch(body=body) is None
+
+    registry = kopf.OperatorRegistry()
+    plurals = ("consulservices", "etcdconfigs", "consulconfigs")
+    controllers = [SimpleNamespace(reconciler=SimpleNamespace(plural=p)) for p in plurals]
+    handlers.register(registry, controllers=controllers)  # type: ignore[arg-type]
+    for plural in plurals:
+        resource = Resource("tether.dev", "v1alpha1", plural)
+        assert registry._watching.has_handlers(resource=resource)
+        assert not registry._changing.has_handlers(resource=resource)
+        assert not registry._spawning.has_handlers(resource=resource)
