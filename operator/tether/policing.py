@@ -100,7 +100,11 @@ class Policies:
         decision = api.decide(self._rules, ref.namespace, labels, claims, default=self.default)
         before = self._decisions.get(ref)
         self._decisions[ref] = (claims, decision)
-        if before is None or before[1].policies != decision.policies:
+        # Only a change of the refusing policies moves a policy's status (its
+        # ``forbidden`` count): a new resource that is allowed changes none, and
+        # marking it would recount every decision each debounce while thousands
+        # of resources start.
+        if (before[1].policies if before is not None else ()) != decision.policies:
             self._dirty.set()
         return decision
 

@@ -236,3 +236,20 @@ def test_the_cache_knows_which_namespaces_exist_and_are_not_being_deleted() -> N
     cache._namespace_event("ADDED", _namespace("team-c"))
     assert cache.live_namespaces() == {"dev", "team-c"}
     assert cache.namespaces_changed.is_set()
+
+
+async def test_allowed_resources_leave_the_policy_statuses_alone() -> None:
+    """A start over thousands of allowed resources recounts no policy status."""
+    cache, _, _ = _cache()
+    cache._policy_event("ADDED", _policy("a", {
+        "namespaceSelector": {"matchLabels": {"team": "a"}}, "consulServiceNames": ["payments"],
+    }))
+    cache._dirty.clear()
+    for i in range(50):  # in a namespace no policy selects, and one policy a allows
+        for ref, name in ((ObjectRef("consulservices", "dev", f"s{i}"), f"s{i}"), (PAYMENTS_A, "payments")):
+            decision = await cache.check(ref, Claims("service", name))
+            assert decision is not None and decision.allowed
+    assert not cache._dirty.is_set()
+    refused = await cache.check(PAYMENTS_B, Claims("service", "payments"))
+    assert refused is not None and not refused.allowed
+    assert cache._dirty.is_set(), "a refusal moves policy a's forbidden count"
