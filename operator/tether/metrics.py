@@ -57,6 +57,10 @@ WATCH_EVENTS = Counter(
 KINDS_UNSERVED = Gauge(
     "tether_kinds_unserved", "1 while a kind is not served (not watched) after start, else 0", ["kind"]
 )
+# Freed memory handed back to the system after bursts (tether.memory).
+MEMORY_RELEASED = Counter(
+    "tether_memory_released_bytes_total", "Freed memory handed back to the system after bursts of reconciles"
+)
 NAMESPACES_HANDED_TO_KOPF = Counter(
     "tether_kopf_namespaces_handed_total",
     "Namespaces Kopf had not picked up from its own watch, handed to it by Tether's namespace watch",

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import kopf
 
-from tether import handlers, kopfing, logs, metrics, metricsserving, tracing
+from tether import handlers, kopfing, logs, memory, metrics, metricsserving, tracing
 from tether.api import GROUP, VERSION
 from tether.clients.consul.client import ConsulClient
 from tether.clients.etcd.client import EtcdClient
@@ -307,6 +307,8 @@ async def _main(
 
     if namespaces:
         backend_watchers["kopf-namespaces"] = hand_kopf_missed_namespaces
+    # After a burst of reconciles, the freed memory goes back to the system.
+    backend_watchers["memory-trim"] = lambda: memory.trim_after_bursts(health.progress)
 
     async def mark_ready() -> None:
         nonlocal exit_code
